@@ -1,0 +1,19 @@
+# GPU host image: NVIDIA's Triton container + this project, repository built at image build.
+#   docker build -t index-as-model .
+#   docker run --gpus all --rm -p 8000:8000 -p 8001:8001 -p 8002:8002 index-as-model
+# The container's own `tritonserver` (on PATH) is used; the Python backend runs model.py with
+# the container's Python, into which the pinned requirements are installed.
+FROM nvcr.io/nvidia/tritonserver:24.10-py3
+
+WORKDIR /opt/index-as-model
+COPY requirements.txt pyproject.toml ./
+# The CUDA build of torch on a GPU host (the CPU pin in requirements.txt is for CPU machines).
+RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128 \
+ && grep -v '^torch==' requirements.txt | grep -v '^nvidia-pytriton' > /tmp/req.txt \
+ && pip install --no-cache-dir -r /tmp/req.txt
+COPY . .
+RUN pip install --no-cache-dir --no-deps -e . && python -m builder
+
+ENV TRITON_HOST=0.0.0.0
+EXPOSE 8000 8001 8002
+CMD ["python", "-m", "serving.serve"]

@@ -1,0 +1,4 @@
+"""Custom ops of the project, one op per file, each with a torch CPU path beside its
+Triton-language kernel. Importing this package registers them all as `torch.ops.iam.*`."""
+
+from kernels import _library  # noqa: F401  (creates the `iam` namespace first)

@@ -1,0 +1,71 @@
+"""The `ann` stage: the user's query embedding, then filtered nearest-neighbour search.
+
+Every returned row passes the request's filter, and a query gets min(num_candidates, matches)
+rows: padding (-1 rows) exists only inside the padded batch tensors and is cut off by `counts`
+before anything leaves the server.
+"""
+
+from typing import Tuple
+
+import torch
+from torch import nn
+
+from stages.bits import popcount, unpack_bits
+from stages.user import UserTable
+
+
+class ExactSearch(nn.Module):
+    """Brute-force fp32 inner-product search over the items that pass the filter.
+
+    Args:
+        item_embeddings: float32 [N, D] in index row order.
+    """
+
+    def __init__(self, item_embeddings: torch.Tensor):
+        super().__init__()
+        self.register_buffer("item_embeddings", item_embeddings.float().contiguous())
+
+    def forward(self, queries: torch.Tensor, filter_bits: torch.Tensor, num_candidates: int
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """queries [B, D], filter_bits int64 [B, W] -> (scores [B, C], rows [B, C]), C =
+        min(num_candidates, N); slots past a query's number of matches hold row -1."""
+        n = self.item_embeddings.shape[0]
+        c = min(num_candidates, n)
+        scores = queries @ self.item_embeddings.T
+        passing = unpack_bits(filter_bits, n)
+        scores = scores.masked_fill(~passing, float("-inf"))
+        top_scores, top_rows = torch.topk(scores, c, dim=1)
+        return top_scores, torch.where(torch.isinf(top_scores), -1, top_rows)
+
+
+class AnnStage(nn.Module):
+    """user id + filter bitmap + k -> oversampled candidate rows for the scorer.
+
+    Args:
+        users: maps raw user ids to query embeddings.
+        search: filtered search over the item index.
+        oversample: the stage returns `oversample * k` candidates so that the scorer can
+            reorder more than the final k (a larger factor = better final quality, more work).
+    """
+
+    def __init__(self, users: UserTable, search: ExactSearch, oversample: int = 4):
+        super().__init__()
+        self.users = users
+        self.search = search
+        self.oversample = oversample
+
+    def forward(self, user_ids: torch.Tensor, filter_bits: torch.Tensor, k: torch.Tensor
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """
+        Args:
+            user_ids: int64 [B]; filter_bits: int64 [B, W]; k: int64 [B] (>= 1).
+        Returns:
+            rows int64 [B, C] (-1 past counts), scores float32 [B, C], counts int64 [B],
+            user_embedding float32 [B, D].
+        """
+        user_embedding = self.users(user_ids)
+        wanted = k * self.oversample
+        scores, rows = self.search(user_embedding, filter_bits, int(wanted.max()))
+        counts = torch.minimum(torch.minimum(wanted, popcount(filter_bits)),
+                               torch.full_like(wanted, rows.shape[1]))
+        return rows, scores, counts, user_embedding

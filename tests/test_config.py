@@ -1,0 +1,78 @@
+"""Every config.pbtxt agrees with the runners' tensors and with the exported modules."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from serving.runners import RUNNERS
+
+REPO = Path(__file__).resolve().parents[1] / "model_repository"
+NP = {"INT64": np.int64, "INT32": np.int32, "FP32": np.float32, "STRING": np.object_}
+
+
+def load_config(name: str) -> model_config_pb2.ModelConfig:
+    return text_format.Parse((REPO / name / "config.pbtxt").read_text(),
+                             model_config_pb2.ModelConfig())
+
+
+def tensors(entries):
+    return {t.name: (model_config_pb2.DataType.Name(t.data_type)[len("TYPE_"):],
+                     tuple(t.dims), getattr(t, "optional", False)) for t in entries}
+
+
+@pytest.mark.parametrize("stage", sorted(RUNNERS))
+def test_stage_config_matches_runner(stage):
+    config = load_config(stage)
+    runner = RUNNERS[stage]
+    assert config.name == stage and config.backend == "python"
+    assert config.max_batch_size > 0 and config.HasField("dynamic_batching")
+    assert tensors(config.input) == {s.name: (s.dtype, s.dims, s.optional) for s in runner.INPUTS}
+    assert tensors(config.output) == {s.name: (s.dtype, s.dims, s.optional)
+                                      for s in runner.OUTPUTS}
+    assert (REPO / stage / "1" / "model.py").exists()
+
+
+def test_ensemble_wiring_is_consistent():
+    ens = load_config("retrieval")
+    assert ens.platform == "ensemble"
+    produced = {name: spec for name, spec in tensors(ens.input).items()}
+    for step in ens.ensemble_scheduling.step:
+        stage = load_config(step.model_name)
+        ins, outs = tensors(stage.input), tensors(stage.output)
+        for key, value in step.input_map.items():
+            assert value in produced, f"{step.model_name}.{key} <- {value}: nothing produces it"
+            assert produced[value][0] == ins[key][0], f"dtype of {value} into {step.model_name}"
+            assert len(produced[value][1]) == len(ins[key][1]), f"rank of {value}"
+        missing = {n for n, s in ins.items() if not s[2]} - set(step.input_map)
+        assert not missing, f"{step.model_name} inputs not mapped: {missing}"
+        for key, value in step.output_map.items():
+            produced[value] = outs[key]
+    for name, spec in tensors(ens.output).items():
+        assert produced[name][:2] == spec[:2], name
+
+
+def test_runner_outputs_match_config_on_a_real_build(small_build):
+    """Run each exported module through its runner and check dtypes and ranks."""
+    repo = small_build.repository
+    runners = {s: RUNNERS[s](repo / s / "1") for s in RUNNERS}
+    user = np.array([[int(small_build.world.user_ids[0])]])
+    k = np.array([[4]], dtype=np.int32)
+    out = {}
+    out.update(runners["filter"].run([{"filter": np.array([[b"language:en"]], object)}])[0])
+    out.update(runners["ann"].run([{"user_id": user, "filter_bits": out["filter_bits"],
+                                    "k": k}])[0])
+    out.update(runners["scorer"].run([{n: out[n] for n in ("user_embedding",
+                                                           "candidate_rows")}])[0])
+    out.update(runners["aggregator"].run([{"candidate_rows": out["candidate_rows"],
+                                           "candidate_task_scores": out["candidate_task_scores"],
+                                           "k": k}])[0])
+    for runner in runners.values():
+        for spec in runner.OUTPUTS:
+            value = out[spec.name]
+            assert value.dtype == NP[spec.dtype], spec.name
+            assert value.ndim == 1 + len(spec.dims), spec.name
+            for got, want in zip(value.shape[1:], spec.dims):
+                assert want == -1 or got == want, spec.name

@@ -1,0 +1,124 @@
+"""End to end against a real tritonserver: the `retrieval` ensemble equals the same stages run
+in-process, every result satisfies its filter according to items.csv, bad requests get clear
+errors without hurting their batch-mates."""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from tritonclient.utils import InferenceServerException
+
+from client import Retriever
+from client.catalog import load_items
+from filtering.expression import All, And, Not, Or, Term, parse
+from serving.runners import RUNNERS
+
+FILTERS = ["", "category:comedy AND NOT language:en", "(tags:funny OR tags:live) AND language:es",
+           "NOT (category:drama OR category:music OR language:en)", "creator:5 OR creator:17",
+           "tags:viral AND NOT tags:short AND NOT tags:long"]
+
+pytestmark = pytest.mark.server
+
+
+def in_process(repo, user_id, filter, k, weights=None):
+    """The four stages run by their runners, in this process, on the same artifacts."""
+    runners = {s: RUNNERS[s](repo / s / "1") for s in RUNNERS}
+    kk = np.array([[k]], dtype=np.int32)
+    bits = runners["filter"].run([{"filter": np.array([[filter.encode()]], object)}])[0]
+    ann = runners["ann"].run([{"user_id": np.array([[user_id]]), "k": kk, **bits}])[0]
+    scored = runners["scorer"].run([ann])[0]
+    req = {"candidate_rows": ann["candidate_rows"], "k": kk, **scored}
+    if weights is not None:
+        req["task_weights"] = np.array([weights], dtype=np.float32)
+    out = runners["aggregator"].run([req])[0]
+    return out["item_ids"][0], out["scores"][0], out["task_scores"][0]
+
+
+def satisfies(node, item, schema) -> bool:
+    """Plain evaluation over items.csv strings (the spelling a user sees)."""
+    if isinstance(node, All):
+        return True
+    if isinstance(node, Term):
+        spec = schema.features[node.feature_id]
+        return spec.spell(node.value_id) in item[spec.name]
+    if isinstance(node, Not):
+        return not satisfies(node.child, item, schema)
+    if isinstance(node, And):
+        return all(satisfies(c, item, schema) for c in node.children)
+    assert isinstance(node, Or)
+    return any(satisfies(c, item, schema) for c in node.children)
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_ensemble_equals_in_process_stages(server, small_build, protocol):
+    url = server.config.http_url if protocol == "http" else server.config.grpc_url
+    users = [int(u) for u in small_build.world.user_ids[:3]] + [424242]  # + an unknown user
+    with Retriever(url, protocol) as r:
+        for i, f in enumerate(FILTERS):
+            user, k = users[i % len(users)], [1, 10, 25][i % 3]
+            weights = [0.0, 1.0, 3.0] if i % 2 else None
+            got = r.query(user, f, k, weights)
+            want = in_process(small_build.repository, user, f, k, weights)
+            np.testing.assert_array_equal(got.item_ids, want[0])
+            np.testing.assert_allclose(got.scores, want[1], rtol=1e-6, atol=1e-7)
+            np.testing.assert_allclose(got.task_scores, want[2], rtol=1e-6, atol=1e-7)
+            assert len(got.item_ids) == k, f"{f!r}: {len(got.item_ids)} results for k={k}"
+            assert np.all(np.diff(got.scores) <= 0), "scores not descending"
+
+
+def test_results_satisfy_filter_per_items_csv(server, small_build):
+    items = load_items(small_build.config.items_csv)
+    schema = small_build.world.catalog.schema
+    user = int(small_build.world.user_ids[5])
+    with Retriever(server.config.http_url) as r:
+        for f in FILTERS:
+            node = parse(f, schema)
+            matching = sum(satisfies(node, it, schema) for it in items.values())
+            res = r.query(user, f, 50)
+            assert len(res.item_ids) == min(50, matching), f
+            assert len(set(res.item_ids.tolist())) == len(res.item_ids)
+            for item_id in res.item_ids.tolist():
+                assert satisfies(node, items[item_id], schema), (f, item_id)
+
+
+def test_fewer_matches_than_k_gives_fewer_results_never_padding(server, small_build):
+    creators = small_build.world.catalog.features[2][:, 0]
+    rare = int(np.argmin(np.where(np.bincount(creators) > 0, np.bincount(creators), 10**9)))
+    count = int((creators == rare).sum())
+    with Retriever(server.config.grpc_url, "grpc") as r:
+        res = r.query(int(small_build.world.user_ids[0]), f"creator:{rare}", 100)
+        assert len(res.item_ids) == count < 100
+        assert set(res.item_ids.tolist()) == set(
+            small_build.world.catalog.item_ids[creators == rare].tolist())
+        none = r.query(1, f"creator:{rare} AND NOT creator:{rare}", 10)
+        assert len(none.item_ids) == 0 and none.task_scores.shape == (0, 3)
+
+
+@pytest.mark.parametrize("filter, k, weights, words", [
+    ("category:comedy AND (language:en", 10, None, "filter: filter error at position"),
+    ("colour:red", 10, None, "unknown feature 'colour'"),
+    ("", 0, None, "k: must be between 1 and 1000, got 0"),
+    ("", 5000, None, "k: must be between 1 and 1000, got 5000"),
+    ("", 10, [1.0, float("nan"), 1.0], "task_weights: must be finite"),
+    ("", 10, [1.0, -2.0, 1.0], "task_weights: must be non-negative"),
+])
+def test_bad_requests_get_clear_errors_and_batch_mates_succeed(server, small_build, filter, k,
+                                                               weights, words):
+    user = int(small_build.world.user_ids[1])
+
+    def good(_):
+        with Retriever(server.config.http_url) as r:
+            return len(r.query(user, "language:en", 10).item_ids)
+
+    def bad(_):
+        with Retriever(server.config.http_url) as r:
+            with pytest.raises(InferenceServerException) as e:
+                r.query(user, filter, k, weights)
+            return str(e.value)
+
+    with ThreadPoolExecutor(8) as pool:  # interleave so that bad and good share batches
+        futures = [pool.submit(bad if i % 2 else good, i) for i in range(16)]
+        results = [f.result() for f in futures]
+    assert all(n == 10 for n in results[0::2])
+    for message in results[1::2]:
+        assert words in message and "[400]" in message, message
