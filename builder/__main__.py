@@ -4,6 +4,7 @@ import argparse
 from pathlib import Path
 
 from builder.build import STAGES, TEMPLATE, BuildConfig, build
+from stages.ann import AnnConfig
 from world.synthetic import WorldConfig
 
 
@@ -14,7 +15,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repository", type=Path, default=TEMPLATE)
     p.add_argument("--items-csv", type=Path, default=BuildConfig.items_csv)
-    p.add_argument("--oversample", type=int, default=BuildConfig.oversample)
+    p.add_argument("--oversample", type=int, default=AnnConfig.oversample)
     p.add_argument("--if-missing", action="store_true",
                    help="do nothing when every stage artifact already exists")
     a = p.parse_args()
@@ -23,7 +24,8 @@ def main() -> None:
         return
     cfg = BuildConfig(world=WorldConfig(seed=a.seed, num_items=a.num_items,
                                         num_users=a.num_users),
-                      repository=a.repository, items_csv=a.items_csv, oversample=a.oversample)
+                      repository=a.repository, items_csv=a.items_csv,
+                      ann=AnnConfig(oversample=a.oversample))
     build(cfg)
     print(f"built {a.repository} ({a.num_items:,} items); catalog: {a.items_csv}")
 

@@ -22,11 +22,11 @@ from tqdm import tqdm
 
 import kernels  # noqa: F401  (ops must exist before modules that call them are scripted)
 from stages.aggregator import ValueModel
-from stages.ann import AnnStage, ExactSearch
-from stages.filter import ExactFeatureFilter
-from stages.scorer import DotProductTaskScorer
-from stages.user import UserTable
-from training.fit_heads import fit_baseline
+from stages.ann import AnnConfig, build_ann_stage, index_order
+from stages.filter import FilterConfig, build_filter_stage
+from stages.scorer import build_scorer_stage
+from stages.user import build_user_tower
+from training.fit_heads import TrainConfig, fit_weights
 from world.synthetic import Catalog, World, WorldConfig, generate_world
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,17 +39,12 @@ class BuildConfig:
     world: WorldConfig = field(default_factory=WorldConfig)
     repository: Path = TEMPLATE
     items_csv: Path = ROOT / "build" / "items.csv"
-    oversample: int = 4  # ANN candidates per requested result, reordered by the scorer
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    ann: AnnConfig = field(default_factory=AnnConfig)
+    training: TrainConfig = field(default_factory=TrainConfig)
     # Value Model defaults: value = sum_t w_t * p_t over (click, like, share)
     task_weights: tuple = (1.0, 2.0, 4.0)
     holdout_fraction: float = 0.1  # latest interactions kept out of fitting, for evaluation
-
-
-def feature_matrix(catalog: Catalog):
-    """int64 [N, S] value ids of all features side by side and column_start [F + 1]."""
-    cols = [f for f in catalog.features]
-    start = np.cumsum([0] + [c.shape[1] for c in cols])
-    return torch.from_numpy(np.concatenate(cols, axis=1)), torch.from_numpy(start)
 
 
 def write_items_csv(catalog: Catalog, path: Path) -> None:
@@ -92,24 +87,26 @@ def prepare_repository(target: Path) -> None:
             shutil.copy2(model_dir / "1" / "model.py", dst / "1" / "model.py")
 
 
-def build_modules(world: World, cfg: BuildConfig) -> Dict[str, torch.nn.Module]:
-    catalog = world.catalog
+@dataclass
+class Built:
+    modules: Dict[str, torch.nn.Module]
+    catalog: Catalog  # in index row order: row r of every stage tensor is catalog row r
+    weights: object
+
+
+def build_modules(world: World, cfg: BuildConfig) -> Built:
     train, _ = split_holdout(world, cfg.holdout_fraction)
-    log = world.interactions
-    fitted = fit_baseline(world.user_ids, catalog.embeddings, type(log)(
-        log.user_index[train], log.item_index[train], log.labels[train], log.timestamp[train]))
-    emb = torch.from_numpy(catalog.embeddings)
-    matrix, start = feature_matrix(catalog)
-    users = UserTable(torch.from_numpy(fitted.user_ids), torch.from_numpy(fitted.user_embeddings),
-                      torch.from_numpy(fitted.cold_start))
-    return {
-        "filter": ExactFeatureFilter(matrix, start),
-        "ann": AnnStage(users, ExactSearch(emb), oversample=cfg.oversample),
-        "scorer": DotProductTaskScorer(emb, torch.from_numpy(fitted.head_scale),
-                                       torch.from_numpy(fitted.head_bias)),
+    weights = fit_weights(world, train, cfg.training)
+    catalog = world.catalog.take(index_order(world.catalog, cfg.ann))
+    users = build_user_tower(weights)
+    modules = {
+        "filter": build_filter_stage(catalog, cfg.filter),
+        "ann": build_ann_stage(catalog, users, cfg.ann),
+        "scorer": build_scorer_stage(catalog, weights),
         "aggregator": ValueModel(torch.from_numpy(catalog.item_ids),
                                  torch.tensor(cfg.task_weights, dtype=torch.float32)),
     }
+    return Built(modules, catalog, weights)
 
 
 def build(cfg: BuildConfig, world: World = None, progress: bool = True) -> World:
@@ -121,7 +118,7 @@ def build(cfg: BuildConfig, world: World = None, progress: bool = True) -> World
         world = generate_world(cfg.world)
     steps.update()
     steps.set_postfix_str("fitting weights")
-    modules = build_modules(world, cfg)
+    built = build_modules(world, cfg)
     steps.update()
     repo = Path(cfg.repository)
     prepare_repository(repo)
@@ -129,17 +126,18 @@ def build(cfg: BuildConfig, world: World = None, progress: bool = True) -> World
         steps.set_postfix_str(f"scripting {name}")
         out = repo / name / "1"
         out.mkdir(parents=True, exist_ok=True)
-        torch.jit.script(modules[name].eval()).save(str(out / "model.pt"))
+        torch.jit.script(built.modules[name].eval()).save(str(out / "model.pt"))
         steps.update()
     (repo / "filter" / "1" / "schema.json").write_text(world.catalog.schema.to_json())
     steps.set_postfix_str("items.csv")
-    write_items_csv(world.catalog, Path(cfg.items_csv))
+    write_items_csv(built.catalog, Path(cfg.items_csv))
     with open(Path(cfg.items_csv).with_name("users.csv"), "w") as fh:
         fh.write("user_id\n" + "\n".join(str(u) for u in world.user_ids.tolist()) + "\n")
     info = {"world": asdict(cfg.world), "num_items": world.catalog.num_items,
-            "task_weights": list(cfg.task_weights), "oversample": cfg.oversample,
+            "task_weights": list(cfg.task_weights), "config": asdict(cfg),
             "items_csv": str(cfg.items_csv), "build_seconds": round(time.perf_counter() - t0, 1)}
-    Path(cfg.items_csv).with_name("build_info.json").write_text(json.dumps(info, indent=1))
+    Path(cfg.items_csv).with_name("build_info.json").write_text(
+        json.dumps(info, indent=1, default=str))
     steps.update()
     steps.close()
     return world

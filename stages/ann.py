@@ -5,13 +5,32 @@ rows: padding (-1 rows) exists only inside the padded batch tensors and is cut o
 before anything leaves the server.
 """
 
+from dataclasses import dataclass
 from typing import Tuple
 
+import numpy as np
 import torch
 from torch import nn
 
 from stages.bits import popcount, unpack_bits
-from stages.user import UserTable
+from world.synthetic import Catalog
+
+
+@dataclass
+class AnnConfig:
+    # ANN candidates per requested result, handed to the scorer to reorder
+    oversample: int = 4
+
+
+def index_order(catalog: Catalog, config: AnnConfig) -> np.ndarray:
+    """Row order of the index (a permutation of catalog rows); every per-item tensor of every
+    stage is stored in this order."""
+    return np.arange(catalog.num_items)
+
+
+def build_ann_stage(catalog: Catalog, users: nn.Module, config: AnnConfig) -> "AnnStage":
+    """The ANN layer over `catalog` (already in index_order)."""
+    return AnnStage(users, ExactSearch(torch.from_numpy(catalog.embeddings)), config.oversample)
 
 
 class ExactSearch(nn.Module):
@@ -48,7 +67,7 @@ class AnnStage(nn.Module):
             reorder more than the final k (a larger factor = better final quality, more work).
     """
 
-    def __init__(self, users: UserTable, search: ExactSearch, oversample: int = 4):
+    def __init__(self, users: nn.Module, search: nn.Module, oversample: int = 4):
         super().__init__()
         self.users = users
         self.search = search

@@ -4,13 +4,32 @@ Input is a batch of postfix plans (filtering/expression.py) and output one packe
 query (stages/bits.py) of exactly the items that satisfy the expression.
 """
 
-from typing import List
+from dataclasses import dataclass
+from typing import List, Tuple
 
+import numpy as np
 import torch
 from torch import nn
 
 from filtering.expression import OP_ALL, OP_AND, OP_NOT, OP_OR, OP_TERM
 from stages.bits import pack_bits
+from world.synthetic import Catalog
+
+
+@dataclass
+class FilterConfig:
+    """Build knobs of the filter layer (none yet for the exact reference filter)."""
+
+
+def feature_matrix(catalog: Catalog) -> Tuple[torch.Tensor, torch.Tensor]:
+    """int64 [N, S] value ids of all features side by side and column_start [F + 1]."""
+    start = np.cumsum([0] + [f.shape[1] for f in catalog.features])
+    return torch.from_numpy(np.concatenate(catalog.features, axis=1)), torch.from_numpy(start)
+
+
+def build_filter_stage(catalog: Catalog, config: FilterConfig) -> nn.Module:
+    """The filter layer over `catalog` (in index row order)."""
+    return ExactFeatureFilter(*feature_matrix(catalog))
 
 
 class ExactFeatureFilter(nn.Module):

@@ -7,6 +7,16 @@ request's candidates inside the stage; no per-candidate copy of user data crosse
 import torch
 from torch import nn
 
+from training.fit_heads import BaselineWeights
+from world.synthetic import Catalog
+
+
+def build_scorer_stage(catalog: Catalog, weights: BaselineWeights) -> nn.Module:
+    """The scorer over `catalog` (in index row order) from fitted weights."""
+    return DotProductTaskScorer(torch.from_numpy(catalog.embeddings),
+                                torch.from_numpy(weights.head_scale),
+                                torch.from_numpy(weights.head_bias))
+
 
 class DotProductTaskScorer(nn.Module):
     """p_t = sigmoid(scale_t * <user, item> + bias_t): one logistic head per task over the

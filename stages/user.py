@@ -3,6 +3,14 @@
 import torch
 from torch import nn
 
+from training.fit_heads import BaselineWeights
+
+
+def build_user_tower(weights: BaselineWeights) -> nn.Module:
+    """user id -> query embedding module from fitted weights."""
+    return UserTable(torch.from_numpy(weights.user_ids), torch.from_numpy(weights.user_embeddings),
+                     torch.from_numpy(weights.cold_start))
+
 
 class UserTable(nn.Module):
     """Exact raw-id lookup into a table of user embeddings; unknown ids get the cold-start row.

@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from builder.build import BuildConfig, build_modules, feature_matrix
+from builder.build import BuildConfig, build_modules
 from filtering.expression import batch_plans, evaluate, parse, parse_plan
 from stages.aggregator import ValueModel
 from stages.bits import pack_bits, popcount, unpack_bits
+from stages.filter import feature_matrix
 from stages.user import UserTable
 from world.synthetic import WorldConfig, generate_world
 
@@ -16,8 +17,13 @@ WORLD = generate_world(WorldConfig(seed=3, num_items=1500, num_users=300, num_cr
 
 
 @pytest.fixture(scope="module")
-def modules():
+def built():
     return build_modules(WORLD, BuildConfig(world=WORLD.config))
+
+
+@pytest.fixture(scope="module")
+def modules(built):
+    return built.modules
 
 
 def test_bits_round_trip_with_ragged_tail():
@@ -50,32 +56,34 @@ def test_every_stage_scripts_and_matches_eager(modules):
         outs[name] = eager
 
 
-def test_filter_stage_equals_python_evaluation(modules):
-    schema = WORLD.catalog.schema
-    items = [[[v for v in f[r] if v >= 0] for f in WORLD.catalog.features]
-             for r in range(WORLD.catalog.num_items)]
+def test_filter_stage_equals_python_evaluation(built):
+    modules, catalog = built.modules, built.catalog  # rows in index order
+    schema = catalog.schema
+    items = [[[v for v in f[r] if v >= 0] for f in catalog.features]
+             for r in range(catalog.num_items)]
     for text in ["category:comedy AND NOT language:en", "tags:funny OR creator:3",
                  "NOT (tags:funny OR tags:live)", ""]:
         node = parse(text, schema)
         bits = modules["filter"](batch_plans([parse_plan(text, schema)]))
-        got = unpack_bits(bits, WORLD.catalog.num_items)[0].numpy()
+        got = unpack_bits(bits, catalog.num_items)[0].numpy()
         want = np.array([evaluate(node, it) for it in items])
         assert np.array_equal(got, want), text
 
 
-def test_ann_exact_filtered_search_and_fewer_than_k(modules):
-    schema = WORLD.catalog.schema
-    creator = int(np.bincount(WORLD.catalog.features[2][:, 0]).argmin())  # rarest creator
+def test_ann_exact_filtered_search_and_fewer_than_k(built):
+    modules, catalog = built.modules, built.catalog  # rows in index order
+    schema = catalog.schema
+    creator = int(np.bincount(catalog.features[2][:, 0]).argmin())  # rarest creator
     text = f"creator:{creator}"
     bits = modules["filter"](batch_plans([parse_plan(text, schema)]))
     users = torch.from_numpy(WORLD.user_ids[:1].copy())
     rows, scores, counts, q = modules["ann"](users, bits, torch.tensor([50]))
-    matches = np.flatnonzero(WORLD.catalog.features[2][:, 0] == creator)
+    matches = np.flatnonzero(catalog.features[2][:, 0] == creator)
     assert int(counts[0]) == min(len(matches), 200)
     got = set(rows[0, : counts[0]].tolist())
     assert got == set(matches.tolist()) and -1 not in got
     # exact top-k: compare against brute force over the passing rows
-    full = q[0] @ torch.from_numpy(WORLD.catalog.embeddings).T
+    full = q[0] @ torch.from_numpy(catalog.embeddings).T
     want = torch.topk(full[torch.from_numpy(matches)], int(counts[0])).values
     torch.testing.assert_close(scores[0, : counts[0]], want)
 

@@ -44,11 +44,26 @@ def user_profiles(user_raw_ids: np.ndarray, item_embeddings: np.ndarray, log: In
     return user_raw_ids[has], emb.astype(np.float32), cold.astype(np.float32)
 
 
+@dataclass
+class TrainConfig:
+    lbfgs_steps: int = 50  # iterations of the task-head fit
+
+
+def fit_weights(world, train_mask: np.ndarray, config: TrainConfig) -> BaselineWeights:
+    """Weights of the user side and scorer, from the training interactions only."""
+    log = world.interactions
+    train = Interactions(log.user_index[train_mask], log.item_index[train_mask],
+                         log.labels[train_mask], log.timestamp[train_mask])
+    return fit_baseline(world.user_ids, world.catalog.embeddings, train, config.lbfgs_steps)
+
+
 def fit_baseline(user_raw_ids: np.ndarray, item_embeddings: np.ndarray, log: Interactions,
                  steps: int = 50) -> BaselineWeights:
     ids, emb, cold = user_profiles(user_raw_ids, item_embeddings, log)
-    row_of = {int(x): r for r, x in enumerate(ids)}
-    user_rows = np.array([row_of.get(int(x), -1) for x in user_raw_ids[log.user_index]])
+    raw = user_raw_ids[log.user_index]
+    order = np.argsort(ids)
+    pos = np.searchsorted(ids[order], raw).clip(max=len(ids) - 1)
+    user_rows = np.where(ids[order][pos] == raw, order[pos], -1)  # -1: cold start row
     table = np.concatenate([emb, cold[None]])
     dot = (table[user_rows] * item_embeddings[log.item_index]).sum(1)
     x = torch.from_numpy(dot.astype(np.float32))
