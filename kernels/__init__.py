@@ -2,3 +2,4 @@
 Triton-language kernel. Importing this package registers them all as `torch.ops.iam.*`."""
 
 from kernels import _library  # noqa: F401  (creates the `iam` namespace first)
+from kernels import ivf_int8_search  # noqa: F401

@@ -1,0 +1,133 @@
+"""Filtered IVF int8 search as a TorchScript module: probe planning around `iam::ivf_int8_search`.
+
+A filter that passes a fraction s of the items leaves, in nprobe lists, about
+s * nprobe * mean_list_size candidates; the filtered top-k of a query are roughly its unfiltered
+top-(k / s). So the planner widens the probe per query until the probed lists are expected to
+hold `min_candidates * k` passing items (`min_candidates` plays the role of nprobe, made
+selectivity-aware); when that reaches `exact_fraction` of all lists it scans every list instead
+(exact filtered search over the passing items, which for a selective filter is cheap because the
+scan touches only passing rows). A query whose probed lists held fewer than k passing rows is
+re-run exactly, so k results come back whenever k items pass.
+"""
+
+from dataclasses import dataclass
+from typing import Tuple
+
+import torch
+from torch import nn
+
+import kernels  # noqa: F401  (registers torch.ops.iam.ivf_int8_search)
+from ann.ivf import IVFIndex, quantize_int8
+from stages.bits import popcount
+
+# the planner estimates a filter's pass rate from every SAMPLE_STRIDE-th filter word: a full
+# popcount of a [64, 15625] bitmap costs more than the whole search on the 2-core benchmark
+# machine, 1/8 of the words (125k items) estimates a 0.5 % filter within ~4 %.
+SAMPLE_STRIDE = 8
+
+
+def estimate_pass_rate(filter_bits: torch.Tensor, num_items: int, stride: int) -> torch.Tensor:
+    """Fraction of items passing each query's filter (float32 [B]), from every stride-th word."""
+    sample = filter_bits[:, ::stride].contiguous()
+    sampled_bits = min(sample.shape[1] * 64, num_items)
+    return popcount(sample).to(torch.float32) / float(max(sampled_bits, 1))
+
+
+@dataclass
+class IVFSearchConfig:
+    # lists probed per query at least (nlist=1024 on the 1M benchmark catalog: see
+    # docs/performance.md for the recall/throughput sweep these defaults come from)
+    nprobe: int = 32
+    # probe until the probed lists are expected to hold this many passing items per result
+    min_candidates: float = 48.0
+    # scan all lists (exact) once the planned probe reaches this fraction of them
+    exact_fraction: float = 0.35
+
+
+class IVFInt8Search(nn.Module):
+    """Filtered int8 inner-product search over an IVF index (drop-in for exact search).
+
+    Args:
+        index: the IVF int8 index (its tensors become buffers of this module).
+        config: probe planning defaults; `forward` can override them per call.
+    """
+
+    def __init__(self, index: IVFIndex, config: IVFSearchConfig = IVFSearchConfig()):
+        super().__init__()
+        self.register_buffer("centroids", index.centroids.float().contiguous())
+        self.register_buffer("list_offsets", index.list_offsets.to(torch.int64).contiguous())
+        self.register_buffer("codes", index.codes.contiguous())
+        self.register_buffer("scales", index.scales.float().contiguous())
+        self.nprobe = config.nprobe
+        self.min_candidates = config.min_candidates
+        self.exact_fraction = config.exact_fraction
+        self.sample_stride = SAMPLE_STRIDE
+
+    def plan_nprobe(self, pass_rate: torch.Tensor, k: int, nprobe: int, min_candidates: float
+                    ) -> torch.Tensor:
+        """Lists to probe per query (int64 [B]) for filters passing `pass_rate` of the items;
+        nlist means an exact scan."""
+        nlist = self.centroids.shape[0]
+        n = self.codes.shape[0]
+        passing = pass_rate * n
+        expected_per_list = passing / nlist
+        wanted = min_candidates * k
+        need = torch.ceil(wanted / torch.clamp(expected_per_list, min=1e-9))
+        need = torch.clamp(need, max=float(nlist)).to(torch.int64)
+        planned = torch.clamp(torch.clamp(need, min=nprobe), max=nlist)
+        go_exact = planned.to(torch.float32) >= self.exact_fraction * nlist
+        # a tiny filter or a tiny index: one scan of everything is as cheap and exact
+        go_exact = go_exact | (passing <= wanted)
+        if n <= k:
+            go_exact = torch.ones_like(go_exact)
+        return torch.where(go_exact, torch.full_like(planned, nlist), planned)
+
+    def forward(self, queries: torch.Tensor, filter_bits: torch.Tensor, num_candidates: int,
+                nprobe: int = -1, min_candidates: float = -1.0
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """
+        Args:
+            queries: float32 [B, D]; filter_bits: int64 [B, W] in index row order;
+            num_candidates: results per query; nprobe / min_candidates: per-call overrides
+            (-1 = the configured default).
+        Returns:
+            scores float32 [B, C] (descending, -inf past a query's matches), rows int64 [B, C]
+            (-1 past a query's matches), C = min(num_candidates, N).
+        """
+        nlist = self.centroids.shape[0]
+        k = min(num_candidates, self.codes.shape[0])
+        nprobe = self.nprobe if nprobe < 0 else nprobe
+        min_candidates = self.min_candidates if min_candidates < 0 else min_candidates
+        b = queries.shape[0]
+        query_codes, query_scales = quantize_int8(queries)
+        pass_rate = estimate_pass_rate(filter_bits, self.codes.shape[0], self.sample_stride)
+        planned = self.plan_nprobe(pass_rate, k, nprobe, min_candidates)
+        scores = torch.full((b, k), float("-inf"), device=queries.device)
+        rows = torch.full((b, k), -1, dtype=torch.int64, device=queries.device)
+        exact = planned >= nlist
+
+        probing = (~exact).nonzero().squeeze(1)
+        if probing.numel() > 0:
+            p_max = int(planned[probing].max())
+            probes = torch.topk(queries[probing] @ self.centroids.T, p_max, dim=1).indices
+            slot = torch.arange(p_max, device=queries.device)
+            probes = torch.where(slot[None, :] < planned[probing][:, None], probes, -1)
+            s, r, found = torch.ops.iam.ivf_int8_search(
+                query_codes[probing], query_scales[probing], filter_bits[probing], probes,
+                self.list_offsets, self.codes, self.scales, k)
+            scores[probing] = s
+            rows[probing] = r
+            # fewer than k passing rows in the probed lists: scan everything (cheap, since
+            # then the filter is selective; a query with < k matches in all gets them all)
+            exact[probing[found < k]] = True
+
+        scanning = exact.nonzero().squeeze(1)
+        if scanning.numel() > 0:
+            all_lists = torch.arange(nlist, device=queries.device)
+            probes = all_lists[None, :].expand(scanning.numel(), nlist).contiguous()
+            s, r, _ = torch.ops.iam.ivf_int8_search(
+                query_codes[scanning], query_scales[scanning], filter_bits[scanning], probes,
+                self.list_offsets, self.codes, self.scales, k)
+            scores[scanning] = s
+            rows[scanning] = r
+        return scores, rows

@@ -1,0 +1,289 @@
+"""`iam::ivf_int8_search`: filtered int8 scan of probed IVF lists, then per-query top-k.
+
+    ivf_int8_search(query_codes int8 [B, D], query_scales f32 [B], filter_bits int64 [B, W],
+                    probes int64 [B, P], list_offsets int64 [nlist + 1], codes int8 [N, D],
+                    scales f32 [N], k) -> (scores f32 [B, k], rows int64 [B, k],
+                                           num_passing int64 [B])
+
+Query b scores every row of the lists `probes[b]` (-1 = no list) whose filter bit is set:
+score = (query_codes[b] . codes[row]) * query_scales[b] * scales[row], the dot product being
+an exact integer (|dot| <= 64 * 127 * 127 < 2^24 for D <= 1040, so fp32 holds it exactly and
+the CPU and CUDA paths agree up to the final rounding). It returns the k best (scores sorted
+descending; slots past the query's number of passing rows hold score -inf and row -1) and
+`num_passing`, how many rows passed the filter in the probed lists, so that the caller can
+probe more lists or fall back to an exact scan (`ann.search`). Probing every list is exact
+filtered search. Rows are index rows (cluster-contiguous order, see `ann.ivf`).
+
+Filtered-out rows cost no embedding traffic on either path: the CUDA kernel masks the embedding
+load with the filter bit; the CPU path turns the probed filter words into the list of passing
+rows first (skipping zero bytes) and gathers only their codes.
+"""
+
+import sys
+from typing import List, Tuple
+
+import torch
+
+from kernels._library import LIB
+
+# ---- launch and tuning settings (the only place) ---------------------------------------------
+# CUDA: rows scored per program. 64 rows share one filter word when the list is word-aligned;
+# int8 rows of 64 dims make a 4 KiB tile per program.
+BLOCK_ROWS = 64
+NUM_WARPS = 4
+# CPU: passing (query, row) pairs scored per chunk: the gathered codes as fp32 (64 KiB per
+# 256 pairs at D=64) stay in the 1 MiB L2 / 32 MiB L3 of the 2-core benchmark machine;
+# 16384 pairs = 4 MiB was the fastest of 4096..65536 on it.
+CPU_CHUNK_PAIRS = 16384
+
+LIB.define(
+    "ivf_int8_search(Tensor query_codes, Tensor query_scales, Tensor filter_bits, "
+    "Tensor probes, Tensor list_offsets, Tensor codes, Tensor scales, int k) "
+    "-> (Tensor scores, Tensor rows, Tensor num_passing)"
+)
+
+
+def _check_inputs(query_codes: torch.Tensor, query_scales: torch.Tensor,
+                  filter_bits: torch.Tensor, probes: torch.Tensor, list_offsets: torch.Tensor,
+                  codes: torch.Tensor, scales: torch.Tensor, k: int) -> None:
+    expected = [
+        ("query_codes", query_codes, torch.int8, 2), ("query_scales", query_scales,
+                                                      torch.float32, 1),
+        ("filter_bits", filter_bits, torch.int64, 2), ("probes", probes, torch.int64, 2),
+        ("list_offsets", list_offsets, torch.int64, 1), ("codes", codes, torch.int8, 2),
+        ("scales", scales, torch.float32, 1),
+    ]
+    for name, t, dtype, dim in expected:
+        if t.dtype != dtype or t.dim() != dim:
+            raise ValueError(f"ivf_int8_search: {name} must be {dtype} with {dim} dims, got "
+                             f"{t.dtype} {tuple(t.shape)}")
+        if t.device != codes.device:
+            raise ValueError(f"ivf_int8_search: {name} is on {t.device}, codes on {codes.device}")
+    b, d = query_codes.shape
+    n = codes.shape[0]
+    if codes.shape[1] != d:
+        raise ValueError(f"ivf_int8_search: query dim {d} != item dim {codes.shape[1]}")
+    if query_scales.shape[0] != b or filter_bits.shape[0] != b or probes.shape[0] != b:
+        raise ValueError("ivf_int8_search: query_codes, query_scales, filter_bits and probes "
+                         f"must share the batch size, got {b}, {query_scales.shape[0]}, "
+                         f"{filter_bits.shape[0]}, {probes.shape[0]}")
+    if filter_bits.shape[1] != (n + 63) // 64:
+        raise ValueError(f"ivf_int8_search: filter_bits has {filter_bits.shape[1]} words, "
+                         f"{n} items need {(n + 63) // 64}")
+    if scales.shape[0] != n:
+        raise ValueError(f"ivf_int8_search: {scales.shape[0]} scales for {n} items")
+    if k < 1:
+        raise ValueError(f"ivf_int8_search: k must be >= 1, got {k}")
+
+
+# ---- CPU: the plain-torch path (reference and CPU implementation) ----------------------------
+
+def _low_bits(n: torch.Tensor) -> torch.Tensor:
+    """int64 mask with the low n bits set, n in [0, 64]."""
+    ones = (torch.ones_like(n) << n.clamp(max=63)) - 1  # 1 << 63 - 1 wraps to 0x7FFF...
+    return torch.where(n >= 64, torch.full_like(n, -1), ones)
+
+
+_BYTE_BITS: List[torch.Tensor] = []
+
+
+def _byte_bits() -> torch.Tensor:
+    """bool [256, 8]: bit j of byte value v."""
+    if not _BYTE_BITS:
+        v = torch.arange(256, dtype=torch.int64)
+        _BYTE_BITS.append(((v[:, None] >> torch.arange(8)) & 1).to(torch.bool))
+    return _BYTE_BITS[0]
+
+
+def _unpack_rows(bits: torch.Tensor, word: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Set bits of int64 words [T] (word[t] = their word index in the bitmap) -> (entry t,
+    row) per set bit. Reads nonzero bytes only (a 0.5 % filter leaves ~4 % of them)."""
+    as_bytes = bits.view(torch.uint8)  # little-endian: byte i of a word = bits 8i..8i+7
+    byte_idx = as_bytes.nonzero().squeeze(1)
+    byte_bits = _byte_bits().index_select(0, as_bytes.index_select(0, byte_idx).long())
+    entry_of_bit, bit_in_byte = byte_bits.nonzero().unbind(1)
+    flat_byte = byte_idx.index_select(0, entry_of_bit)
+    entry = flat_byte >> 3
+    rows = (word.index_select(0, entry) << 6) + ((flat_byte & 7) << 3) + bit_in_byte
+    return entry, rows
+
+
+def passing_pairs(filter_bits: torch.Tensor, probes: torch.Tensor, list_offsets: torch.Tensor
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(query, row) of every row of a probed list whose filter bit is set, sorted by query.
+
+    Only the filter words that cover probed lists are read; each word is masked to its list's
+    row range, so a word shared by two probed neighbour lists yields each row once. When every
+    query probes every list (exact mode) the bitmap is read as it is.
+    (Gathers use index_select: on CPU it is ~10x faster than advanced indexing.)
+    """
+    b, p = probes.shape
+    nlist = list_offsets.shape[0] - 1
+    w = filter_bits.shape[1]
+    if p == nlist and b > 0 and bool(
+            (probes.sort(dim=1).values == torch.arange(nlist)[None, :]).all()):
+        word = torch.arange(b * w) % w
+        entry, rows = _unpack_rows(filter_bits.reshape(-1).contiguous(), word)
+        return torch.div(entry, w, rounding_mode="floor"), rows
+    valid = (probes >= 0).flatten()
+    cluster = probes.clamp(min=0).flatten()
+    start = torch.where(valid, list_offsets.index_select(0, cluster), 0)
+    end = torch.where(valid, list_offsets.index_select(0, cluster + 1), 0)
+    first_word = start >> 6
+    num_words = torch.where(end > start, ((end - 1) >> 6) - first_word + 1, 0)
+    slot = torch.repeat_interleave(num_words)  # probe slot of every covered word
+    slot_first = torch.cumsum(num_words, 0) - num_words
+    word = first_word.index_select(0, slot) + torch.arange(slot.numel()) \
+        - slot_first.index_select(0, slot)
+    query = torch.div(slot, p, rounding_mode="floor")
+    base = word << 6
+    keep = _low_bits((end.index_select(0, slot) - base).clamp(0, 64)) & ~_low_bits(
+        (start.index_select(0, slot) - base).clamp(0, 64))
+    bits = filter_bits.reshape(-1).index_select(0, query * w + word) & keep
+    entry, rows = _unpack_rows(bits, word)
+    return query.index_select(0, entry), rows
+
+
+def ivf_int8_search_torch(query_codes: torch.Tensor, query_scales: torch.Tensor,
+                          filter_bits: torch.Tensor, probes: torch.Tensor,
+                          list_offsets: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
+                          k: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The plain-torch path (CPU tensors): see the module docstring."""
+    _check_inputs(query_codes, query_scales, filter_bits, probes, list_offsets, codes, scales, k)
+    b = query_codes.shape[0]
+    query, rows = passing_pairs(filter_bits, probes, list_offsets)
+    num_pairs = rows.shape[0]
+    num_passing = torch.bincount(query, minlength=b)
+    # score the passing pairs in cache-sized chunks: gather int8 codes, widen to fp32 (exact
+    # integers), one small GEMM against the chunk's queries, keep each pair's own column
+    query_f = query_codes.float()
+    pair_scores = torch.empty(num_pairs, dtype=torch.float32)
+    for lo in range(0, num_pairs, CPU_CHUNK_PAIRS):
+        r = rows[lo:lo + CPU_CHUNK_PAIRS]
+        q = query[lo:lo + CPU_CHUNK_PAIRS]
+        q_lo = int(q[0])
+        dots = torch.index_select(codes, 0, r).float() @ query_f[q_lo:int(q[-1]) + 1].T
+        dot = dots.gather(1, (q - q_lo)[:, None]).squeeze(1)
+        torch.mul(dot * query_scales.index_select(0, q), scales.index_select(0, r),
+                  out=pair_scores[lo:lo + CPU_CHUNK_PAIRS])
+    # per-query top-k: pairs are sorted by query, so a pair's slot is its rank within its query
+    longest = int(num_passing.max()) if b > 0 else 0
+    kk = min(k, longest)
+    scores = torch.full((b, k), float("-inf"))
+    out_rows = torch.full((b, k), -1, dtype=torch.int64)
+    if kk > 0:
+        query_start = torch.cumsum(num_passing, 0) - num_passing
+        slot = torch.arange(num_pairs) - query_start.index_select(0, query)
+        padded = torch.full((b * longest,), float("-inf"))
+        padded.index_copy_(0, query * longest + slot, pair_scores)
+        top, idx = torch.topk(padded.view(b, longest), kk, dim=1)
+        found = idx < num_passing[:, None]
+        pick = (query_start[:, None] + idx).clamp(max=max(num_pairs - 1, 0))
+        picked = rows.index_select(0, pick.flatten()).view(b, kk)
+        scores[:, :kk] = torch.where(found, top, float("-inf"))
+        out_rows[:, :kk] = torch.where(found, picked, -1)
+    return scores, out_rows, num_passing
+
+
+# ---- CUDA: the Triton-language kernel ---------------------------------------------------------
+
+_KERNEL: List[object] = []
+
+
+def _kernel():
+    """Compiles lazily so that the CPU path never imports triton."""
+    if _KERNEL:
+        return _KERNEL[0]
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _ivf_int8_search_kernel(
+        q_codes_ptr, q_scales_ptr, bits_ptr, probes_ptr, offsets_ptr, codes_ptr, scales_ptr,
+        out_ptr, max_list_len,
+        stride_qb, stride_bitsb, stride_probesb, stride_codesn, stride_outb, stride_outp,
+        D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+    ):
+        # program (b, p, t) scores rows t*BLOCK_ROWS .. +BLOCK_ROWS of list probes[b, p] for
+        # query b and writes them to out[b, p, t*BLOCK_ROWS ...] (-inf = not passing / no row)
+        pid_b = tl.program_id(0)
+        pid_p = tl.program_id(1)
+        pid_t = tl.program_id(2)
+        offs_local = pid_t * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        out_mask = offs_local < max_list_len
+
+        # which rows: list -> [start, end) from the offsets; -1 probes own no rows
+        cluster = tl.load(probes_ptr + pid_b * stride_probesb + pid_p)
+        c = tl.maximum(cluster, 0)
+        start = tl.load(offsets_ptr + c)
+        end = tl.where(cluster >= 0, tl.load(offsets_ptr + c + 1), start)
+        rows = start + offs_local
+        row_mask = (rows < end) & out_mask
+
+        # filter first: one int64 word holds the bits of 64 consecutive rows
+        words = tl.load(bits_ptr + pid_b * stride_bitsb + (rows >> 6), mask=row_mask, other=0)
+        passing = row_mask & (((words >> (rows & 63)) & 1) != 0)
+
+        # embeddings only for passing rows: a masked-off lane issues no load
+        offs_d = tl.arange(0, BLOCK_D)
+        d_mask = offs_d < D
+        x = tl.load(codes_ptr + rows[:, None] * stride_codesn + offs_d[None, :],
+                    mask=passing[:, None] & d_mask[None, :], other=0)
+        q = tl.load(q_codes_ptr + pid_b * stride_qb + offs_d, mask=d_mask, other=0)
+        dot = tl.sum(x.to(tl.int32) * q.to(tl.int32)[None, :], axis=1)
+
+        # rescale (same order as the torch path: dot * query scale * item scale), masked store
+        q_scale = tl.load(q_scales_ptr + pid_b)
+        item_scale = tl.load(scales_ptr + rows, mask=passing, other=0.0)
+        score = dot.to(tl.float32) * q_scale * item_scale
+        score = tl.where(passing, score, float("-inf"))
+        tl.store(out_ptr + pid_b * stride_outb + pid_p * stride_outp + offs_local, score,
+                 mask=out_mask)
+
+    _KERNEL.append((_ivf_int8_search_kernel, triton))
+    return _KERNEL[0]
+
+
+def ivf_int8_search_triton(query_codes: torch.Tensor, query_scales: torch.Tensor,
+                           filter_bits: torch.Tensor, probes: torch.Tensor,
+                           list_offsets: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
+                           k: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton path: the kernel writes every probed row's score to [B, P, max_list_len]
+    (-inf where filtered out), then torch.topk picks the k best per query."""
+    _check_inputs(query_codes, query_scales, filter_bits, probes, list_offsets, codes, scales, k)
+    kernel, triton = _kernel()
+    query_codes = query_codes.contiguous()
+    codes = codes.contiguous()
+    b, d = query_codes.shape
+    p = probes.shape[1]
+    max_list_len = max(int((list_offsets[1:] - list_offsets[:-1]).max()), 1) \
+        if list_offsets.numel() > 1 else 1
+    out = torch.empty((b, p, max_list_len), dtype=torch.float32, device=codes.device)
+    if b > 0 and p > 0:
+        grid = (b, p, triton.cdiv(max_list_len, BLOCK_ROWS))
+        kernel[grid](
+            query_codes, query_scales, filter_bits, probes, list_offsets, codes, scales, out,
+            max_list_len,
+            query_codes.stride(0), filter_bits.stride(0), probes.stride(0), codes.stride(0),
+            out.stride(0), out.stride(1),
+            D=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_ROWS=BLOCK_ROWS, num_warps=NUM_WARPS,
+        )
+    flat = out.view(b, p * max_list_len)
+    num_passing = torch.isfinite(flat).sum(1)
+    kk = min(k, flat.shape[1])
+    scores = torch.full((b, k), float("-inf"), device=codes.device)
+    rows = torch.full((b, k), -1, dtype=torch.int64, device=codes.device)
+    if kk > 0 and b > 0:
+        top, idx = torch.topk(flat, kk, dim=1)
+        cluster = probes.gather(1, idx // max_list_len).clamp(min=0)
+        found = torch.isfinite(top)
+        scores[:, :kk] = top
+        rows[:, :kk] = torch.where(found, list_offsets[cluster] + idx % max_list_len, -1)
+    return scores, rows, num_passing
+
+
+if sys.byteorder != "little":  # the CPU path reads int64 filter words as bytes
+    raise ImportError("kernels.ivf_int8_search assumes a little-endian host")
+
+LIB.impl("ivf_int8_search", ivf_int8_search_torch, "CPU")
+LIB.impl("ivf_int8_search", ivf_int8_search_triton, "CUDA")
