@@ -25,13 +25,14 @@ from stages.aggregator import ValueModel
 from stages.ann import AnnConfig, build_ann_stage, index_order
 from stages.filter import FilterConfig, build_filter_stage
 from stages.scorer import build_scorer_stage
+from stages.unified import UnifiedRetrieval
 from stages.user import build_user_tower
 from training.fit_heads import TrainConfig, fit_weights
 from world.synthetic import Catalog, World, WorldConfig, generate_world
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "model_repository"
-STAGES = ("filter", "ann", "scorer", "aggregator")
+STAGES = ("filter", "ann", "scorer", "aggregator", "unified")
 
 
 @dataclass
@@ -106,6 +107,8 @@ def build_modules(world: World, cfg: BuildConfig) -> Built:
         "aggregator": ValueModel(torch.from_numpy(catalog.item_ids),
                                  torch.tensor(cfg.task_weights, dtype=torch.float32)),
     }
+    modules["unified"] = UnifiedRetrieval(modules["filter"], modules["ann"], modules["scorer"],
+                                          modules["aggregator"])
     return Built(modules, catalog, weights)
 
 
@@ -128,7 +131,8 @@ def build(cfg: BuildConfig, world: World = None, progress: bool = True) -> World
         out.mkdir(parents=True, exist_ok=True)
         torch.jit.script(built.modules[name].eval()).save(str(out / "model.pt"))
         steps.update()
-    (repo / "filter" / "1" / "schema.json").write_text(world.catalog.schema.to_json())
+    for name in ("filter", "unified"):  # the models that parse filter expressions
+        (repo / name / "1" / "schema.json").write_text(world.catalog.schema.to_json())
     steps.set_postfix_str("items.csv")
     write_items_csv(built.catalog, Path(cfg.items_csv))
     with open(Path(cfg.items_csv).with_name("users.csv"), "w") as fh:

@@ -205,6 +205,40 @@ class AggregatorRunner(StageRunner):
                  "task_scores": task_scores[i: i + 1, : n[i]]} for i in range(len(prepared))]
 
 
+class UnifiedRunner(StageRunner):
+    """The whole retrieval in one module: same contract as the `retrieval` ensemble."""
+
+    INPUTS = (TensorSpec("user_id", "INT64", (1,)), TensorSpec("filter", "STRING", (1,)),
+              TensorSpec("k", "INT32", (1,)),
+              TensorSpec("task_weights", "FP32", (NUM_TASKS,), optional=True))
+    OUTPUTS = AggregatorRunner.OUTPUTS
+
+    def __init__(self, version_dir, params=None):
+        super().__init__(version_dir, params)
+        self.schema = Schema.from_json((self.version_dir / "schema.json").read_text())
+        self.default_weights = self.module.aggregator.default_weights.numpy()
+
+    def prepare(self, request):
+        k = check_k(request)
+        weights = check_task_weights(request, self.default_weights)
+        user = int(_one_row(request, "user_id").reshape(-1)[0])
+        raw = _one_row(request, "filter").reshape(-1)[0]
+        try:
+            plan = parse_plan(raw, self.schema)
+        except FilterError as e:
+            raise RequestError(f"filter: {e}") from None
+        return plan, user, k, weights
+
+    def compute(self, prepared):
+        plans = batch_plans([p[0] for p in prepared])
+        users = torch.tensor([p[1] for p in prepared], dtype=torch.int64)
+        ks = torch.tensor([p[2] for p in prepared], dtype=torch.int64)
+        weights = torch.from_numpy(np.stack([p[3] for p in prepared]))
+        ids, values, task_scores, n = (t.numpy() for t in self.module(plans, users, ks, weights))
+        return [{"item_ids": ids[i: i + 1, : n[i]], "scores": values[i: i + 1, : n[i]],
+                 "task_scores": task_scores[i: i + 1, : n[i]]} for i in range(len(prepared))]
+
+
 def pad_rows(rows: List[np.ndarray]) -> torch.Tensor:
     """Stack variable-length candidate row lists into int64 [B, C] padded with -1."""
     width = max(1, max(len(r) for r in rows))
@@ -215,4 +249,4 @@ def pad_rows(rows: List[np.ndarray]) -> torch.Tensor:
 
 
 RUNNERS = {"filter": FilterRunner, "ann": AnnRunner, "scorer": ScorerRunner,
-           "aggregator": AggregatorRunner}
+           "aggregator": AggregatorRunner, "unified": UnifiedRunner}

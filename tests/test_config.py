@@ -25,6 +25,7 @@ def tensors(entries):
 
 @pytest.mark.parametrize("stage", sorted(RUNNERS))
 def test_stage_config_matches_runner(stage):
+    """Every Python-backend model (the four stages and `unified`)."""
     config = load_config(stage)
     runner = RUNNERS[stage]
     assert config.name == stage and config.backend == "python"
@@ -69,6 +70,10 @@ def test_runner_outputs_match_config_on_a_real_build(small_build):
     out.update(runners["aggregator"].run([{"candidate_rows": out["candidate_rows"],
                                            "candidate_task_scores": out["candidate_task_scores"],
                                            "k": k}])[0])
+    unified = runners["unified"].run([{"user_id": user, "k": k, "filter": np.array(
+        [[b"language:en"]], object)}])[0]
+    for name, value in unified.items():
+        np.testing.assert_array_equal(value, out[name])
     for runner in runners.values():
         for spec in runner.OUTPUTS:
             value = out[spec.name]
@@ -76,3 +81,8 @@ def test_runner_outputs_match_config_on_a_real_build(small_build):
             assert value.ndim == 1 + len(spec.dims), spec.name
             for got, want in zip(value.shape[1:], spec.dims):
                 assert want == -1 or got == want, spec.name
+
+
+def test_unified_has_the_ensemble_contract():
+    assert tensors(load_config("unified").input) == tensors(load_config("retrieval").input)
+    assert tensors(load_config("unified").output) == tensors(load_config("retrieval").output)

@@ -122,3 +122,17 @@ def test_bad_requests_get_clear_errors_and_batch_mates_succeed(server, small_bui
     assert all(n == 10 for n in results[0::2])
     for message in results[1::2]:
         assert words in message and "[400]" in message, message
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_unified_equals_ensemble(server, small_build, protocol):
+    url = server.config.http_url if protocol == "http" else server.config.grpc_url
+    users = [int(u) for u in small_build.world.user_ids[10:13]] + [31337]
+    with Retriever(url, protocol, "retrieval") as ens, Retriever(url, protocol, "unified") as uni:
+        for i, f in enumerate(FILTERS):
+            weights = [2.0, 0.5, 1.0] if i % 2 else None
+            args = (users[i % len(users)], f, [3, 20, 50][i % 3], weights)
+            a, b = ens.query(*args), uni.query(*args)
+            np.testing.assert_array_equal(a.item_ids, b.item_ids)
+            np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(a.task_scores, b.task_scores, rtol=1e-5, atol=1e-6)
