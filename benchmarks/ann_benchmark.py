@@ -1,0 +1,263 @@
+"""Filtered top-k retrieval on the CPU: our IVF int8 search against faiss and plain torch.
+
+One run, one machine, the same queries and filters for every method:
+  ours        ann.search.IVFInt8Search (torch.ops.iam.ivf_int8_search, CPU path)
+  faiss-flat  IndexFlatIP + IDSelectorBitmap (exact)
+  faiss-sq8   IndexIVFScalarQuantizer(QT_8bit, same nlist) + IDSelectorBitmap, nprobe sweep
+  torch-fp32  fp32 matmul + masked topk (exact; also the ground truth for recall@k)
+Every timed batch includes computing the batch's filter bitmaps from the per-value item bitmaps
+(the filter index), for every method; settings take turns batch by batch, and the median batch
+time counts, so that load from other processes hits every method alike. Each method's fastest
+setting with recall@k >= --target is compared; the script prints the table, the ratios, and
+writes a recall-vs-throughput plot.
+
+    .venv/bin/python benchmarks/ann_benchmark.py            # 1M items, 64 dims, B=64, k=100
+    .venv/bin/python benchmarks/ann_benchmark.py --quick    # 100k items, a minute
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Tuple
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ann.evaluation import exact_filtered_topk, recall, sample_queries  # noqa: E402
+from ann.ivf import IVFConfig, build_ivf_index  # noqa: E402
+from ann.search import IVFInt8Search  # noqa: E402
+from stages.bits import pack_bits  # noqa: E402
+from world.synthetic import WorldConfig, generate_world  # noqa: E402
+
+
+@dataclass
+class Result:
+    filter_name: str
+    method: str
+    setting: str
+    recall: float
+    batch_ms: float  # median over timed batches, filter computation included
+    qps: float
+
+
+class FilterIndex:
+    """Per-value item bitmaps (int64 [values, W], index row order) for language and category;
+    a query's filter is one language row, or a language row AND a category row."""
+
+    def __init__(self, language: torch.Tensor, category: torch.Tensor):
+        self.language = self._per_value(language)
+        self.category = self._per_value(category)
+
+    @staticmethod
+    def _per_value(values: torch.Tensor) -> torch.Tensor:
+        return torch.cat([pack_bits((values == v)[None, :]) for v in range(int(values.max()) + 1)])
+
+    def compute(self, spec: torch.Tensor) -> torch.Tensor:
+        """spec int64 [B, 2] (language, category or -1) -> filter bits int64 [B, W]."""
+        bits = self.language.index_select(0, spec[:, 0])
+        if bool((spec[:, 1] >= 0).any()):
+            cat = self.category.index_select(0, spec[:, 1].clamp(min=0))
+            bits = torch.where((spec[:, 1] >= 0)[:, None], bits & cat, bits)
+        return bits
+
+
+def filter_specs(language: torch.Tensor, category: torch.Tensor, target: float, count: int,
+                 seed: int) -> torch.Tensor:
+    """Up to `count` distinct filters whose pass rate is within 0.7..1.4x `target`: single
+    languages (about 10 %) or language AND category pairs (about 0.5 %). int64 [count, 2]."""
+    n = language.shape[0]
+    lang_rate = torch.bincount(language).float() / n
+    candidates: List[Tuple[int, int, float]] = [(lg, -1, float(r))
+                                                for lg, r in enumerate(lang_rate)]
+    joint = torch.bincount(language * 1000 + category, minlength=(int(language.max()) + 1) * 1000)
+    for key in joint.nonzero().squeeze(1).tolist():
+        candidates.append((key // 1000, key % 1000, float(joint[key]) / n))
+    ok = [c for c in candidates if 0.7 * target <= c[2] <= 1.4 * target]
+    if not ok:
+        raise SystemExit(f"no filter passes about {target:.2%} of the items")
+    gen = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(len(ok), generator=gen)[:count].tolist()
+    return torch.tensor([[ok[i][0], ok[i][1]] for i in pick], dtype=torch.int64)
+
+
+def time_round_robin(runs: Dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]],
+                     queries: torch.Tensor, specs: torch.Tensor, filters: FilterIndex, batch: int
+                     ) -> Dict[str, Tuple[torch.Tensor, float]]:
+    """run(queries [B, D], filter_bits [B, W]) -> rows [B, k] for every setting, batch by batch
+    in turn (so that a noisy neighbour on the machine slows all settings alike); the batch's
+    filters are computed inside each timed call. Returns rows and median batch seconds."""
+    rows: Dict[str, List[torch.Tensor]] = {name: [] for name in runs}
+    times: Dict[str, List[float]] = {name: [] for name in runs}
+    for run in runs.values():  # warm-up
+        run(queries[:batch], filters.compute(specs[:batch]))
+    for lo in range(0, queries.shape[0], batch):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            bits = filters.compute(specs[lo:lo + batch])
+            rows[name].append(run(queries[lo:lo + batch], bits))
+            times[name].append(time.perf_counter() - start)
+    return {name: (torch.cat(rows[name]), statistics.median(times[name])) for name in runs}
+
+
+def faiss_search(index, sel_params: Callable, k: int):
+    """Groups a batch by distinct filter (one IDSelectorBitmap per group, faiss applies one
+    selector to a whole search call) and searches each group with faiss's own threading."""
+    import faiss
+
+    def run(queries: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+        out = torch.full((queries.shape[0], k), -1, dtype=torch.int64)
+        bits_np = bits.numpy()
+        uniq, first, group_of = np.unique(bits_np, axis=0, return_index=True, return_inverse=True)
+        q_np = queries.numpy()
+        for g in range(uniq.shape[0]):
+            members = np.nonzero(group_of.reshape(-1) == g)[0]
+            bitmap = np.ascontiguousarray(bits_np[first[g]]).view(np.uint8)
+            sel = faiss.IDSelectorBitmap(bitmap.shape[0] * 8, faiss.swig_ptr(bitmap))
+            _, ids = index.search(q_np[members], k, params=sel_params(sel))
+            out[members] = torch.from_numpy(ids)
+        return out
+    return run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--items", type=int, default=1_000_000)
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--batches", type=int, default=5, help="timed batches per setting")
+    ap.add_argument("--k", type=int, default=100)
+    ap.add_argument("--nlist", type=int, default=0, help="0 = IVFConfig default (sqrt N)")
+    ap.add_argument("--target", type=float, default=0.95, help="recall@k to compare at")
+    ap.add_argument("--ours", type=str, default="8,16,24,32,48,64,96",
+                    help="our sweep: nprobe = min_candidates = x")
+    ap.add_argument("--sq8-nprobe", type=str, default="16,32,64,128,256,512,1000")
+    ap.add_argument("--distinct-filters", type=int, default=8,
+                    help="distinct filters per pass rate, assigned to queries at random")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--plot", type=Path, default=ROOT / "docs/img/ann_recall_vs_qps.png")
+    ap.add_argument("--quick", action="store_true", help="100k items, 2 batches")
+    args = ap.parse_args()
+    if args.quick:
+        args.items, args.batches = 100_000, 2
+    import faiss
+
+    t0 = time.perf_counter()
+    world = generate_world(WorldConfig(num_items=args.items, num_users=100, embedding_dim=args.dim,
+                                       seed=args.seed))
+    embeddings = torch.from_numpy(world.catalog.embeddings)
+    t1 = time.perf_counter()
+    index = build_ivf_index(embeddings, IVFConfig(nlist=args.nlist, seed=args.seed))
+    t2 = time.perf_counter()
+    rows = index.permutation
+    emb = embeddings[rows].contiguous()  # index row order: filter bit j = row j for everyone
+    language = torch.from_numpy(world.catalog.features[1][:, 0])[rows]
+    category = torch.from_numpy(world.catalog.features[0][:, 0])[rows]
+    filters = FilterIndex(language, category)
+    n, d, nlist = emb.shape[0], emb.shape[1], index.nlist
+    print(f"catalog {n} x {d} (world {t1 - t0:.1f}s), IVF int8 build {t2 - t1:.1f}s: nlist "
+          f"{nlist}, list sizes {int(index.list_sizes().min())}..{int(index.list_sizes().max())}, "
+          f"{index.bytes_per_item():.3f} bytes/item (int8 embedding + fp32 scale + filter bit)")
+
+    flat = faiss.IndexFlatIP(d)
+    flat.add(emb.numpy())
+    t3 = time.perf_counter()
+    quantizer = faiss.IndexFlatIP(d)
+    sq8 = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, faiss.ScalarQuantizer.QT_8bit,
+                                        faiss.METRIC_INNER_PRODUCT)
+    train = emb[torch.randperm(n, generator=torch.Generator().manual_seed(1))[:nlist * 64]]
+    sq8.train(train.numpy())
+    sq8.add(emb.numpy())
+    print(f"faiss IVF-SQ8 build {time.perf_counter() - t3:.1f}s; threads: torch "
+          f"{torch.get_num_threads()}, faiss {faiss.omp_get_max_threads()}")
+
+    ours = IVFInt8Search(index)
+    num_q = args.batch * args.batches
+    queries = sample_queries(emb, num_q, seed=args.seed + 1)
+    results: List[Result] = []
+    for filter_name, rate in [("~10%", 0.10), ("~0.5%", 0.005)]:
+        pool = filter_specs(language, category, rate, args.distinct_filters, args.seed + 2)
+        gen = torch.Generator().manual_seed(args.seed + 3)
+        specs = pool[torch.randint(0, pool.shape[0], (num_q,), generator=gen)]
+        passing = sum(set_bits(filters.compute(specs[i:i + args.batch]))
+                      for i in range(0, num_q, args.batch))
+        pass_rate = passing / (num_q * n)
+        print(f"\nfilter {filter_name}: {pool.shape[0]} distinct filters, mean pass rate "
+              f"{pass_rate:.4%}")
+
+        def torch_fp32(q: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+            return exact_filtered_topk(q, emb, bits, args.k)
+
+        runs = {("torch-fp32", "exact"): torch_fp32,
+                ("faiss-flat", "exact"): faiss_search(
+                    flat, lambda sel: faiss.SearchParameters(sel=sel), args.k)}
+        for x in [int(v) for v in args.ours.split(",")]:
+            runs[("ours", f"nprobe=min_cand={x}")] = (
+                lambda q, bits, x=x: ours(q, bits, args.k, x, float(x))[1])
+        for npr in [int(v) for v in args.sq8_nprobe.split(",") if int(v) <= nlist]:
+            runs[("faiss-sq8", f"nprobe={npr}")] = faiss_search(
+                sq8, lambda sel, npr=npr: faiss.SearchParametersIVF(sel=sel, nprobe=npr), args.k)
+        measured = time_round_robin(runs, queries, specs, filters, args.batch)
+        truth = measured[("torch-fp32", "exact")][0]
+        for (method, setting), (got, secs) in measured.items():
+            res = Result(filter_name, method, setting, recall(got, truth), secs * 1e3,
+                         args.batch / secs)
+            results.append(res)
+            print(f"  {method:<11} {setting:<22} recall@{args.k} {res.recall:.4f}  "
+                  f"{res.batch_ms:9.1f} ms/batch  {res.qps:9.0f} q/s", flush=True)
+
+    print(f"\nat recall@{args.k} >= {args.target} (fastest qualifying setting per method):")
+    for filter_name in ["~10%", "~0.5%"]:
+        best: Dict[str, Result] = {}
+        for r in results:
+            if r.filter_name == filter_name and r.recall >= args.target:
+                if r.method not in best or r.qps > best[r.method].qps:
+                    best[r.method] = r
+        line = [f"{m} {b.qps:.0f} q/s ({b.setting}, recall {b.recall:.3f})"
+                for m, b in best.items()]
+        print(f"  {filter_name}: " + "; ".join(line))
+        if "ours" in best:
+            for other in ["faiss-sq8", "faiss-flat", "torch-fp32"]:
+                if other in best:
+                    print(f"    ours / {other}: {best['ours'].qps / best[other].qps:.2f}x")
+                else:
+                    print(f"    {other}: no setting reached recall {args.target}")
+    write_plot(results, args.plot, args.k)
+
+
+def set_bits(bits: torch.Tensor) -> int:
+    return int(np.unpackbits(bits.numpy().view(np.uint8)).sum())
+
+
+def write_plot(results: List[Result], path: Path, k: int) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, filter_name in zip(axes, ["~10%", "~0.5%"]):
+        for method, style in [("ours", "o-"), ("faiss-sq8", "s-"), ("faiss-flat", "^"),
+                              ("torch-fp32", "v")]:
+            pts = sorted((r.recall, r.qps) for r in results
+                         if r.filter_name == filter_name and r.method == method)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=method)
+        ax.set_yscale("log")
+        ax.set_xlabel(f"recall@{k} vs exact filtered search")
+        ax.set_ylabel("queries / s (filter computation included)")
+        ax.set_title(f"filter passing {filter_name} of the items")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
+
+
+if __name__ == "__main__":
+    main()
