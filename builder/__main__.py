@@ -3,7 +3,7 @@
 import argparse
 from pathlib import Path
 
-from builder.build import STAGES, TEMPLATE, BuildConfig, build
+from builder.build import TEMPLATE, BuildConfig, build, is_built
 from stages.ann import AnnConfig
 from world.synthetic import WorldConfig
 
@@ -19,7 +19,7 @@ def main() -> None:
     p.add_argument("--if-missing", action="store_true",
                    help="do nothing when every stage artifact already exists")
     a = p.parse_args()
-    if a.if_missing and all((a.repository / s / "1" / "model.pt").exists() for s in STAGES):
+    if a.if_missing and is_built(a.repository):
         print(f"model repository {a.repository} is built (python -m builder to rebuild)")
         return
     cfg = BuildConfig(world=WorldConfig(seed=a.seed, num_items=a.num_items,

@@ -21,6 +21,8 @@ import torch
 from tqdm import tqdm
 
 import kernels  # noqa: F401  (ops must exist before modules that call them are scripted)
+from builder.baseline import BaselineConfig, build_baseline
+from builder.baseline import is_built as baseline_is_built
 from stages.aggregator import ValueModel
 from stages.ann import AnnConfig, build_ann_stage, index_order
 from stages.filter import FilterConfig, build_filter_stage
@@ -46,6 +48,8 @@ class BuildConfig:
     # Value Model defaults: value = sum_t w_t * p_t over (click, like, share)
     task_weights: tuple = (1.0, 2.0, 4.0)
     holdout_fraction: float = 0.1  # latest interactions kept out of fitting, for evaluation
+    # the pre-SilverTorch service chain the benchmarks compare against (builder/baseline.py)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
 
 
 def write_items_csv(catalog: Catalog, path: Path) -> None:
@@ -88,6 +92,12 @@ def prepare_repository(target: Path) -> None:
             shutil.copy2(model_dir / "1" / "model.py", dst / "1" / "model.py")
 
 
+def is_built(repository: Path) -> bool:
+    """Every model's artifacts exist (the stages, `unified` and the baseline's)."""
+    return all((Path(repository) / s / "1" / "model.pt").exists() for s in STAGES) \
+        and baseline_is_built(repository)
+
+
 @dataclass
 class Built:
     modules: Dict[str, torch.nn.Module]
@@ -112,10 +122,16 @@ def build_modules(world: World, cfg: BuildConfig) -> Built:
     return Built(modules, catalog, weights)
 
 
+def indexed_item_vectors(built: Built) -> np.ndarray:
+    """The item vectors the `ann` stage searches, in index row order: the baseline's FAISS
+    index holds the same ones (builder/baseline.py)."""
+    return built.catalog.embeddings
+
+
 def build(cfg: BuildConfig, world: World = None, progress: bool = True) -> World:
     """Build the repository; returns the world it was built from."""
     t0 = time.perf_counter()
-    steps = tqdm(total=3 + len(STAGES), desc="build", disable=not progress, unit="step")
+    steps = tqdm(total=4 + len(STAGES), desc="build", disable=not progress, unit="step")
     if world is None:
         steps.set_postfix_str(f"synthetic world, {cfg.world.num_items:,} items")
         world = generate_world(cfg.world)
@@ -133,6 +149,13 @@ def build(cfg: BuildConfig, world: World = None, progress: bool = True) -> World
         steps.update()
     for name in ("filter", "unified"):  # the models that parse filter expressions
         (repo / name / "1" / "schema.json").write_text(world.catalog.schema.to_json())
+    # --- the baseline (builder/baseline.py): the service chain this project replaces, over the
+    # same catalog rows, item vectors and user tower as the `ann` stage -----------------------
+    steps.set_postfix_str("baseline (FAISS index)")
+    build_baseline(repo, built.catalog, indexed_item_vectors(built), built.modules["ann"].users,
+                   world.catalog.schema, cfg.ann.oversample, cfg.baseline)
+    steps.update()
+    # --- end of the baseline ----------------------------------------------------------------
     steps.set_postfix_str("items.csv")
     write_items_csv(built.catalog, Path(cfg.items_csv))
     with open(Path(cfg.items_csv).with_name("users.csv"), "w") as fh:

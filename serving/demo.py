@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from rich.console import Console
 
-from builder.build import ROOT, STAGES, TEMPLATE
+from builder.build import ROOT, TEMPLATE, is_built
 from client import Retriever
 from client.__main__ import print_results
 from client.catalog import DEFAULT_ITEMS_CSV
@@ -51,7 +51,7 @@ def throughput(url: str, model: str, users: list, seconds: float = 5.0, concurre
 
 
 def main() -> int:
-    if not all((TEMPLATE / s / "1" / "model.pt").exists() for s in STAGES):
+    if not is_built(TEMPLATE):
         console.rule("[bold]1/4 building the model repository from a synthetic catalog")
         subprocess.run([sys.executable, "-m", "builder"], check=True)
     else:

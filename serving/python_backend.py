@@ -1,6 +1,7 @@
 """Adapter from Triton's Python backend to a `StageRunner` (serving/runners.py).
 
-Each `model_repository/<model>/1/model.py` is one line: `TritonPythonModel = make_model(name)`.
+Each `model_repository/<model>/1/model.py` is one line: `TritonPythonModel = make_model(name)`
+(`make_model(name, "serving.baseline")` for the baseline models, whose runners live there).
 The config is parsed once in `initialize`; `execute` answers every request of the batch with
 its own response, so a bad request gets an error response without failing its batch-mates.
 """
@@ -12,14 +13,18 @@ import traceback
 from pathlib import Path
 
 
-def make_model(stage: str):
+def make_model(stage: str, runners: str = "serving.runners"):
+    """The Python-backend model class of `stage`, run by `RUNNERS[stage]` of module `runners`."""
+
     class TritonPythonModel:
         def initialize(self, args):
+            import importlib
+
             import numpy as np
             import torch
             import triton_python_backend_utils as pb_utils
 
-            from serving.runners import RUNNERS, RequestError
+            from serving.runners import RequestError
 
             self.pb = pb_utils
             self.RequestError = RequestError
@@ -27,7 +32,7 @@ def make_model(stage: str):
             params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
             torch.set_num_threads(int(params.get("torch_threads", "1")))
             version_dir = Path(args["model_repository"]) / args["model_version"]
-            runner_cls = RUNNERS[stage]
+            runner_cls = importlib.import_module(runners).RUNNERS[stage]
             self.runner = runner_cls(version_dir, params)
             self.inputs = [s.name for s in runner_cls.INPUTS]
             self.output_dtypes = {

@@ -8,12 +8,12 @@ import signal
 import subprocess
 import sys
 
-from builder.build import STAGES, TEMPLATE
+from builder.build import TEMPLATE, is_built
 from serving.launcher import ServerConfig, TritonServer
 
 
 def main() -> int:
-    if not all((TEMPLATE / s / "1" / "model.pt").exists() for s in STAGES):
+    if not is_built(TEMPLATE):
         print("model repository not built yet: building it (python -m builder)")
         subprocess.run([sys.executable, "-m", "builder"], check=True)
     config = ServerConfig()

@@ -7,6 +7,7 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+from serving.baseline import RUNNERS as BASELINE_RUNNERS
 from serving.runners import RUNNERS
 
 REPO = Path(__file__).resolve().parents[1] / "model_repository"
@@ -23,11 +24,14 @@ def tensors(entries):
                      tuple(t.dims), getattr(t, "optional", False)) for t in entries}
 
 
-@pytest.mark.parametrize("stage", sorted(RUNNERS))
+ALL_RUNNERS = {**RUNNERS, **BASELINE_RUNNERS}
+
+
+@pytest.mark.parametrize("stage", sorted(ALL_RUNNERS))
 def test_stage_config_matches_runner(stage):
-    """Every Python-backend model (the four stages and `unified`)."""
+    """Every Python-backend model (the four stages, `unified` and the baseline's two)."""
     config = load_config(stage)
-    runner = RUNNERS[stage]
+    runner = ALL_RUNNERS[stage]
     assert config.name == stage and config.backend == "python"
     assert config.max_batch_size > 0 and config.HasField("dynamic_batching")
     assert tensors(config.input) == {s.name: (s.dtype, s.dims, s.optional) for s in runner.INPUTS}
@@ -36,8 +40,9 @@ def test_stage_config_matches_runner(stage):
     assert (REPO / stage / "1" / "model.py").exists()
 
 
-def test_ensemble_wiring_is_consistent():
-    ens = load_config("retrieval")
+@pytest.mark.parametrize("ensemble", ["retrieval", "baseline"])
+def test_ensemble_wiring_is_consistent(ensemble):
+    ens = load_config(ensemble)
     assert ens.platform == "ensemble"
     produced = {name: spec for name, spec in tensors(ens.input).items()}
     for step in ens.ensemble_scheduling.step:
@@ -83,6 +88,7 @@ def test_runner_outputs_match_config_on_a_real_build(small_build):
                 assert want == -1 or got == want, spec.name
 
 
-def test_unified_has_the_ensemble_contract():
-    assert tensors(load_config("unified").input) == tensors(load_config("retrieval").input)
-    assert tensors(load_config("unified").output) == tensors(load_config("retrieval").output)
+@pytest.mark.parametrize("model", ["unified", "baseline"])
+def test_model_has_the_ensemble_contract(model):
+    assert tensors(load_config(model).input) == tensors(load_config("retrieval").input)
+    assert tensors(load_config(model).output) == tensors(load_config("retrieval").output)

@@ -1,0 +1,98 @@
+"""Artifacts of the `baseline` ensemble (serving/baseline.py), built from the same catalog,
+the same index row order and the same user tower as the project's own models.
+
+    baseline_filter/1/model.pt     the reference ExactFeatureFilter (stages/filter.py), scripted
+    baseline_filter/1/schema.json  what the parser needs
+    baseline_ann/1/model.pt        the user tower of the `ann` stage, scripted
+    baseline_ann/1/index.faiss     FAISS index of the item vectors (faiss.write_index), id = row
+    baseline_ann/1/faiss.json      its build settings (nlist, nprobe, oversample)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from serving.baseline import INDEX_FILE, SETTINGS_FILE
+from stages.filter import ExactFeatureFilter, feature_matrix
+from world.schema import Schema
+from world.synthetic import Catalog
+
+MODELS = ("baseline_filter", "baseline_ann")
+
+
+@dataclass
+class BaselineConfig:
+    # "ivf": IndexIVFFlat (what an ANN service runs); "flat": IndexFlatIP (exact, slowest)
+    index: str = "ivf"
+    # IVF lists; 0 = about sqrt(N). FAISS suggests 4-16 sqrt(N) for large N; sqrt(N) keeps the
+    # k-means of a 200k catalog near 5 s on 2 cores and the lists long enough for filters.
+    nlist: int = 0
+    # lists probed per query: the recall knob (config.pbtxt `nprobe` overrides it at load);
+    # benchmarks/serving.py measures the recall it gives against exact search
+    nprobe: int = 24
+    train_points_per_list: int = 64  # k-means sample size per list (FAISS's default is 256)
+    seed: int = 0
+
+
+def _ivf_index(vectors: np.ndarray, config: BaselineConfig):
+    import faiss
+
+    n, dim = vectors.shape
+    nlist = config.nlist or max(1, round(math.sqrt(n)))
+    quantizer = faiss.IndexFlatIP(dim)
+    index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.cp.max_points_per_centroid = config.train_points_per_list
+    index.cp.seed = config.seed
+    index.train(vectors)
+    index.add(vectors)  # ids 0..n-1 = index rows
+    return index
+
+
+def build_baseline(repository: Path, catalog: Catalog, item_vectors: np.ndarray,
+                   user_tower: torch.nn.Module, schema: Schema, oversample: int,
+                   config: BaselineConfig) -> None:
+    """Write the baseline models' artifacts under `repository`.
+
+    Args:
+        catalog: in index row order (row r of every tensor is catalog row r).
+        item_vectors: float32 [N, D], the vectors the `ann` stage searches, index row order.
+        user_tower: raw user id int64 [B] -> query vector float32 [B, D], as in the `ann` stage.
+        oversample: ANN candidates per requested result, as the `ann` stage.
+    """
+    import faiss
+
+    repository = Path(repository)
+    out = repository / "baseline_filter" / "1"
+    out.mkdir(parents=True, exist_ok=True)
+    torch.jit.script(ExactFeatureFilter(*feature_matrix(catalog)).eval()).save(
+        str(out / "model.pt"))
+    (out / "schema.json").write_text(schema.to_json())
+
+    out = repository / "baseline_ann" / "1"
+    out.mkdir(parents=True, exist_ok=True)
+    torch.jit.script(user_tower.eval()).save(str(out / "model.pt"))
+    vectors = np.ascontiguousarray(item_vectors, dtype=np.float32)
+    if config.index == "ivf":
+        index = _ivf_index(vectors, config)
+    elif config.index == "flat":
+        index = faiss.IndexFlatIP(vectors.shape[1])
+        index.add(vectors)
+    else:
+        raise ValueError(f"baseline index must be 'ivf' or 'flat', not {config.index!r}")
+    faiss.write_index(index, str(out / INDEX_FILE))
+    ivf = faiss.try_extract_index_ivf(index)
+    settings = {"index": config.index, "nlist": int(ivf.nlist) if ivf is not None else 1,
+                "nprobe": config.nprobe, "oversample": int(oversample),
+                "config": asdict(config)}
+    (out / SETTINGS_FILE).write_text(json.dumps(settings, indent=1))
+
+
+def is_built(repository: Path) -> bool:
+    return all((Path(repository) / m / "1" / "model.pt").exists() for m in MODELS) and \
+        (Path(repository) / "baseline_ann" / "1" / INDEX_FILE).exists()

@@ -1,0 +1,177 @@
+"""The architecture this project replaces, served by the same Triton for the benchmarks.
+
+Before "index as model", retrieval was a chain of services: an exact feature-filter service,
+a separate ANN service (FAISS on the CPU, fp32), then scoring. The `baseline` ensemble deploys
+exactly that, as honestly as the `retrieval` ensemble is deployed:
+
+    baseline_filter ──► baseline_ann ──► scorer ──► aggregator
+    (exact filter,      (FAISS IVF-Flat      (the SAME scorer and aggregator models
+     bitmap)             fp32, ID selector)   as `retrieval` and `unified`)
+
+- `baseline_filter` is the `FilterRunner` over the reference `ExactFeatureFilter` module
+  (stages/filter.py): every returned bit is exact, no false positives.
+- `baseline_ann` (this file) searches a FAISS index with the filter bitmap as an
+  `IDSelectorBitmap` (search-time filtering: FAISS skips filtered ids inside the probed lists),
+  and, like vector databases (Qdrant, Lucene), plans per filter: when so few items match that
+  scoring all of them costs no more than the IVF probe would, it scores exactly those items.
+  FAISS pads short results with id -1; they are cut here and never leave the model.
+
+Artifacts (written by builder/baseline.py): `model.pt` is the user tower (the same module the
+`ann` stage embeds queries with), `index.faiss` the item index (FAISS id = index row), and
+`faiss.json` the build-time settings; `config.pbtxt` parameters override them (e.g. `nprobe`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from serving.runners import AnnRunner, FilterRunner
+
+INDEX_FILE = "index.faiss"
+SETTINGS_FILE = "faiss.json"
+
+
+def passing_rows(filter_bits: np.ndarray, num_items: int) -> np.ndarray:
+    """Rows whose bit is set in one packed bitmap (stages/bits.py layout): int64 [matches]."""
+    bits = np.unpackbits(filter_bits.view(np.uint8), bitorder="little")[:num_items]
+    return np.flatnonzero(bits)
+
+
+def exact_top(vectors: np.ndarray, rows: np.ndarray, query: np.ndarray, count: int) -> np.ndarray:
+    """The `count` rows of `rows` with the largest inner product with `query`, best first."""
+    if len(rows) == 0 or count <= 0:
+        return rows[:0]
+    scores = vectors[rows] @ query
+    if count < len(rows):
+        keep = np.argpartition(-scores, count - 1)[:count]
+    else:
+        keep = np.arange(len(rows))
+    return rows[keep[np.argsort(-scores[keep], kind="stable")]]
+
+
+class FaissAnnRunner(AnnRunner):
+    """The separate ANN service: user id + exact filter bitmap + k -> candidate rows.
+
+    The `ann` stage's tensors and request checks (`AnnRunner`), so the same scorer and
+    aggregator follow; only the search differs.
+    Parameters (config.pbtxt, else faiss.json): `nprobe`, `oversample` (candidates per
+    requested result, as the `ann` stage), `faiss_threads`, and `search`: "index" (default) or
+    "exact" (every query scores all matching items: the ground truth for recall).
+    """
+
+    def __init__(self, version_dir, params=None):
+        import faiss  # the ANN service's library; only this model needs it
+
+        super().__init__(version_dir, params)  # model.pt: the user tower
+        settings: Dict[str, str] = json.loads((self.version_dir / SETTINGS_FILE).read_text())
+        settings.update(self.params)
+        self.faiss = faiss
+        self.oversample = int(settings["oversample"])
+        self.nprobe = int(settings["nprobe"])
+        self.search_mode = settings.get("search", "index")
+        if self.search_mode not in ("index", "exact"):
+            raise ValueError(f"{self.version_dir}: search must be 'index' or 'exact', "
+                             f"not {self.search_mode!r}")
+        faiss.omp_set_num_threads(int(settings.get("faiss_threads", "1")))
+        self.index = faiss.read_index(str(self.version_dir / INDEX_FILE))
+        self.num_items = int(self.index.ntotal)
+        ivf = faiss.try_extract_index_ivf(self.index)
+        self.nlist = int(ivf.nlist) if ivf is not None else 1
+        self.nprobe = min(self.nprobe, self.nlist)
+        if ivf is not None:
+            ivf.make_direct_map()  # lets reconstruct_n read the vectors back for exact scoring
+        self.vectors = self.index.reconstruct_n(0, self.num_items)
+        # Scoring the matching items one by one is exact and costs one gather + dot product
+        # per match; the IVF probe costs one per vector in the probed lists. Below this many
+        # matches exact scoring is the cheaper plan (and the IVF would miss most of them).
+        self.exact_below = self.num_items * self.nprobe // self.nlist
+        if ivf is None:  # a flat index scans everything: exact scoring is cheaper when filtered
+            self.exact_below = self.num_items
+
+    def compute(self, prepared):
+        users = torch.tensor([p[0] for p in prepared], dtype=torch.int64)
+        queries = np.ascontiguousarray(self.module(users).numpy(), dtype=np.float32)
+        wanted = [self.oversample * p[2] for p in prepared]
+        rows: List[np.ndarray] = [np.empty(0, np.int64)] * len(prepared)
+        # Requests with the same filter (the unfiltered ones, above all) share one FAISS call.
+        groups: Dict[bytes, List[int]] = {}
+        for i, p in enumerate(prepared):
+            groups.setdefault(p[1].tobytes(), []).append(i)
+        for members in groups.values():
+            bits = prepared[members[0]][1]
+            matching = passing_rows(bits, self.num_items)
+            if self.search_mode == "exact" or len(matching) < self.exact_below:
+                for i in members:
+                    rows[i] = exact_top(self.vectors, matching, queries[i], wanted[i])
+                continue
+            selector = None
+            if len(matching) < self.num_items:
+                bitmap = np.ascontiguousarray(bits).view(np.uint8)  # FAISS's layout: LSB first
+                selector = self.faiss.IDSelectorBitmap(len(bitmap), self.faiss.swig_ptr(bitmap))
+            params = self.faiss.SearchParametersIVF(sel=selector, nprobe=self.nprobe) \
+                if self.nlist > 1 else self.faiss.SearchParameters(sel=selector)
+            _, found = self.index.search(queries[members], max(wanted[i] for i in members),
+                                         params=params)
+            for j, i in enumerate(members):
+                hit = found[j]
+                rows[i] = hit[hit >= 0][: wanted[i]]  # FAISS pads short lists with -1
+        return [{"candidate_rows": r.astype(np.int64).reshape(1, -1),
+                 "user_embedding": queries[i: i + 1]} for i, r in enumerate(rows)]
+
+
+RUNNERS = {"baseline_filter": FilterRunner, "baseline_ann": FaissAnnRunner}
+
+
+class InProcessChain:
+    """filter -> ann -> scorer -> aggregator runners in this process, on a built repository.
+
+    `InProcessChain(repo)` is the baseline ensemble without Triton; `exact_reference(repo)`
+    is the ground truth the benchmarks measure recall against.
+
+    Args:
+        repository: a built model repository.
+        filter, ann: model names of the first two steps.
+        ann_params: parameters for the ann runner (as config.pbtxt would give them).
+    """
+
+    def __init__(self, repository: Path, filter: str = "baseline_filter",
+                 ann: str = "baseline_ann", ann_params: Optional[Dict[str, str]] = None):
+        from serving.runners import RUNNERS as STAGE_RUNNERS
+
+        runners = {**STAGE_RUNNERS, **RUNNERS}
+        repository = Path(repository)
+        self.filter = runners[filter](repository / filter / "1")
+        self.ann = runners[ann](repository / ann / "1", ann_params)
+        self.scorer = runners["scorer"](repository / "scorer" / "1")
+        self.aggregator = runners["aggregator"](repository / "aggregator" / "1")
+
+    def run(self, queries: Sequence[Tuple[int, str, int]]) -> List[Dict[str, np.ndarray]]:
+        """(user_id, filter, k) per query, run as one batch -> the model outputs of each query
+        (item_ids, scores, task_scores without the batch row). Raises on a bad query."""
+        def check(results):
+            for r in results:
+                if isinstance(r, Exception):
+                    raise r
+            return results
+
+        bits = check(self.filter.run([{"filter": np.array([[f.encode()]], object)}
+                                      for _, f, _ in queries]))
+        ks = [np.array([[k]], dtype=np.int32) for _, _, k in queries]
+        found = check(self.ann.run([{"user_id": np.array([[u]], np.int64), "k": k, **b}
+                                    for (u, _, _), k, b in zip(queries, ks, bits)]))
+        scored = check(self.scorer.run(found))
+        out = check(self.aggregator.run([
+            {"candidate_rows": f["candidate_rows"], "k": k, **s}
+            for f, k, s in zip(found, ks, scored)]))
+        return [{name: value[0] for name, value in o.items()} for o in out]
+
+
+def exact_reference(repository: Path) -> InProcessChain:
+    """Exact filter, exact fp32 inner-product top-(oversample x k) of the matching items, then
+    the repository's own scorer and aggregator: what every model's results are compared to."""
+    return InProcessChain(repository, ann_params={"search": "exact"})
