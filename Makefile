@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup build demo serve test lint clean
+.PHONY: setup build demo serve test lint clean loadtest
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,32 @@ serve: setup  ## build if needed, run Triton in the foreground (Ctrl-C stops)
 
 test: setup  ## the whole suite (starts real servers)
 	$(PY) -m pytest -q tests
+
+# `make loadtest`: Locust, headless and time-bounded, against a server that is already running
+# (`make serve` in another shell). Override e.g. MODEL=baseline USERS=16 DURATION=1m MIX=filtered
+# PROTOCOL=grpc; the ports follow TRITON_HTTP_PORT / TRITON_GRPC_PORT / TRITON_METRICS_PORT.
+TRITON_HOST ?= 127.0.0.1
+TRITON_HTTP_PORT ?= 8000
+TRITON_GRPC_PORT ?= 8001
+TRITON_METRICS_PORT ?= 8002
+MODEL ?= unified
+USERS ?= 8
+DURATION ?= 30s
+MIX ?= mixed
+PROTOCOL ?= http
+LOADTEST_OUT ?= runs/loadtest
+LOADTEST_USER = $(if $(filter grpc,$(PROTOCOL)),GrpcTritonUser,HttpTritonUser)
+
+loadtest: setup  ## Locust vs a running server: CSV + HTML in runs/loadtest/, one-line summary
+	@mkdir -p $(LOADTEST_OUT)
+	$(VENV)/bin/locust -f loadtest/locustfile.py $(LOADTEST_USER) --headless --only-summary \
+	  -u $(USERS) -r $(USERS) -t $(DURATION) --stop-timeout 10 \
+	  --host http://$(TRITON_HOST):$(TRITON_HTTP_PORT) \
+	  --triton-grpc-url $(TRITON_HOST):$(TRITON_GRPC_PORT) \
+	  --triton-metrics-url http://$(TRITON_HOST):$(TRITON_METRICS_PORT)/metrics \
+	  --triton-model $(MODEL) --triton-mix $(MIX) \
+	  --csv $(LOADTEST_OUT)/$(MODEL)-$(PROTOCOL) --html $(LOADTEST_OUT)/$(MODEL)-$(PROTOCOL).html \
+	  --triton-summary-json $(LOADTEST_OUT)/$(MODEL)-$(PROTOCOL)-summary.json
 
 lint: setup
 	$(PY) -m ruff check .
