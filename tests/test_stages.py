@@ -82,10 +82,12 @@ def test_ann_exact_filtered_search_and_fewer_than_k(built):
     assert int(counts[0]) == min(len(matches), 200)
     got = set(rows[0, : counts[0]].tolist())
     assert got == set(matches.tolist()) and -1 not in got
-    # exact top-k: compare against brute force over the passing rows
+    # top-k against brute force over the passing rows; the int8 index scores within its
+    # tolerance of fp32 (tests/test_ann_ivf_index.py: max error 0.008 |q| |x|, unit items)
     full = q[0] @ torch.from_numpy(catalog.embeddings).T
     want = torch.topk(full[torch.from_numpy(matches)], int(counts[0])).values
-    torch.testing.assert_close(scores[0, : counts[0]], want)
+    torch.testing.assert_close(scores[0, : counts[0]], want, rtol=0,
+                               atol=0.008 * float(q[0].norm()))
 
 
 def test_value_model_weights_change_the_order():
