@@ -20,7 +20,7 @@ rows first (skipping zero bytes) and gathers only their codes.
 """
 
 import sys
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -91,17 +91,23 @@ def byte_bit_table() -> torch.Tensor:
     return _BYTE_BITS[0]
 
 
-def _unpack_rows(bits: torch.Tensor, word: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Set bits of int64 words [T] (word[t] = their word index in the bitmap) -> (entry t,
-    row) per set bit. Reads nonzero bytes only (a 0.5 % filter leaves ~4 % of them)."""
+def _unpack_rows(bits: torch.Tensor, word: Optional[torch.Tensor], words_per_query: int
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Set bits of int64 words [T] -> (entry t, row) per set bit, in order. word[t] is the
+    bitmap word index of entry t; None means entry t is word t % words_per_query (a whole
+    bitmap). Reads nonzero bytes only (a 0.5 % filter leaves ~4 % of them), and does the
+    per-bit work with one table lookup, one gather and one add."""
     as_bytes = bits.view(torch.uint8)  # little-endian: byte i of a word = bits 8i..8i+7
     byte_idx = as_bytes.nonzero().squeeze(1)
+    entry_of_byte = byte_idx >> 3
+    word_of_byte = entry_of_byte % words_per_query if word is None \
+        else word.index_select(0, entry_of_byte)
+    first_row = (word_of_byte << 6) + ((byte_idx & 7) << 3)
     byte_bits = byte_bit_table().index_select(0, as_bytes.index_select(0, byte_idx).long())
-    entry_of_bit, bit_in_byte = byte_bits.nonzero().unbind(1)
-    flat_byte = byte_idx.index_select(0, entry_of_bit)
-    entry = flat_byte >> 3
-    rows = (word.index_select(0, entry) << 6) + ((flat_byte & 7) << 3) + bit_in_byte
-    return entry, rows
+    set_bits = byte_bits.nonzero()  # [M, 2]: (nonzero byte, bit in byte)
+    byte_of_bit = set_bits[:, 0]
+    rows = first_row.index_select(0, byte_of_bit) + set_bits[:, 1]
+    return entry_of_byte.index_select(0, byte_of_bit), rows
 
 
 def passing_pairs(filter_bits: torch.Tensor, probes: torch.Tensor, list_offsets: torch.Tensor
@@ -118,8 +124,7 @@ def passing_pairs(filter_bits: torch.Tensor, probes: torch.Tensor, list_offsets:
     w = filter_bits.shape[1]
     if p == nlist and b > 0 and bool(
             (probes.sort(dim=1).values == torch.arange(nlist)[None, :]).all()):
-        word = torch.arange(b * w) % w
-        entry, rows = _unpack_rows(filter_bits.reshape(-1).contiguous(), word)
+        entry, rows = _unpack_rows(filter_bits.reshape(-1).contiguous(), None, w)
         return torch.div(entry, w, rounding_mode="floor"), rows
     valid = (probes >= 0).flatten()
     cluster = probes.clamp(min=0).flatten()
@@ -136,7 +141,7 @@ def passing_pairs(filter_bits: torch.Tensor, probes: torch.Tensor, list_offsets:
     keep = _low_bits((end.index_select(0, slot) - base).clamp(0, 64)) & ~_low_bits(
         (start.index_select(0, slot) - base).clamp(0, 64))
     bits = filter_bits.reshape(-1).index_select(0, query * w + word) & keep
-    entry, rows = _unpack_rows(bits, word)
+    entry, rows = _unpack_rows(bits, word, w)
     return query.index_select(0, entry), rows
 
 
@@ -157,16 +162,26 @@ def ivf_int8_search_torch(query_codes: torch.Tensor, query_scales: torch.Tensor,
     # each pair's column) by ~1.5x, and padded bmm by ~2x, for 64 queries x 300k pairs.
     query_f = query_codes.float()
     ends = torch.cumsum(num_passing, 0).tolist()
+    longest = int(num_passing.max()) if b > 0 else 0
+    # buffers reused by every query: a fresh multi-MB tensor per query costs page faults
+    codes_i8 = torch.empty((longest, codes.shape[1]), dtype=torch.int8)
+    codes_f32 = torch.empty((longest, codes.shape[1]), dtype=torch.float32)
+    seg_scores = torch.empty(longest, dtype=torch.float32)
+    seg_scales = torch.empty(longest, dtype=torch.float32)
     start = 0
     for i in range(b):
         seg = rows[start:ends[i]]
         start = ends[i]
-        if seg.numel() == 0:
+        n = seg.numel()
+        if n == 0:
             continue
-        s = torch.mv(torch.index_select(codes, 0, seg).float(), query_f[i])
-        s *= query_scales[i]  # same rounding order as the kernel: dot * q_scale * item_scale
-        s *= scales.index_select(0, seg)
-        kk = min(k, seg.numel())
+        torch.index_select(codes, 0, seg, out=codes_i8[:n])
+        codes_f32[:n].copy_(codes_i8[:n])
+        s = seg_scores[:n]
+        torch.mv(codes_f32[:n], query_f[i], out=s)
+        s.mul_(query_scales[i])  # same rounding order as the kernel: dot * q_scale * item_scale
+        s.mul_(torch.index_select(scales, 0, seg, out=seg_scales[:n]))
+        kk = min(k, n)
         top, idx = torch.topk(s, kk)
         scores[i, :kk] = top
         out_rows[i, :kk] = seg.index_select(0, idx)
