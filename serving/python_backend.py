@@ -57,9 +57,10 @@ def make_model(stage: str, runners: str = "serving.runners"):
                 return [pb.InferenceResponse(error=pb.TritonError(message)) for _ in requests]
             for i, result in enumerate(results):
                 if isinstance(result, self.RequestError):
-                    # INVALID_ARG: HTTP 400 / gRPC INVALID_ARGUMENT, the caller's mistake
-                    responses[i] = pb.InferenceResponse(
-                        error=pb.TritonError(str(result), pb.TritonError.INVALID_ARG))
+                    # INVALID_ARG (HTTP 400 / gRPC INVALID_ARGUMENT): the caller's mistake;
+                    # INTERNAL (500): the module failed on this request alone
+                    responses[i] = pb.InferenceResponse(error=pb.TritonError(
+                        str(result), getattr(pb.TritonError, result.status)))
                 else:
                     responses[i] = pb.InferenceResponse(output_tensors=[
                         pb.Tensor(name, self.np.ascontiguousarray(

@@ -11,6 +11,7 @@ Each runner declares its tensors (`INPUTS`, `OUTPUTS`); tests check them against
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +28,23 @@ MAX_K = 1000  # largest k a request may ask for
 NUM_TASKS = 3
 ARTIFACT = "model.pt"
 
+log = logging.getLogger(__name__)
+
 
 class RequestError(Exception):
-    """A problem with one request; the message is sent to its client as the error."""
+    """A problem with one request; the message is sent to its client as the error.
+
+    `status` is the Triton error code of the response: INVALID_ARG (HTTP 400, gRPC
+    INVALID_ARGUMENT) for a request the caller got wrong."""
+
+    status = "INVALID_ARG"
+
+
+class RequestFailed(RequestError):
+    """The module failed on this request while its batch-mates succeeded (INTERNAL, HTTP 500):
+    reported to this request alone, the server keeps serving."""
+
+    status = "INTERNAL"
 
 
 @dataclass(frozen=True)
@@ -43,30 +58,67 @@ class TensorSpec:
 Arrays = Dict[str, np.ndarray]
 Result = Union[Arrays, RequestError]
 
-
-def _one_row(request: Arrays, name: str) -> np.ndarray:
-    value = request[name]
-    if value.shape[0] != 1:
-        raise RequestError(f"{name}: batch of {value.shape[0]} rows in one request; send one "
-                           "query per request (Triton's dynamic batcher batches requests)")
-    return value[0]
+NUMPY_DTYPES = {"INT64": np.dtype(np.int64), "INT32": np.dtype(np.int32),
+                "FP32": np.dtype(np.float32), "BOOL": np.dtype(np.bool_)}
 
 
-def check_k(request: Arrays) -> int:
-    k = int(_one_row(request, "k").reshape(-1)[0])
-    if not 1 <= k <= MAX_K:
-        raise RequestError(f"k: must be between 1 and {MAX_K}, got {k}")
-    return k
+def _wire_name(dtype: str) -> str:
+    return "BYTES" if dtype == "STRING" else dtype  # the name clients send
 
 
-def check_task_weights(request: Arrays, default: np.ndarray) -> np.ndarray:
-    raw = request.get("task_weights")
-    if raw is None:
-        return default
-    w = _one_row(request, "task_weights").astype(np.float32).reshape(-1)
-    if w.shape[0] != default.shape[0]:
-        raise RequestError(f"task_weights: expected {default.shape[0]} weights (one per task), "
-                           f"got {w.shape[0]}")
+def decode(request: Arrays, specs: Sequence[TensorSpec]) -> Arrays:
+    """The one row of each input of `specs`, checked: present unless optional, the declared data
+    type, shape [1, *dims] (one query per request; -1 = any length), BYTES elements that are
+    bytes. Triton checks type and rank for its clients; this also guards direct callers of the
+    runners, so that a malformed tensor never reaches a batched module."""
+    rows = {}
+    for spec in specs:
+        value = request.get(spec.name)
+        if value is None:
+            if spec.optional:
+                continue
+            raise RequestError(f"{spec.name}: missing required input")
+        if not isinstance(value, np.ndarray):
+            raise RequestError(f"{spec.name}: expected a {_wire_name(spec.dtype)} tensor, got "
+                               f"{type(value).__name__}")
+        if spec.dtype == "STRING":
+            if value.dtype.kind not in "OS":
+                raise RequestError(f"{spec.name}: expected BYTES data, got {value.dtype}")
+        elif value.dtype != NUMPY_DTYPES[spec.dtype]:
+            raise RequestError(f"{spec.name}: expected {spec.dtype} data, got {value.dtype}")
+        want = "[1, " + ", ".join("n" if d < 0 else str(d) for d in spec.dims) + "]"
+        if value.ndim != 1 + len(spec.dims) or any(
+                d >= 0 and got != d for got, d in zip(value.shape[1:], spec.dims)):
+            raise RequestError(f"{spec.name}: expected shape {want} (one query per request), "
+                               f"got {list(value.shape)}")
+        if value.shape[0] == 0:
+            raise RequestError(f"{spec.name}: empty batch (shape {list(value.shape)}); send "
+                               "exactly one query per request")
+        if value.shape[0] != 1:
+            raise RequestError(f"{spec.name}: batch of {value.shape[0]} rows in one request; "
+                               "send one query per request (Triton's dynamic batcher batches "
+                               "requests)")
+        if spec.dtype == "STRING":
+            bad = next((x for x in value.reshape(-1) if not isinstance(x, (bytes, str))), None)
+            if bad is not None:
+                raise RequestError(f"{spec.name}: expected BYTES elements, got "
+                                   f"{type(bad).__name__}")
+        rows[spec.name] = value[0]
+    return rows
+
+
+def check_k(k: np.ndarray) -> int:
+    """The row of input `k`: an integer in 1..MAX_K."""
+    value = int(k.reshape(-1)[0])
+    if not 1 <= value <= MAX_K:
+        raise RequestError(f"k: must be between 1 and {MAX_K}, got {value}")
+    return value
+
+
+def check_task_weights(w: Optional[np.ndarray]) -> Optional[np.ndarray]:
+    """The row of the optional input `task_weights` (None when absent): finite, >= 0."""
+    if w is None:
+        return None
     if not np.all(np.isfinite(w)):
         raise RequestError("task_weights: must be finite numbers (got NaN or infinity)")
     if np.any(w < 0):
@@ -74,7 +126,29 @@ def check_task_weights(request: Arrays, default: np.ndarray) -> np.ndarray:
     return w
 
 
+def check_filter(raw, schema: Schema) -> torch.Tensor:
+    """The row of input `filter` parsed into a plan (filtering/expression.py)."""
+    try:
+        return parse_plan(raw[0], schema)
+    except FilterError as e:
+        raise RequestError(f"filter: {e}") from None
+
+
+def check_rows(name: str, rows: np.ndarray) -> np.ndarray:
+    """Candidate rows handed between stages: index rows, never negative."""
+    if rows.size and rows.min() < 0:
+        raise RequestError(f"{name}: negative row {int(rows.min())}")
+    return rows
+
+
+def check_finite(name: str, values: np.ndarray) -> np.ndarray:
+    if not np.all(np.isfinite(values)):
+        raise RequestError(f"{name}: must be finite numbers (got NaN or infinity)")
+    return values
+
+
 class StageRunner(ABC):
+    STAGE = ""  # the model's name, in messages
     INPUTS: Sequence[TensorSpec] = ()
     OUTPUTS: Sequence[TensorSpec] = ()
 
@@ -85,66 +159,129 @@ class StageRunner(ABC):
         if not artifact.exists():
             raise FileNotFoundError(f"missing model artifact {artifact}: run `make build`")
         try:
+            # TorchScript archives are read by torch's own restricted unpickler (tensors and
+            # TorchScript types only), never by Python's pickle: no code runs from the file
             self.module = torch.jit.load(str(artifact), map_location="cpu")
         except Exception as e:  # a truncated or foreign file
-            raise RuntimeError(f"cannot load model artifact {artifact}: {e}") from e
+            raise RuntimeError(f"cannot load model artifact {artifact}: {_summary(e)}") from e
         self.module.eval()
 
     def run(self, requests: List[Arrays]) -> List[Result]:
-        results: List[Result] = [RequestError("internal: no result")] * len(requests)
+        """One result per request: outputs, or the RequestError that answers it."""
+        results: List[Result] = [RequestFailed("internal: no result")] * len(requests)
         prepared, index = [], []
         for i, req in enumerate(requests):
             try:
-                prepared.append(self.prepare(req))
+                prepared.append(self.prepare(decode(req, self.INPUTS)))
                 index.append(i)
             except RequestError as e:
                 results[i] = e
         if prepared:
-            with torch.inference_mode():
-                for i, out in zip(index, self.compute(prepared)):
-                    results[i] = out
+            for i, out in zip(index, self._compute_isolated(prepared)):
+                results[i] = out
         return results
 
+    def _compute_isolated(self, prepared: list) -> List[Result]:
+        """compute() on the batch; should it raise, on each request alone, so that a request
+        the module cannot process (e.g. a direct caller's out-of-range rows) fails by itself
+        and its batch-mates still get their results."""
+        with torch.inference_mode():
+            try:
+                return self.compute(prepared)
+            except Exception as e:
+                if len(prepared) == 1:
+                    return [self._failed(e)]
+                log.warning("%s: a batch of %d failed (%s); running its requests one by one",
+                            self.STAGE, len(prepared), _summary(e))
+            results: List[Result] = []
+            for p in prepared:
+                try:
+                    results.extend(self.compute([p]))
+                except Exception as e:
+                    results.append(self._failed(e))
+            return results
+
+    def _failed(self, e: Exception) -> RequestFailed:
+        return RequestFailed(f"{self.STAGE}: the model failed on this request: {_summary(e)}")
+
     @abstractmethod
-    def prepare(self, request: Arrays):
-        """Validate and decode one request (raise RequestError); cheap, before any heavy work."""
+    def prepare(self, row: Arrays):
+        """Check and convert one request (`decode`d rows; raise RequestError): cheap, before
+        any heavy work."""
 
     @abstractmethod
     def compute(self, prepared: list) -> List[Result]:
         """Run the module once on the whole batch."""
 
 
+def _summary(e: Exception, limit: int = 300) -> str:
+    """`Type: message` of an exception in one line; for TorchScript errors the last line (the
+    first is "The following operation failed in the TorchScript interpreter")."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()] or [""]
+    line = lines[-1] if "TorchScript interpreter" in lines[0] else lines[0]
+    return (line if line.startswith(f"{type(e).__name__}:")
+            else f"{type(e).__name__}: {line}")[:limit]
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError as e:
+        raise FileNotFoundError(f"cannot read model artifact {path}: {e.strerror}: "
+                                "run `make build`") from e
+
+
+def _load_schema(version_dir: Path) -> Schema:
+    path = version_dir / "schema.json"
+    try:
+        return Schema.from_json(_read_text(path))
+    except (ValueError, KeyError, TypeError) as e:
+        raise RuntimeError(f"cannot load model artifact {path}: {_summary(e)}") from e
+
+
 class FilterRunner(StageRunner):
+    STAGE = "filter"
     INPUTS = (TensorSpec("filter", "STRING", (1,)),)
     OUTPUTS = (TensorSpec("filter_bits", "INT64", (-1,)),)
 
     def __init__(self, version_dir, params=None):
         super().__init__(version_dir, params)
-        self.schema = Schema.from_json((self.version_dir / "schema.json").read_text())
+        self.schema = _load_schema(self.version_dir)
 
-    def prepare(self, request):
-        raw = _one_row(request, "filter").reshape(-1)[0]
-        try:
-            return parse_plan(raw, self.schema)
-        except FilterError as e:
-            raise RequestError(f"filter: {e}") from None
+    def prepare(self, row):
+        return check_filter(row["filter"], self.schema)
 
     def compute(self, prepared):
         bits = self.module(batch_plans(prepared)).numpy()
         return [{"filter_bits": bits[i: i + 1]} for i in range(len(prepared))]
 
 
+class RetrievalFilterRunner(FilterRunner):
+    """The `filter` stage of the `retrieval` ensemble, its first step. The ensemble also hands
+    it `k` and `task_weights` (used downstream) so that a bad request is rejected before the
+    ANN and scorer run; they are optional here only so that the stage can be run on filters
+    alone."""
+
+    INPUTS = FilterRunner.INPUTS + (
+        TensorSpec("k", "INT32", (1,), optional=True),
+        TensorSpec("task_weights", "FP32", (NUM_TASKS,), optional=True))
+
+    def prepare(self, row):
+        if "k" in row:
+            check_k(row["k"])
+        check_task_weights(row.get("task_weights"))
+        return super().prepare(row)
+
+
 class AnnRunner(StageRunner):
+    STAGE = "ann"
     INPUTS = (TensorSpec("user_id", "INT64", (1,)), TensorSpec("filter_bits", "INT64", (-1,)),
               TensorSpec("k", "INT32", (1,)))
     OUTPUTS = (TensorSpec("candidate_rows", "INT64", (-1,)),
                TensorSpec("user_embedding", "FP32", (-1,)))
 
-    def prepare(self, request):
-        k = check_k(request)
-        user = int(_one_row(request, "user_id").reshape(-1)[0])
-        bits = _one_row(request, "filter_bits").astype(np.int64, copy=False)
-        return user, bits, k
+    def prepare(self, row):
+        return int(row["user_id"][0]), row["filter_bits"], check_k(row["k"])
 
     def compute(self, prepared):
         users = torch.tensor([p[0] for p in prepared], dtype=torch.int64)
@@ -156,13 +293,14 @@ class AnnRunner(StageRunner):
 
 
 class ScorerRunner(StageRunner):
+    STAGE = "scorer"
     INPUTS = (TensorSpec("user_embedding", "FP32", (-1,)),
               TensorSpec("candidate_rows", "INT64", (-1,)))
     OUTPUTS = (TensorSpec("candidate_task_scores", "FP32", (-1, NUM_TASKS)),)
 
-    def prepare(self, request):
-        return (_one_row(request, "user_embedding").astype(np.float32, copy=False),
-                _one_row(request, "candidate_rows").astype(np.int64, copy=False))
+    def prepare(self, row):
+        return (check_finite("user_embedding", row["user_embedding"]),
+                check_rows("candidate_rows", row["candidate_rows"]))
 
     def compute(self, prepared):
         user = torch.from_numpy(np.stack([p[0] for p in prepared]))
@@ -173,6 +311,7 @@ class ScorerRunner(StageRunner):
 
 
 class AggregatorRunner(StageRunner):
+    STAGE = "aggregator"
     INPUTS = (TensorSpec("candidate_rows", "INT64", (-1,)),
               TensorSpec("candidate_task_scores", "FP32", (-1, NUM_TASKS)),
               TensorSpec("k", "INT32", (1,)),
@@ -184,12 +323,15 @@ class AggregatorRunner(StageRunner):
         super().__init__(version_dir, params)
         self.default_weights = self.module.default_weights.numpy()
 
-    def prepare(self, request):
-        k = check_k(request)
-        weights = check_task_weights(request, self.default_weights)
-        rows = _one_row(request, "candidate_rows").astype(np.int64, copy=False)
-        tasks = _one_row(request, "candidate_task_scores").astype(np.float32, copy=False)
-        return rows, tasks, k, weights
+    def prepare(self, row):
+        k = check_k(row["k"])
+        weights = check_task_weights(row.get("task_weights"))
+        rows = check_rows("candidate_rows", row["candidate_rows"])
+        tasks = check_finite("candidate_task_scores", row["candidate_task_scores"])
+        if len(tasks) != len(rows):
+            raise RequestError(f"candidate_task_scores: {len(tasks)} rows for {len(rows)} "
+                               "candidate_rows")
+        return rows, tasks, k, self.default_weights if weights is None else weights
 
     def compute(self, prepared):
         rows = pad_rows([p[0] for p in prepared])
@@ -206,8 +348,10 @@ class AggregatorRunner(StageRunner):
 
 
 class UnifiedRunner(StageRunner):
-    """The whole retrieval in one module: same contract as the `retrieval` ensemble."""
+    """The whole retrieval in one module: same contract as the `retrieval` ensemble, and the
+    same checks in the same order (k, task_weights, filter), so both give the same errors."""
 
+    STAGE = "unified"
     INPUTS = (TensorSpec("user_id", "INT64", (1,)), TensorSpec("filter", "STRING", (1,)),
               TensorSpec("k", "INT32", (1,)),
               TensorSpec("task_weights", "FP32", (NUM_TASKS,), optional=True))
@@ -215,19 +359,15 @@ class UnifiedRunner(StageRunner):
 
     def __init__(self, version_dir, params=None):
         super().__init__(version_dir, params)
-        self.schema = Schema.from_json((self.version_dir / "schema.json").read_text())
+        self.schema = _load_schema(self.version_dir)
         self.default_weights = self.module.aggregator.default_weights.numpy()
 
-    def prepare(self, request):
-        k = check_k(request)
-        weights = check_task_weights(request, self.default_weights)
-        user = int(_one_row(request, "user_id").reshape(-1)[0])
-        raw = _one_row(request, "filter").reshape(-1)[0]
-        try:
-            plan = parse_plan(raw, self.schema)
-        except FilterError as e:
-            raise RequestError(f"filter: {e}") from None
-        return plan, user, k, weights
+    def prepare(self, row):
+        k = check_k(row["k"])
+        weights = check_task_weights(row.get("task_weights"))
+        plan = check_filter(row["filter"], self.schema)
+        return (plan, int(row["user_id"][0]), k,
+                self.default_weights if weights is None else weights)
 
     def compute(self, prepared):
         plans = batch_plans([p[0] for p in prepared])
@@ -248,5 +388,5 @@ def pad_rows(rows: List[np.ndarray]) -> torch.Tensor:
     return out
 
 
-RUNNERS = {"filter": FilterRunner, "ann": AnnRunner, "scorer": ScorerRunner,
+RUNNERS = {"filter": RetrievalFilterRunner, "ann": AnnRunner, "scorer": ScorerRunner,
            "aggregator": AggregatorRunner, "unified": UnifiedRunner}
