@@ -37,6 +37,8 @@ CUDA: phase 1 is `iam::zch_lookup`'s kernel plus a scatter-amax of `now`; phase 
 run concurrently, so a GPU batch follows *some* claim order rather than batch order: the result
 equals the torch path's when the windows of new ids do not overlap, and is otherwise an equally
 valid mapping (each claim takes the policy's best free slot at the moment of its CAS).
+`tests/test_zch_claim_protocol.py` runs a step-by-step model of the kernel's protocol under
+random interleavings; keep the two in step.
 
 The torch path does step 2 in vectorised rounds that reproduce the one-at-a-time order exactly:
 each round every pending id picks its best free slot, and an id commits its pick only if no
@@ -273,13 +275,17 @@ if triton_available():
         probe_mask = offs < probes
         window = (home + offs) % num_slots
 
-        # Each pass re-reads the window (volatile: other programs claim concurrently) and ends
-        # the program, waits, or tries one compare-and-swap on the best free slot.
+        # Each pass re-reads the window and ends the program, waits, or tries one
+        # compare-and-swap on the best free slot. Times are read first, with acquire semantics,
+        # then identities: a claimer writes the time before it publishes the id, so a window
+        # never pairs an old id with its successor's fresh time (which would hide a slot that
+        # already holds this id, and let a repeat of the id claim a second slot). The opposite
+        # pairing, a new id with an old time, is caught after the CAS (the roll-back below).
         while pending:
-            occupant = tl.load(
-                identities_ptr + window, mask=probe_mask, other=TL_EMPTY_ID, volatile=True
-            )
-            last_seen = tl.load(metadata_ptr + window, mask=probe_mask, other=0, volatile=True)
+            last_seen = tl.atomic_load(metadata_ptr + window, mask=probe_mask, sem="acquire")
+            last_seen = tl.where(probe_mask, last_seen, 0)
+            occupant = tl.atomic_load(identities_ptr + window, mask=probe_mask, sem="relaxed")
+            occupant = tl.where(probe_mask, occupant, TL_EMPTY_ID)
             match = (occupant == raw_id) & probe_mask
             busy = (occupant == TL_CLAIMING_ID) & probe_mask
             if tl.max(match.to(tl.int32), axis=0) > 0:
