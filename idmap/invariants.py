@@ -52,6 +52,8 @@ def insert_violations(
     live = [x for x in ident1 if x >= 0]
     if len(live) != len(set(live)):
         problems.append(f"{len(live) - len(set(live))} ids own more than one slot")
+    slot_before = {x: s for s, x in enumerate(ident0) if x >= 0}
+    live_after = set(live)
     if any(x < EMPTY_ID for x in ident1):
         problems.append("a slot holds a negative marker other than empty")
 
@@ -73,7 +75,7 @@ def insert_violations(
                 problems.append(f"id {x} claimed twice (positions {claimers[x]} and {i})")
             claimers[x] = i
         if s == num_slots:
-            if x in ident1:
+            if x in live_after:
                 problems.append(f"id {x} is in the map but got the unknown row")
             if any(free_at_end(w) for w in window(i)):
                 problems.append(f"id {x} got the unknown row although its window has a free slot")
@@ -87,8 +89,8 @@ def insert_violations(
         if was_present and (claimed_list[i] or meta1[s] != max(meta0[s], now)):
             problems.append(f"known id {x} was re-claimed or its time not refreshed")
         if not was_present:
-            if x in ident0:
-                problems.append(f"id {x} moved from slot {ident0.index(x)} to {s}")
+            if x in slot_before:
+                problems.append(f"id {x} moved from slot {slot_before[x]} to {s}")
             new_ids.add(x)
             if meta1[s] != now:
                 problems.append(f"claimed slot {s} has time {meta1[s]}, expected {now}")
@@ -114,8 +116,11 @@ def insert_violations(
         elif any(free_at_end(w) for w in earlier):
             problems.append(f"claim of slot {s} skipped a free slot earlier in the window")
 
+    changed = (identities_before.cpu() != identities_after.cpu()) | (
+        metadata_before.cpu() != metadata_after.cpu()
+    )
     touched = {s for s in slot_list if s < num_slots}
-    for s in range(num_slots):
-        if s not in touched and (ident1[s] != ident0[s] or meta1[s] != meta0[s]):
+    for s in torch.nonzero(changed).squeeze(1).tolist():
+        if s not in touched:
             problems.append(f"slot {s} changed although no id of the batch maps to it")
     return problems
