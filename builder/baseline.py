@@ -1,7 +1,7 @@
 """Artifacts of the `baseline` ensemble (serving/baseline.py), built from the same catalog,
 the same index row order and the same user tower as the project's own models.
 
-    baseline_filter/1/model.pt     the reference ExactFeatureFilter (stages/filter.py), scripted
+    baseline_filter/1/model.pt     the posting-list filter (stages/posting_filter.py), scripted
     baseline_filter/1/schema.json  what the parser needs
     baseline_ann/1/model.pt        the user tower of the `ann` stage, scripted
     baseline_ann/1/index.faiss     FAISS index of the item vectors (faiss.write_index), id = row
@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from serving.baseline import INDEX_FILE, SETTINGS_FILE
-from stages.filter import ExactFeatureFilter, feature_matrix
+from stages.filter import feature_matrix
+from stages.posting_filter import PostingListFilter, build_postings
 from world.schema import Schema
 from world.synthetic import Catalog
 
@@ -70,7 +71,9 @@ def build_baseline(repository: Path, catalog: Catalog, item_vectors: np.ndarray,
     repository = Path(repository)
     out = repository / "baseline_filter" / "1"
     out.mkdir(parents=True, exist_ok=True)
-    torch.jit.script(ExactFeatureFilter(*feature_matrix(catalog)).eval()).save(
+    matrix, column_start = feature_matrix(catalog)
+    postings = build_postings(matrix.numpy(), column_start.numpy(), catalog.num_items)
+    torch.jit.script(PostingListFilter(*postings, catalog.num_items).eval()).save(
         str(out / "model.pt"))
     (out / "schema.json").write_text(schema.to_json())
 

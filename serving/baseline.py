@@ -5,11 +5,12 @@ a separate ANN service (FAISS on the CPU, fp32), then scoring. The `baseline` en
 exactly that, as honestly as the `retrieval` ensemble is deployed:
 
     baseline_filter ──► baseline_ann ──► scorer ──► aggregator
-    (exact filter,      (FAISS IVF-Flat      (the SAME scorer and aggregator models
-     bitmap)             fp32, ID selector)   as `retrieval` and `unified`)
+    (inverted index,    (FAISS IVF-Flat      (the SAME scorer and aggregator models
+     exact bitmap)       fp32, ID selector)   as `retrieval` and `unified`)
 
-- `baseline_filter` is the `FilterRunner` over the reference `ExactFeatureFilter` module
-  (stages/filter.py): every returned bit is exact, no false positives.
+- `baseline_filter` is the `FilterRunner` over `PostingListFilter` (stages/posting_filter.py):
+  posting lists per (feature, value), combined word-wise; exact, like the filter services
+  (Lucene, Elasticsearch) this architecture used.
 - `baseline_ann` (this file) searches a FAISS index with the filter bitmap as an
   `IDSelectorBitmap` (search-time filtering: FAISS skips filtered ids inside the probed lists),
   and, like vector databases (Qdrant, Lucene), plans per filter: when so few items match that
