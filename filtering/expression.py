@@ -272,9 +272,34 @@ def evaluate(node: Node, item_values: Sequence[Sequence[int]]) -> bool:
 
 
 # --- compiled plan ------------------------------------------------------------------------
+def stack_need(node: Node, memo: Optional[dict] = None) -> int:
+    """Stack slots the postfix evaluation of `node` needs, children in `compile_plan`'s order
+    (`memo`: id(node) -> need, filled on the way)."""
+    memo = {} if memo is None else memo
+    key = id(node)
+    if key not in memo:
+        if isinstance(node, (All, Term)):
+            memo[key] = 1
+        elif isinstance(node, Not):
+            memo[key] = stack_need(node.child, memo)
+        else:
+            # the first child runs on an empty stack, each later one above a single value
+            needs = sorted((stack_need(c, memo) for c in node.children), reverse=True)
+            memo[key] = max(needs[0], needs[1] + 1) if len(needs) > 1 else needs[0]
+    return memo[key]
+
+
 def compile_plan(node: Node) -> torch.Tensor:
-    """Postfix plan int64 [L, 3] of (opcode, feature_id, value_id)."""
+    """Postfix plan int64 [L, 3] of (opcode, feature_id, value_id).
+
+    The children of AND / OR are emitted deepest first (stable for equal depths; both
+    operators commute), so the evaluation stack stays shallow: at most log2(terms) + 1 slots
+    (11 for the ~1000 terms a 4 KB expression can hold) instead of one per nesting level. The
+    GPU kernel keeps that stack in registers (kernels/bloom_search.py).
+    """
     rows: List[List[int]] = []
+    memo: dict = {}
+    stack_need(node, memo)
 
     def emit(n: Node) -> None:
         if isinstance(n, All):
@@ -286,8 +311,9 @@ def compile_plan(node: Node) -> torch.Tensor:
             rows.append([OP_NOT, 0, 0])
         else:
             op = OP_AND if isinstance(n, And) else OP_OR
-            emit(n.children[0])
-            for c in n.children[1:]:
+            children = sorted(n.children, key=lambda c: memo[id(c)], reverse=True)
+            emit(children[0])
+            for c in children[1:]:
                 emit(c)
                 rows.append([op, 0, 0])
 
@@ -301,9 +327,10 @@ def parse_plan(text: Union[str, bytes], schema: Schema) -> torch.Tensor:
 
 
 def batch_plans(plans: Sequence[torch.Tensor], length: Optional[int] = None) -> torch.Tensor:
-    """Stack plans into int64 [B, L, 3], padded with OP_PAD rows."""
+    """Stack plans into int64 [B, L, 3] (or as wide as the plans), padded with OP_PAD rows."""
     length = length or max(int(p.shape[0]) for p in plans)
-    out = torch.zeros((len(plans), length, PLAN_WIDTH), dtype=torch.int64)
+    width = int(plans[0].shape[1]) if len(plans) else PLAN_WIDTH
+    out = torch.zeros((len(plans), length, width), dtype=torch.int64)
     for i, p in enumerate(plans):
         out[i, : p.shape[0]] = p
     return out
