@@ -321,8 +321,8 @@ if triton_available():
                     if seen == expected:
                         previous_time = tl.atomic_xchg(metadata_ptr + candidate, now)
                         if (expected >= 0) & (previous_time >= expire_before):
-                            # `expected` was claimed in this launch and its fresh time had not
-                            # reached our read yet: not expired after all. Undo and look again.
+                            # `expected` was claimed in this launch after we read the slot's
+                            # time: it is fresh, not expired. Undo and look again.
                             tl.atomic_xchg(metadata_ptr + candidate, previous_time)
                             tl.atomic_xchg(identities_ptr + candidate, expected)
                         else:

@@ -16,9 +16,10 @@ Nothing is written: buffers are never modified, so a served graph can share them
 trainer's snapshot. Inserting (training, index updates) is `iam::zch_insert`.
 
 CPU: `zch_lookup_torch`, which probes one window position at a time for the ids still unresolved
-(about 2x faster on this project's CPU machine than gathering whole windows, since most ids sit
-at their home slot). CUDA: `_zch_lookup_kernel`, a [BLOCK_IDS, BLOCK_PROBE] tile that loads each
-id's whole window at once. Both return the first slot in the window holding the id; the insert
+(faster than gathering whole windows when tried on the 2-core development machine: most ids sit
+at or near their home slot, see docs/performance.md for mean probe lengths).
+CUDA: `_zch_lookup_kernel`, a [BLOCK_IDS, BLOCK_PROBE] tile that loads each id's whole window
+at once. Both return the first slot in the window holding the id; the insert
 op never lets an id own two slots, so "first" only matters for corrupted buffers.
 """
 
