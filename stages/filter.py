@@ -2,23 +2,42 @@
 
 Input is a batch of postfix plans (filtering/expression.py) and output one packed bitmap per
 query (stages/bits.py) of exactly the items that satisfy the expression.
+
+`BloomFilterLayer` is the served layer: the index of filtering/bloom_index.py searched by
+`torch.ops.iam.bloom_search` (kernels/bloom_search.py), then an exact check of the items the
+Bloom filter leaves uncertain. `ExactFeatureFilter` is the plain reference it is tested against
+(and the naive baseline of benchmarks/filter_benchmark.py).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
-from filtering.expression import OP_ALL, OP_AND, OP_NOT, OP_OR, OP_TERM
+import kernels  # noqa: F401  (registers torch.ops.iam.bloom_search)
+from filtering.bloom_index import (
+    MODE_EXACT,
+    TERM_BLOOM,
+    TERM_EMPTY,
+    TERM_EXACT,
+    BloomIndex,
+    BloomIndexConfig,
+    bloom_positions,
+    build_bloom_index,
+)
+from filtering.expression import OP_ALL, OP_AND, OP_NOT, OP_OR, OP_PAD, OP_TERM
 from stages.bits import pack_bits
 from world.synthetic import Catalog
 
 
 @dataclass
 class FilterConfig:
-    """Build knobs of the filter layer (none yet for the exact reference filter)."""
+    """Build knobs of the filter layer."""
+
+    # size/accuracy of the index: which features get exact bitmaps, Bloom hashes and width
+    index: BloomIndexConfig = field(default_factory=BloomIndexConfig)
 
 
 def feature_matrix(catalog: Catalog) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -29,7 +48,7 @@ def feature_matrix(catalog: Catalog) -> Tuple[torch.Tensor, torch.Tensor]:
 
 def build_filter_stage(catalog: Catalog, config: FilterConfig) -> nn.Module:
     """The filter layer over `catalog` (in index row order)."""
-    return ExactFeatureFilter(*feature_matrix(catalog))
+    return BloomFilterLayer(build_bloom_index(catalog.schema, catalog.features, config.index))
 
 
 class ExactFeatureFilter(nn.Module):
@@ -82,3 +101,214 @@ class ExactFeatureFilter(nn.Module):
         """plans int64 [B, L, 3] -> filter bits int64 [B, W]."""
         masks = [self.evaluate(plans[b]) for b in range(plans.shape[0])]
         return pack_bits(torch.stack(masks))
+
+
+def set_bits(words: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(position in `words`, bit 0..63) of every set bit of the int64 [n] `words`.
+
+    Each round takes the lowest set bit of every word still nonzero, so there are as many
+    rounds as the fullest word has bits, each over the words left: cheap for the few bits an
+    uncertain word holds (unpacking all 64 bits of every word costs 64 elements per word).
+    """
+    index = torch.arange(words.shape[0], dtype=torch.int64, device=words.device)
+    found_index: List[torch.Tensor] = []
+    found_bit: List[torch.Tensor] = []
+    while words.numel() > 0:
+        lowest = words & -words  # 1 << 63 negates to itself: the int64 minimum, bit 63
+        found_index.append(index)
+        # a power of two converts to float64 exactly, so log2 is its exponent
+        found_bit.append(torch.log2(lowest.to(torch.float64).abs()).to(torch.int64))
+        words = words ^ lowest
+        left = words != 0
+        words, index = words[left], index[left]
+    if len(found_index) == 0:
+        return index, index
+    return torch.cat(found_index), torch.cat(found_bit)
+
+
+class BloomFilterLayer(nn.Module):
+    """Exact filtering over the bit-sliced index of filtering/bloom_index.py.
+
+    1. `resolve`: every term of every plan becomes rows of the index table: one exact bitmap
+       row (TERM_EXACT), the K Bloom rows (TERM_BLOOM), or none for a value no item has
+       (TERM_EMPTY).
+    2. `torch.ops.iam.bloom_search` evaluates the resolved plans of the whole batch: definite
+       and uncertain bitmaps; items are uncertain only through Bloom terms (under NOT too: a
+       negated Bloom term keeps every true match, kernels/bloom_search.py).
+    3. `check_uncertain`: the uncertain (query, item) pairs of the whole batch are decided
+       exactly. Each term of the query is evaluated for each of its pairs (exact bitmap bit,
+       or the item's own values for a Bloom feature), packed as a small index over the pairs,
+       and the same op evaluates the plans over it with every term exact; passing pairs join
+       `definite`.
+
+    Output: int64 [B, W] packed bitmaps of exactly the items satisfying each plan.
+
+    Args:
+        index: the built index (tensors become buffers of the module).
+    """
+
+    def __init__(self, index: BloomIndex):
+        super().__init__()
+        self.register_buffer("words", index.words.contiguous())
+        self.register_buffer("exact_values", index.exact_values.contiguous())
+        self.register_buffer("verify_values", index.verify_values.contiguous())
+        self.num_items = index.num_items
+        self.num_words = int(index.words.shape[1])
+        self.modes: List[int] = list(index.modes)
+        self.exact_start: List[int] = index.exact_start.tolist()
+        self.verify_start: List[int] = index.verify_start.tolist()
+        self.num_exact_rows = index.num_exact_rows
+        self.bloom_width = index.width
+        self.num_hashes = index.num_hashes
+        self.rows_per_term = index.num_hashes if index.width > 0 else 1
+        # One step of a plan on 0/1 values: step_table[op * 8 + top * 4 + second * 2 + term]
+        # is the value written (top/second: the stack's two top slots, term: the step's term
+        # truth); see evaluate_pairs.
+        table = torch.zeros(8 * 8, dtype=torch.int64)
+        for top in (0, 1):
+            for second in (0, 1):
+                for term in (0, 1):
+                    at = top * 4 + second * 2 + term
+                    table[OP_PAD * 8 + at] = top
+                    table[OP_TERM * 8 + at] = term
+                    table[OP_AND * 8 + at] = top & second
+                    table[OP_OR * 8 + at] = top | second
+                    table[OP_NOT * 8 + at] = 1 - top
+                    table[OP_ALL * 8 + at] = 1
+        self.register_buffer("step_table", table)
+        # constants as attributes: TorchScript cannot read module-level globals
+        self.op_term, self.op_all, self.op_and, self.op_or = OP_TERM, OP_ALL, OP_AND, OP_OR
+        self.mode_exact = MODE_EXACT
+        self.term_empty, self.term_exact, self.term_bloom = TERM_EMPTY, TERM_EXACT, TERM_BLOOM
+
+    def resolve(self, plans: torch.Tensor) -> torch.Tensor:
+        """plans int64 [B, L, 3] -> resolved plans int64 [B, L, 2 + R] of the op:
+        (opcode, term kind, R rows of `words`, -1 = unused)."""
+        ops, features = plans[:, :, 0], plans[:, :, 1]
+        values = plans[:, :, 2].contiguous()
+        is_term = (ops == self.op_term) & (values >= 0)  # negative ids are padding: no item
+        kinds = torch.full_like(ops, self.term_empty)
+        rows = torch.full((plans.shape[0], plans.shape[1], self.rows_per_term), -1,
+                          dtype=torch.int64, device=plans.device)
+        for f in range(len(self.modes)):
+            chosen = is_term & (features == f)
+            if self.modes[f] != self.mode_exact:  # values without a bitmap: Bloom rows
+                positions = bloom_positions(features, values, self.num_hashes, self.bloom_width)
+                kinds = torch.where(chosen, self.term_bloom, kinds)
+                rows = torch.where(chosen.unsqueeze(2), positions + self.num_exact_rows, rows)
+            lo, hi = self.exact_start[f], self.exact_start[f + 1]
+            if hi > lo:  # values with a bitmap: that row
+                known = self.exact_values[lo:hi]
+                i = torch.searchsorted(known, values).clamp(max=hi - lo - 1)
+                found = chosen & (known[i] == values)
+                kinds = torch.where(found, self.term_exact, kinds)
+                rows = torch.where(found.unsqueeze(2), -1, rows)
+                rows[:, :, 0] = torch.where(found, lo + i, rows[:, :, 0])
+        return torch.cat([ops.unsqueeze(2), kinds.unsqueeze(2), rows], dim=2)
+
+    def term_truth(self, kinds: torch.Tensor, rows: torch.Tensor, features: torch.Tensor,
+                   values: torch.Tensor, pair: torch.Tensor,
+                   items: torch.Tensor) -> torch.Tensor:
+        """Exact truth (int64 0/1) of resolved terms (kinds, rows, features, values: [E]) for
+        the items of pairs `pair` [E] (`items` [P]: each pair's item)."""
+        truth = torch.zeros_like(kinds)
+        # exact terms: the item's bit in the term's bitmap
+        at = (kinds == self.term_exact).nonzero().squeeze(1)
+        item = items[pair[at]]
+        bits = (self.words[rows[at], item >> 6] >> (item & 63)) & 1
+        truth.index_put_((at,), bits)
+        # Bloom terms: the item's own values, read once per pair
+        at = (kinds == self.term_bloom).nonzero().squeeze(1)
+        if at.numel() > 0:
+            own = self.verify_values[items]  # [P, S]
+            for f in range(len(self.modes)):
+                lo, hi = self.verify_start[f], self.verify_start[f + 1]
+                if hi > lo:
+                    has = (own[pair[at], lo:hi] == values[at].unsqueeze(1)).any(1)
+                    has = has & (features[at] == f)
+                    truth.index_put_((at,), truth[at] | has.to(torch.int64))
+        return truth
+
+    def check_uncertain(self, plans: torch.Tensor, resolved: torch.Tensor,
+                        queries: torch.Tensor, definite: torch.Tensor,
+                        uncertain: torch.Tensor) -> None:
+        """Add to `definite` the uncertain items of `queries` that satisfy their plan."""
+        num_words = self.num_words
+        flat = uncertain.index_select(0, queries).view(-1)
+        hit = flat.nonzero().squeeze(1)
+        if hit.numel() == 0:
+            return
+        # (query, item) pairs
+        word_index, bit = set_bits(flat[hit])
+        pair_query = hit[word_index] // num_words  # position in `queries`
+        items = (hit[word_index] % num_words) * 64 + bit
+        num_pairs = items.shape[0]
+        # every term of the checked plans, numbered in row-major order
+        plans, resolved = plans.index_select(0, queries), resolved.index_select(0, queries)
+        is_term = resolved[:, :, 0] == self.op_term
+        term_query, term_step = is_term.nonzero().unbind(1)
+        terms_per_query = is_term.sum(1)
+        first_term = torch.cumsum(terms_per_query, 0) - terms_per_query
+        # one element per (pair, term of the pair's query)
+        reps = terms_per_query[pair_query]
+        pair = torch.repeat_interleave(torch.arange(num_pairs, device=items.device), reps)
+        rank = torch.arange(pair.shape[0], device=items.device) - (torch.cumsum(reps, 0)
+                                                                    - reps)[pair]
+        term = first_term[pair_query[pair]] + rank
+        truth = self.term_truth(resolved[term_query, term_step, 1][term],
+                                resolved[term_query, term_step, 2][term],
+                                plans[term_query, term_step, 1][term],
+                                plans[term_query, term_step, 2][term], pair, items)
+        # the plans over the pairs, every term now exact
+        steps = torch.zeros((resolved.shape[1], num_pairs), dtype=torch.int64,
+                            device=items.device)
+        steps.index_put_((term_step[term], pair), truth)
+        passed = self.evaluate_pairs(resolved[:, :, 0], steps, pair_query)
+        items, rows = items[passed], queries[pair_query[passed]]
+        definite.view(-1).index_add_(0, rows * num_words + (items >> 6),
+                                     torch.ones_like(items) << (items & 63))
+
+    def evaluate_pairs(self, ops: torch.Tensor, term_truth: torch.Tensor,
+                       pair_query: torch.Tensor) -> torch.Tensor:
+        """Exact truth of plans for (query, item) pairs, all pairs at once, step by step.
+
+        Args:
+            ops: int64 [Q, L] opcodes of the queries' plans.
+            term_truth: int64 [L, P] 0/1, the truth of step s's term for pair p (0 on other
+                steps).
+            pair_query: int64 [P], the pair's query (row of `ops`).
+        Returns:
+            bool [P].
+        """
+        push = (ops == self.op_term) | (ops == self.op_all)
+        pop = (ops == self.op_and) | (ops == self.op_or)
+        delta = push.to(torch.int64) - pop.to(torch.int64)
+        before = torch.cumsum(delta, 1) - delta  # stack size before each step
+        depth = int(before.max()) + 1
+        num_pairs = pair_query.shape[0]
+        # The stacks of all pairs side by side, flat: slot k of pair p is p * depth + k. Per
+        # step and pair: the slots read (top, second) and written, and the table row.
+        base = torch.arange(num_pairs, dtype=torch.int64, device=ops.device) * depth
+        steps_by_pair = torch.stack([(before - 1).clamp(min=0), (before - 2).clamp(min=0),
+                                     torch.where(push, before, torch.where(pop, before - 2,
+                                                                           before - 1)),
+                                     ops * 8], dim=0)  # [4, Q, L]
+        per_pair = steps_by_pair.transpose(1, 2)[:, :, pair_query]  # [4, L, P]
+        slots = per_pair[:3] + base
+        code = per_pair[3] + term_truth
+        stack = torch.zeros(num_pairs * depth, dtype=torch.int64, device=ops.device)
+        for s in range(ops.shape[1]):
+            top = stack.index_select(0, slots[0, s])
+            second = stack.index_select(0, slots[1, s])
+            row = torch.add(torch.add(code[s], top, alpha=4), second, alpha=2)
+            stack.index_copy_(0, slots[2, s], self.step_table.index_select(0, row))
+        return stack.view(num_pairs, depth)[:, 0] == 1
+
+    def forward(self, plans: torch.Tensor) -> torch.Tensor:
+        """plans int64 [B, L, 3] (filtering/expression.py) -> filter bits int64 [B, W]."""
+        resolved = self.resolve(plans)
+        definite, uncertain = torch.ops.iam.bloom_search(resolved, self.words, self.num_items)
+        queries = (resolved[:, :, 1] == self.term_bloom).any(1).nonzero().squeeze(1)
+        if queries.numel() > 0:
+            self.check_uncertain(plans, resolved, queries, definite, uncertain)
+        return definite
