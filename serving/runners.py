@@ -99,10 +99,10 @@ def decode(request: Arrays, specs: Sequence[TensorSpec]) -> Arrays:
                                "send one query per request (Triton's dynamic batcher batches "
                                "requests)")
         if spec.dtype == "STRING":
-            bad = next((x for x in value.reshape(-1) if not isinstance(x, (bytes, str))), None)
-            if bad is not None:
-                raise RequestError(f"{spec.name}: expected BYTES elements, got "
-                                   f"{type(bad).__name__}")
+            for x in value.reshape(-1):
+                if not isinstance(x, (bytes, str)):
+                    raise RequestError(f"{spec.name}: expected BYTES elements, got "
+                                       f"{type(x).__name__}")
         rows[spec.name] = value[0]
     return rows
 
