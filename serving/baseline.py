@@ -25,6 +25,7 @@ Artifacts (written by builder/baseline.py): `model.pt` is the user tower (the sa
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -151,24 +152,30 @@ class InProcessChain:
         self.scorer = runners["scorer"](repository / "scorer" / "1")
         self.aggregator = runners["aggregator"](repository / "aggregator" / "1")
 
-    def run(self, queries: Sequence[Tuple[int, str, int]]) -> List[Dict[str, np.ndarray]]:
+    def run(self, queries: Sequence[Tuple[int, str, int]],
+            cpu_seconds: Optional[Dict[str, float]] = None) -> List[Dict[str, np.ndarray]]:
         """(user_id, filter, k) per query, run as one batch -> the model outputs of each query
-        (item_ids, scores, task_scores without the batch row). Raises on a bad query."""
-        def check(results):
+        (item_ids, scores, task_scores without the batch row). Raises on a bad query.
+        `cpu_seconds`, when given, accumulates this process's CPU time per step."""
+        def step(name, runner, requests):
+            start = time.process_time()
+            results = runner.run(requests)
+            if cpu_seconds is not None:
+                cpu_seconds[name] = cpu_seconds.get(name, 0.0) + time.process_time() - start
             for r in results:
                 if isinstance(r, Exception):
                     raise r
             return results
 
-        bits = check(self.filter.run([{"filter": np.array([[f.encode()]], object)}
-                                      for _, f, _ in queries]))
+        bits = step("filter", self.filter, [{"filter": np.array([[f.encode()]], object)}
+                                            for _, f, _ in queries])
         ks = [np.array([[k]], dtype=np.int32) for _, _, k in queries]
-        found = check(self.ann.run([{"user_id": np.array([[u]], np.int64), "k": k, **b}
-                                    for (u, _, _), k, b in zip(queries, ks, bits)]))
-        scored = check(self.scorer.run(found))
-        out = check(self.aggregator.run([
+        found = step("ann", self.ann, [{"user_id": np.array([[u]], np.int64), "k": k, **b}
+                                       for (u, _, _), k, b in zip(queries, ks, bits)])
+        scored = step("scorer", self.scorer, found)
+        out = step("aggregator", self.aggregator, [
             {"candidate_rows": f["candidate_rows"], "k": k, **s}
-            for f, k, s in zip(found, ks, scored)]))
+            for f, k, s in zip(found, ks, scored)])
         return [{name: value[0] for name, value in o.items()} for o in out]
 
 

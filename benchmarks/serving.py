@@ -1,0 +1,544 @@
+"""Serving benchmark: `unified` against the `retrieval` ensemble and the `baseline` service chain.
+
+One Triton server with every model, one catalog, one request mix (loadtest/workload.py), the
+same Locust users as `make loadtest` (loadtest/locustfile.py, run in this process): each model
+is driven closed-loop at several concurrency levels for a bounded time. Models take turns at
+every level, in several rounds, and the median round counts, so that changes in the machine's
+background load hit all models alike and one disturbed round does not decide a number.
+Recall@k of every model is measured against exact search on a fixed evaluation set.
+
+    .venv/bin/python -m benchmarks.serving                       # 200k items, a few minutes
+    .venv/bin/python -m benchmarks.serving --num-items 6000 --seconds 3 --concurrency 1,4 \\
+        --no-docs                                                # smoke run
+    .venv/bin/python -m benchmarks.serving --gpu                 # on a GPU host (Dockerfile)
+
+It builds the repository from the checked-out code into runs/benchmark/ (so it measures the
+code as it is; --repository reuses a build), writes runs/benchmark/results.json, the plots
+docs/img/serving_*.png and the generated part of the section "Serving: unified vs ensemble vs
+baseline (issues 7 & 8)" of docs/performance.md.
+
+Definitions.
+  throughput   successful requests per second over the measured interval (after a warm-up)
+  latency      client-side, per request, from Locust (ms, Locust's rounding)
+  recall@k     mean over evaluation queries of |returned ∩ exact| / |exact|, where `exact` is
+               the top k of the same scorer + aggregator over the exact fp32 top
+               (oversample x k) inner-product candidates among the items passing the filter
+               (serving/baseline.py exact_reference); queries no item matches are skipped
+  avg batch    delta nv_inference_count / delta nv_inference_exec_count per member model
+  CPU          cores busy on average: the server (tritonserver and its Python-backend stubs),
+               this process (the load generator), and everything else on the machine
+"""
+
+from gevent import monkey
+
+monkey.patch_all()  # before anything opens sockets or threads: Locust users run on gevent
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import resource  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from dataclasses import asdict, dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Dict, List  # noqa: E402
+
+import gevent  # noqa: E402
+import locust  # noqa: E402
+import numpy as np  # noqa: E402
+from locust.argument_parser import get_parser  # noqa: E402
+from locust.env import Environment  # noqa: E402
+
+from builder.build import ROOT, BuildConfig, build, is_built  # noqa: E402
+from client import Retriever  # noqa: E402
+from loadtest import locustfile, metrics  # noqa: E402
+from loadtest.workload import Request, Workload  # noqa: E402
+from serving.baseline import InProcessChain, exact_reference  # noqa: E402
+from serving.launcher import ServerConfig, TritonServer  # noqa: E402
+from world.synthetic import WorldConfig  # noqa: E402
+
+MODELS = ("unified", "retrieval", "baseline")
+MEMBERS = {"unified": ("unified",), "retrieval": ("filter", "ann", "scorer", "aggregator"),
+           "baseline": ("baseline_filter", "baseline_ann", "scorer", "aggregator")}
+SECTION = "## Serving: unified vs ensemble vs baseline (issues 7 & 8)"
+GPU_SECTION = "## Serving on a GPU host (issue 8)"
+BEGIN, END = "<!-- benchmarks/serving.py: begin -->", "<!-- benchmarks/serving.py: end -->"
+OUT = ROOT / "runs" / "benchmark"
+CLOCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Point:
+    model: str
+    concurrency: int
+    seconds: float
+    requests: int
+    failures: int
+    requests_per_s: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    batch_sizes: Dict[str, float]
+    server_cores: float  # CPU seconds per second of the server process tree
+    client_cores: float  # ... of this process (the load generator)
+    other_cores: float  # ... of everything else on the machine
+    latency_histogram: Dict[int, int] = field(default_factory=dict)  # ms -> requests
+
+
+# --- CPU accounting ---------------------------------------------------------------------------
+def _process_cpu(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLOCK  # utime + stime
+
+
+def _children(pid: int) -> List[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _machine_busy() -> float:
+    """CPU seconds all cores spent busy since boot (/proc/stat, everything but idle/iowait)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return (sum(values) - values[3] - values[4]) / CLOCK
+
+
+class CpuMeter:
+    """Busy CPU of the server tree, this process and the rest of the machine over an interval."""
+
+    def __init__(self, server_pid: int):
+        self.server_pid = server_pid
+        self.stubs = _children(server_pid)  # the Python-backend stub processes
+
+    def read(self):
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        server = _process_cpu(self.server_pid) + sum(_process_cpu(p) for p in self.stubs)
+        return time.perf_counter(), server, own.ru_utime + own.ru_stime, _machine_busy()
+
+    @staticmethod
+    def cores(start, end):
+        wall = end[0] - start[0]
+        server, client, machine = (end[i] - start[i] for i in (1, 2, 3))
+        return server / wall, client / wall, max(0.0, machine - server - client) / wall
+
+
+# --- one measured point ------------------------------------------------------------------------
+def drive(server: TritonServer, workload: Workload, model: str, concurrency: int,
+          protocol: str, warmup: float, seconds: float, cpu: CpuMeter) -> Point:
+    """Closed-loop Locust users of `model` at `concurrency` for `warmup` + `seconds`."""
+    c = server.config
+    metrics_url = f"http://{c.host}:{c.metrics_port}/metrics"
+    options = get_parser().parse_args(args=[
+        "--host", f"http://{c.http_url}", "--triton-grpc-url", c.grpc_url,
+        "--triton-metrics-url", metrics_url, "--triton-model", model,
+        "--triton-k", str(workload.k)])
+    user = locustfile.GrpcTritonUser if protocol == "grpc" else locustfile.HttpTritonUser
+    env = Environment(user_classes=[user], events=locust.events, host=f"http://{c.http_url}",
+                      parsed_options=options)
+    env.triton_workload = workload  # the same requests for every model and level
+    runner = env.create_local_runner()
+    runner.start(concurrency, spawn_rate=min(100, concurrency * 10))
+    gevent.sleep(warmup)
+    env.stats.reset_all()
+    before, cpu_start = metrics.scrape(metrics_url), cpu.read()
+    gevent.sleep(seconds)
+    cpu_end, after = cpu.read(), metrics.scrape(metrics_url)
+    total = env.stats.total
+    snapshot = (total.num_requests, total.num_failures, dict(total.response_times),
+                [float(total.get_response_time_percentile(q) or 0) for q in (.5, .95, .99)])
+    runner.quit()
+    requests, failures, histogram, (p50, p95, p99) = snapshot
+    elapsed = cpu_end[0] - cpu_start[0]
+    sizes = metrics.batch_sizes(before, after)
+    server_cores, client_cores, other_cores = CpuMeter.cores(cpu_start, cpu_end)
+    return Point(model, concurrency, round(elapsed, 2), requests, failures,
+                 (requests - failures) / elapsed, p50, p95, p99,
+                 {m: round(sizes[m], 2) for m in MEMBERS.get(model, (model,)) if m in sizes},
+                 round(server_cores, 2), round(client_cores, 2), round(other_cores, 2),
+                 {int(k): v for k, v in histogram.items()})
+
+
+# --- recall ------------------------------------------------------------------------------------
+def recall(server: TritonServer, model: str, queries: List[Request],
+           exact: List[np.ndarray]) -> Dict[str, float]:
+    """recall@k per request kind and over all ('all') of `model` against `exact`."""
+    per_kind: Dict[str, List[float]] = {}
+    with Retriever(server.config.http_url, "http", model, timeout=60) as r:
+        for q, want in zip(queries, exact):
+            if len(want) == 0:
+                continue
+            got = r.query(q.user_id, q.filter, q.k).item_ids
+            hit = len(set(got.tolist()) & set(want.tolist())) / len(want)
+            per_kind.setdefault(q.kind, []).append(hit)
+    result = {kind: float(np.mean(v)) for kind, v in per_kind.items()}
+    result["all"] = float(np.mean([x for v in per_kind.values() for x in v]))
+    return result
+
+
+def exact_results(repository: Path, queries: List[Request], chunk: int = 16
+                  ) -> List[np.ndarray]:
+    reference = exact_reference(repository)
+    out = []
+    for i in range(0, len(queries), chunk):
+        part = queries[i: i + chunk]
+        out += [r["item_ids"] for r in reference.run([(q.user_id, q.filter, q.k)
+                                                        for q in part])]
+    return out
+
+
+# --- what each model costs before Triton ------------------------------------------------------
+STEPS = ("filter", "ann", "scorer", "aggregator")
+
+
+def stage_costs(repository: Path, queries: List[Request], batch_sizes=(1, 8)
+                ) -> Dict[str, Dict[str, float]]:
+    """CPU ms per query of every model's steps run in this process on one thread (the same
+    runners and artifacts Triton runs): the compute each model needs before Triton's
+    scheduling, the Python-backend IPC and the client add theirs."""
+    import faiss
+    import torch
+
+    from serving.runners import RUNNERS
+
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    chains = {"retrieval": InProcessChain(repository, "filter", "ann"),
+              "baseline": InProcessChain(repository)}
+    unified = RUNNERS["unified"](repository / "unified" / "1")
+    def run_unified(part):
+        unified.run([{"user_id": np.array([[q.user_id]], np.int64),
+                      "filter": np.array([[q.filter.encode()]], object),
+                      "k": np.array([[q.k]], np.int32)} for q in part])
+
+    costs: Dict[str, Dict[str, float]] = {}
+    for b in batch_sizes:
+        batches = [queries[i: i + b] for i in range(0, len(queries), b)]
+        for part in batches[:3]:  # TorchScript optimizes a graph on its first runs: unmeasured
+            run_unified(part)
+            for chain in chains.values():
+                chain.run([(q.user_id, q.filter, q.k) for q in part])
+        start = time.process_time()
+        for part in batches:
+            run_unified(part)
+        costs[f"unified, batch {b}"] = {
+            "total": (time.process_time() - start) * 1000 / len(queries)}
+        for name, chain in chains.items():
+            seconds: Dict[str, float] = {}
+            for part in batches:
+                chain.run([(q.user_id, q.filter, q.k) for q in part], seconds)
+            ms = {step: seconds[step] * 1000 / len(queries) for step in STEPS}
+            costs[f"{name}, batch {b}"] = {**ms, "total": sum(ms.values())}
+    return costs
+
+
+# --- the machine and the code ------------------------------------------------------------------
+def _run(cmd: List[str]) -> str:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=20,
+                              cwd=ROOT).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def machine() -> Dict[str, str]:
+    cpu = next((line.split(":", 1)[1].strip() for line in
+                Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
+               platform.processor())
+    mem_kb = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()
+                      if line.startswith("MemTotal")))
+    import faiss
+    import torch
+
+    commit = _run(["git", "rev-parse", "--short", "HEAD"])
+    dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"])
+    return {"cpu": cpu, "cores": str(os.cpu_count()), "memory": f"{mem_kb / 2**20:.0f} GiB",
+            "gpu": _run(["nvidia-smi", "-L"]) or "none",
+            "load average before the run": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "faiss": faiss.__version__, "locust": locust.__version__,
+            "commit": commit + (" + uncommitted changes" if dirty else ""),
+            "date": time.strftime("%Y-%m-%d %H:%M %Z")}
+
+
+def _free_ports(count: int) -> List[int]:
+    socks = [socket.socket() for _ in range(count)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+# --- report ------------------------------------------------------------------------------------
+def plots(points: List[Point], img: Path, suffix: str) -> List[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    img.mkdir(parents=True, exist_ok=True)
+    models = [m for m in MODELS if any(p.model == m for p in points)]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for m in models:
+        mine = sorted((p for p in points if p.model == m), key=lambda p: p.concurrency)
+        ax.plot([p.concurrency for p in mine], [p.requests_per_s for p in mine], marker="o",
+                label=m)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent clients (closed loop)")
+    ax.set_ylabel("requests / s")
+    ax.set_title("Throughput vs concurrency")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    throughput = img / f"serving_throughput{suffix}.png"
+    fig.tight_layout()
+    fig.savefig(throughput, dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for m in models:
+        best = max((p for p in points if p.model == m), key=lambda p: p.requests_per_s)
+        ms = np.array(sorted(best.latency_histogram), dtype=float)
+        counts = np.array([best.latency_histogram[int(x)] for x in ms], dtype=float)
+        if counts.sum() == 0:
+            continue
+        ax.plot(ms, np.cumsum(counts) / counts.sum(), drawstyle="steps-post",
+                label=f"{m} ({best.concurrency} clients, {best.requests_per_s:.0f} req/s)")
+    ax.set_xscale("log")
+    ax.set_xlabel("latency (ms, client side)")
+    ax.set_ylabel("fraction of requests")
+    ax.set_title("Latency distribution at each model's peak throughput")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    latency = img / f"serving_latency{suffix}.png"
+    fig.tight_layout()
+    fig.savefig(latency, dpi=120)
+    plt.close(fig)
+    return [throughput, latency]
+
+
+def markdown(args, info, workload: Workload, recalls: Dict[str, Dict[str, float]],
+             costs: Dict[str, Dict[str, float]], points: List[Point], all_rounds: List[dict],
+             images: List[Path], doc: Path) -> str:
+    kinds = list(workload.mix)
+    command = " ".join([".venv/bin/python -m benchmarks.serving"] + args.argv)
+    lines = [BEGIN, "", f"Command: `{command}`", ""]
+    lines += ["| machine | |", "| --- | --- |"]
+    lines += [f"| {k} | {v} |" for k, v in info.items()]
+    lines += ["", f"Catalog: {workload.num_items:,} items; k = {workload.k}; protocol "
+              f"{args.protocol}. Every (model, clients) point is the median of {args.rounds} "
+              f"rounds of {args.warmup:g} s warm-up + {args.seconds:g} s measured, the models "
+              "taking turns; failures are counted over all rounds. The load generator (Locust, "
+              "one process) shares the machine with the server. Request mix "
+              f"`{args.mix}` (loadtest/workload.py):", ""]
+    lines += [f"- {line}" for line in workload.describe().splitlines()]
+    lines += ["", f"### Recall@{workload.k} against exact search "
+              f"({args.recall_queries} queries per kind)", "",
+              "| model | all | " + " | ".join(kinds) + " |",
+              "| --- | ---: | " + " | ".join("---:" for _ in kinds) + " |"]
+    for m, r in recalls.items():
+        lines.append(f"| {m} | {r['all']:.3f} | "
+                     + " | ".join(f"{r[k]:.3f}" if k in r else "-" for k in kinds) + " |")
+    lines += ["", "### Compute per query before Triton (CPU ms, in process, one thread)", "",
+              "| model, batch | " + " | ".join(STEPS) + " | total |",
+              "| --- | " + " | ".join("---:" for _ in STEPS) + " | ---: |"]
+    for name, ms in costs.items():
+        lines.append(f"| {name} | " + " | ".join(f"{ms[s]:.2f}" if s in ms else ""
+                                                  for s in STEPS) + f" | {ms['total']:.2f} |")
+    lines += ["", "### Throughput and latency", "",
+              "| model | clients | req/s | p50 ms | p95 ms | p99 ms | failures | avg batch "
+              "(per member model) | server CPU | server CPU ms / req | load gen. CPU | "
+              "other CPU |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
+    for p in sorted(points, key=lambda p: (MODELS.index(p.model), p.concurrency)):
+        batches = ", ".join(f"{m} {b:.1f}" for m, b in p.batch_sizes.items())
+        mine = [r for r in all_rounds if (r["model"], r["concurrency"]) == (p.model,
+                                                                           p.concurrency)]
+        failed = f"{sum(r['failures'] for r in mine)}/{sum(r['requests'] for r in mine)}"
+        lines.append(f"| {p.model} | {p.concurrency} | {p.requests_per_s:.1f} | {p.p50_ms:.0f} "
+                     f"| {p.p95_ms:.0f} | {p.p99_ms:.0f} | {failed} | "
+                     f"{batches} | {p.server_cores:.2f} | "
+                     f"{1000 * p.server_cores / max(p.requests_per_s, 1e-9):.1f} | "
+                     f"{p.client_cores:.2f} | {p.other_cores:.2f} |")
+    lines += ["", "CPU columns: cores busy on average during the measured interval.", ""]
+    peak = {m: max((p for p in points if p.model == m), key=lambda p: p.requests_per_s)
+            for m in MODELS if any(p.model == m for p in points)}
+    if "unified" in peak and "baseline" in peak:
+        lines += ["### Unified against the baseline (same run)", "",
+                  "Throughput, and throughput per server CPU core (requests per CPU-second of "
+                  "the server process tree: what a dedicated machine's cores would serve, less "
+                  "sensitive to other load on a shared machine).", "",
+                  "| clients | unified req/s | retrieval req/s | baseline req/s | "
+                  "unified / baseline | unified / baseline per server core |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for c in sorted({p.concurrency for p in points}):
+            row = {p.model: p for p in points if p.concurrency == c}
+            if "unified" in row and "baseline" in row and row["baseline"].requests_per_s > 0:
+                u, b = row["unified"], row["baseline"]
+                r = row.get("retrieval")
+                lines.append(f"| {c} | {u.requests_per_s:.1f} | "
+                             f"{r.requests_per_s if r else float('nan'):.1f} | "
+                             f"{b.requests_per_s:.1f} | {u.requests_per_s / b.requests_per_s:.2f}x"
+                             f" | {_per_core(u) / _per_core(b):.2f}x |")
+        u, b = peak["unified"], peak["baseline"]
+        ratio = u.requests_per_s / b.requests_per_s if b.requests_per_s else float("inf")
+        ru, rb = recalls.get("unified", {}).get("all"), recalls.get("baseline", {}).get("all")
+        lines += ["", f"Peak throughput: unified {u.requests_per_s:.1f} req/s "
+                  f"(clients: {u.concurrency}), baseline {b.requests_per_s:.1f} req/s "
+                  f"(clients: {b.concurrency}): **{ratio:.2f}x** at recall@{workload.k} "
+                  f"{ru:.3f} (unified) vs {rb:.3f} (baseline). Goal: at least 3x at equal or "
+                  f"better recall: **{'reached' if ratio >= 3 and ru >= rb else 'not reached'}"
+                  f"**."]
+    rel = [os.path.relpath(i, doc.parent) for i in images]
+    lines += ["", f"![throughput vs concurrency]({rel[0]})", "",
+              f"![latency distribution]({rel[1]})", "", END]
+    return "\n".join(lines)
+
+
+def _per_core(p: Point) -> float:
+    return p.requests_per_s / max(p.server_cores, 1e-9)
+
+
+def write_section(doc: Path, title: str, generated: str) -> None:
+    """Replace the generated block of section `title` in `doc` (re-read right before writing:
+    others edit other sections), creating the section or the file when missing; text of the
+    section outside the block (analysis) is kept."""
+    text = doc.read_text() if doc.exists() else "# Performance\n"
+    start = text.find(title)
+    if start < 0:
+        text = text.rstrip("\n") + f"\n\n{title}\n\n{generated}\n"
+    else:
+        nxt = text.find("\n## ", start + len(title))
+        end_of_section = len(text) if nxt < 0 else nxt + 1
+        section = text[start:end_of_section]
+        if BEGIN in section and END in section:
+            section = section[:section.index(BEGIN)] + generated + \
+                section[section.index(END) + len(END):]
+        else:
+            section = section.rstrip("\n") + f"\n\n{generated}\n\n"
+        text = text[:start] + section + text[end_of_section:]
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(text)
+
+
+# --- main --------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.serving", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--num-items", type=int, default=WorldConfig.num_items)
+    p.add_argument("--repository", type=Path, default=None,
+                   help="serve this built repository (its items.csv: --items-csv) instead of "
+                        "building one from the checked-out code into runs/benchmark/")
+    p.add_argument("--items-csv", type=Path, default=None)
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--concurrency", default="1,4,16,32", help="closed-loop clients per point")
+    p.add_argument("--seconds", type=float, default=6.0, help="measured time per round")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="rounds per (model, level); the median round (by throughput) counts")
+    p.add_argument("--warmup", type=float, default=3.0, help="unmeasured time per point")
+    p.add_argument("--mix", default="mixed", help="request mix (loadtest/workload.py)")
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--protocol", choices=("http", "grpc"), default="http")
+    p.add_argument("--recall-queries", type=int, default=50, help="per request kind")
+    p.add_argument("--doc", type=Path, default=ROOT / "docs" / "performance.md")
+    p.add_argument("--img", type=Path, default=ROOT / "docs" / "img")
+    p.add_argument("--no-docs", action="store_true", help="only runs/benchmark/results.json")
+    p.add_argument("--gpu", action="store_true",
+                   help="a GPU host run (the Dockerfile image): checks that CUDA is visible, "
+                        "writes its own section and plots (*-gpu.png)")
+    args = p.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    levels = [int(c) for c in args.concurrency.split(",")]
+
+    if args.gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            print("--gpu: no CUDA device visible to torch; run it in the Dockerfile image with "
+                  "`docker run --gpus all`", file=sys.stderr)
+            return 2
+    info = machine()
+    OUT.mkdir(parents=True, exist_ok=True)
+    if args.repository is None:
+        repository, items_csv = OUT / "model_repository", OUT / "items.csv"
+        print(f"building {args.num_items:,} items into {repository} ...", flush=True)
+        build(BuildConfig(world=WorldConfig(num_items=args.num_items), repository=repository,
+                          items_csv=items_csv))
+    else:
+        repository = args.repository
+        items_csv = args.items_csv or ROOT / "build" / "items.csv"
+        if not is_built(repository):
+            print(f"{repository} is not fully built (python -m builder)", file=sys.stderr)
+            return 2
+    workload = Workload.from_catalog(items_csv, args.mix, args.k)
+    print(workload.describe(), flush=True)
+    queries = workload.evaluation_set(args.recall_queries, seed=1)
+    t0 = time.perf_counter()
+    exact = exact_results(repository, queries)
+    print(f"exact reference for {len(queries)} queries in {time.perf_counter() - t0:.0f} s",
+          flush=True)
+    costs = stage_costs(repository, queries)
+    for name, ms in costs.items():
+        print(f"CPU ms/query {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in ms.items()),
+              flush=True)
+
+    http, grpc, metrics_port = _free_ports(3)
+    config = ServerConfig(repository=repository, http_port=http, grpc_port=grpc,
+                          metrics_port=metrics_port, log_path=OUT / "tritonserver.log")
+    points: List[Point] = []  # the median round of every (model, level)
+    all_rounds: List[dict] = []
+    recalls: Dict[str, Dict[str, float]] = {}
+    with TritonServer(config) as server:
+        cpu = CpuMeter(server.process.pid)
+        for m in models:
+            recalls[m] = recall(server, m, queries, exact)
+            print(f"recall@{args.k} {m}: " + ", ".join(f"{k} {v:.3f}"
+                                                      for k, v in recalls[m].items()), flush=True)
+        for c in levels:
+            rounds: Dict[str, List[Point]] = {m: [] for m in models}
+            for r in range(args.rounds):
+                for m in models:  # models take turns at every level, round after round
+                    point = drive(server, workload, m, c, args.protocol, args.warmup,
+                                  args.seconds, cpu)
+                    rounds[m].append(point)
+                    all_rounds.append(asdict(point))
+                    print(f"round {r + 1}: {m:>9} x{c:<3} {point.requests_per_s:8.1f} req/s  "
+                          f"p50 {point.p50_ms:.0f} p95 {point.p95_ms:.0f} p99 "
+                          f"{point.p99_ms:.0f} ms  failures {point.failures}  batch "
+                          f"{point.batch_sizes}  cpu server {point.server_cores} client "
+                          f"{point.client_cores} other {point.other_cores}", flush=True)
+            for m in models:
+                ranked = sorted(rounds[m], key=lambda p: p.requests_per_s)
+                points.append(ranked[len(ranked) // 2])
+    results = {"machine": info, "args": {k: str(v) for k, v in vars(args).items()},
+               "recall": recalls, "cpu_ms_per_query": costs,
+               "points": [asdict(p) for p in points], "rounds": all_rounds}
+    (OUT / "results.json").write_text(json.dumps(results, indent=1))
+    print(f"wrote {OUT / 'results.json'}")
+    if args.no_docs:
+        return 0
+    images = plots(points, args.img, "-gpu" if args.gpu else "")
+    write_section(args.doc, GPU_SECTION if args.gpu else SECTION,
+                  markdown(args, info, workload, recalls, costs, points, all_rounds, images,
+                           args.doc))
+    print(f"wrote {args.doc} and {', '.join(str(i) for i in images)}")
+    failures = sum(p["failures"] for p in all_rounds)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
