@@ -41,12 +41,12 @@ from filtering.expression import OP_ALL, OP_AND, OP_NOT, OP_OR, OP_PAD, OP_TERM
 from kernels._library import LIB, triton_available
 
 # ---- launch settings (the only place) --------------------------------------------------------
-# Words per program: 128 words = 8192 items; the two register stacks then take
-# 2 * STACK_DEPTH * 128 int64 per program, 16 registers per thread per stack slot pair at 4
-# warps (depth 16, the deepest a 4 KB expression reaches with compile_plan's child order, uses
-# 128 registers per thread). Not tuned on a GPU yet: benchmarks/gpu_bloom.py times it.
+# Words per program and warps, from benchmarks/gpu_bloom.py on an H200 (1M items, 256 random
+# plans, kernel ms): BLOCK_W 32/4 warps 7.5, 64/4 2.7, 128/2 1.05, 128/4 1.35, 128/8 2.7,
+# 256/4 1.13, 256/8 1.41. The register stacks take 2 * STACK_DEPTH * BLOCK_WORDS int64 per
+# program; the sm_90 build of depth 16 does not spill (tests/test_filter_kernel.py).
 BLOCK_WORDS = 128
-NUM_WARPS = 4
+NUM_WARPS = 2
 
 LIB.define("bloom_search(Tensor plans, Tensor words, int num_items) "
            "-> (Tensor definite, Tensor uncertain)")
@@ -73,7 +73,9 @@ def _check_args(plans: torch.Tensor, words: torch.Tensor, num_items: int) -> int
         return 0
     if plans.shape[1] == 0:
         raise ValueError("bloom_search: plans have no rows (an empty expression is one OP_ALL)")
-    ops, kinds, rows = plans[..., 0], plans[..., 1], plans[..., 2:]
+    # On a CPU copy: the plans are a few KB, and one transfer costs less on a GPU than the
+    # ~25 small kernels (and the sync) of checking them there.
+    ops, kinds, rows = (plans[..., 0].cpu(), plans[..., 1].cpu(), plans[..., 2:].cpu())
     term = ops == OP_TERM
     push = term | (ops == OP_ALL)
     pop = (ops == OP_AND) | (ops == OP_OR)
@@ -330,6 +332,27 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def launch_kernel(plans: torch.Tensor, words: torch.Tensor, num_items: int, depth: int,
+                  block_words: int = BLOCK_WORDS, num_warps: int = NUM_WARPS
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Run `_bloom_search_kernel` on checked arguments (`depth` from `_check_args`); the
+    launch settings are parameters for benchmarks/gpu_bloom.py's sweep."""
+    plans, words = plans.contiguous(), words.contiguous()
+    num_words = words.shape[1]
+    definite = torch.empty((plans.shape[0], num_words), dtype=torch.int64, device=words.device)
+    uncertain = torch.empty_like(definite)
+    if definite.numel() == 0:
+        return definite, uncertain
+    last_word_mask = (1 << (num_items % 64)) - 1 if num_items % 64 else -1
+    grid = (triton.cdiv(num_words, block_words), plans.shape[0])
+    _bloom_search_kernel[grid](
+        plans, words, definite, uncertain, plans.shape[1], num_words, last_word_mask,
+        plans.stride(0), plans.stride(1), words.stride(0), definite.stride(0),
+        NUM_TERM_ROWS=plans.shape[2] - 2, STACK_DEPTH=max(2, triton.next_power_of_2(depth)),
+        BLOCK_W=block_words, num_warps=num_warps)
+    return definite, uncertain
+
+
 def bloom_search_triton(plans: torch.Tensor, words: torch.Tensor,
                         num_items: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """CUDA implementation of `iam::bloom_search` (CPU tensors too under TRITON_INTERPRET=1)."""
@@ -339,20 +362,7 @@ def bloom_search_triton(plans: torch.Tensor, words: torch.Tensor,
     if words.device.type != "cuda" and not interpreting():
         raise ValueError(f"bloom_search_triton: tensors must be on CUDA (or set "
                          f"TRITON_INTERPRET=1), got {words.device}")
-    plans, words = plans.contiguous(), words.contiguous()
-    num_words = words.shape[1]
-    definite = torch.empty((plans.shape[0], num_words), dtype=torch.int64, device=words.device)
-    uncertain = torch.empty_like(definite)
-    if definite.numel() == 0:
-        return definite, uncertain
-    last_word_mask = (1 << (num_items % 64)) - 1 if num_items % 64 else -1
-    grid = (triton.cdiv(num_words, BLOCK_WORDS), plans.shape[0])
-    _bloom_search_kernel[grid](
-        plans, words, definite, uncertain, plans.shape[1], num_words, last_word_mask,
-        plans.stride(0), plans.stride(1), words.stride(0), definite.stride(0),
-        NUM_TERM_ROWS=plans.shape[2] - 2, STACK_DEPTH=max(2, triton.next_power_of_2(depth)),
-        BLOCK_W=BLOCK_WORDS, num_warps=NUM_WARPS)
-    return definite, uncertain
+    return launch_kernel(plans, words, num_items, depth)
 
 
 LIB.impl("bloom_search", bloom_search_triton, "CUDA")

@@ -103,21 +103,41 @@ class ExactFeatureFilter(nn.Module):
         return pack_bits(torch.stack(masks))
 
 
-def set_bits(words: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+# A de Bruijn sequence B(2, 6): the top 6 bits of (1 << j) * _DE_BRUIJN differ for every j,
+# so a 64-entry table maps them back to j with integer operations only (float log2 is not
+# exact everywhere: on CUDA it may return 62.999... for 2**63).
+_DE_BRUIJN = 0x07EDD5E59A4E28C2
+
+
+def lowest_bit_table() -> torch.Tensor:
+    """int64 [64]: table[top 6 bits of (1 << j) * _DE_BRUIJN] = j."""
+    table = torch.full((64,), -1, dtype=torch.int64)
+    for j in range(64):
+        top = (((1 << j) * _DE_BRUIJN) % (1 << 64)) >> 58
+        table[top] = j
+    assert bool((table >= 0).all()), "not a de Bruijn sequence"
+    return table
+
+
+def set_bits(words: torch.Tensor, bit_table: torch.Tensor
+             ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(position in `words`, bit 0..63) of every set bit of the int64 [n] `words`.
 
     Each round takes the lowest set bit of every word still nonzero, so there are as many
     rounds as the fullest word has bits, each over the words left: cheap for the few bits an
     uncertain word holds (unpacking all 64 bits of every word costs 64 elements per word).
+    `bit_table` is `lowest_bit_table()`.
     """
+    de_bruijn = 0x07EDD5E59A4E28C2  # _DE_BRUIJN (TorchScript does not read module globals)
     index = torch.arange(words.shape[0], dtype=torch.int64, device=words.device)
+    left = words != 0
+    words, index = words[left], index[left]
     found_index: List[torch.Tensor] = []
     found_bit: List[torch.Tensor] = []
     while words.numel() > 0:
         lowest = words & -words  # 1 << 63 negates to itself: the int64 minimum, bit 63
         found_index.append(index)
-        # a power of two converts to float64 exactly, so log2 is its exponent
-        found_bit.append(torch.log2(lowest.to(torch.float64).abs()).to(torch.int64))
+        found_bit.append(bit_table[((lowest * de_bruijn) >> 58) & 63])
         words = words ^ lowest
         left = words != 0
         words, index = words[left], index[left]
@@ -176,6 +196,7 @@ class BloomFilterLayer(nn.Module):
                     table[OP_NOT * 8 + at] = 1 - top
                     table[OP_ALL * 8 + at] = 1
         self.register_buffer("step_table", table)
+        self.register_buffer("bit_table", lowest_bit_table())
         # constants as attributes: TorchScript cannot read module-level globals
         self.op_term, self.op_all, self.op_and, self.op_or = OP_TERM, OP_ALL, OP_AND, OP_OR
         self.mode_exact = MODE_EXACT
@@ -239,7 +260,7 @@ class BloomFilterLayer(nn.Module):
         if hit.numel() == 0:
             return
         # (query, item) pairs
-        word_index, bit = set_bits(flat[hit])
+        word_index, bit = set_bits(flat[hit], self.bit_table)
         pair_query = hit[word_index] // num_words  # position in `queries`
         items = (hit[word_index] % num_words) * 64 + bit
         num_pairs = items.shape[0]

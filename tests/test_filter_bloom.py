@@ -41,6 +41,8 @@ from stages.filter import (
     FilterConfig,
     build_filter_stage,
     feature_matrix,
+    lowest_bit_table,
+    set_bits,
 )
 from world.schema import FeatureSpec, Schema
 from world.synthetic import Catalog, WorldConfig, generate_world
@@ -251,3 +253,16 @@ def test_parse_once_evaluate_plans_with_padding_and_empty_batch():
     assert bits[0].tolist() == [evaluate(node, it) for it in items]
     assert bool(bits[1].all())
     assert layer(plans[:0]).shape == (0, 3)
+
+
+def test_set_bits_finds_every_bit_including_bit_63():
+    gen = torch.Generator().manual_seed(9)
+    sparse = torch.randint(-(2**63), 2**63 - 1, (300,), generator=gen)
+    sparse &= torch.randint(-(2**63), 2**63 - 1, (300,), generator=gen)
+    for words in (torch.tensor([1, -(2**63), 2**62 + 5, 0, -1]), sparse,
+                  torch.zeros(4, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)):
+        index, bit = set_bits(words, lowest_bit_table())
+        got = sorted(zip(index.tolist(), bit.tolist()))
+        want = sorted((i, j) for i, w in enumerate(words.tolist()) for j in range(64)
+                      if ((w % 2**64) >> j) & 1)
+        assert got == want
