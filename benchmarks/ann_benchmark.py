@@ -118,6 +118,23 @@ def time_round_robin(runs: Dict[Tuple[str, str], Callable[[torch.Tensor, torch.T
                    statistics.median(cpu[name])) for name in runs}
 
 
+def group_identical_rows(bits: np.ndarray) -> List[np.ndarray]:
+    """Indices of the rows of a [B, W] bitmap, grouped by identical rows. Rows are keyed by a
+    strided sample of their words, then checked whole (np.unique(axis=0) sorts 125 KB rows and
+    cost ~2x a faiss search at 1M items)."""
+    groups: Dict[bytes, List[int]] = {}
+    for i, key in enumerate(bits[:, ::97]):
+        groups.setdefault(key.tobytes(), []).append(i)
+    out: List[np.ndarray] = []
+    for members in groups.values():
+        pending = members
+        while pending:
+            same = [i for i in pending if np.array_equal(bits[i], bits[pending[0]])]
+            out.append(np.array(same))
+            pending = [i for i in pending if i not in same]
+    return out
+
+
 def faiss_search(index, sel_params: Callable, k: int):
     """Groups a batch by distinct filter (one IDSelectorBitmap per group, faiss applies one
     selector to a whole search call) and searches each group with faiss's own threading."""
@@ -126,14 +143,12 @@ def faiss_search(index, sel_params: Callable, k: int):
     def run(queries: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
         out = torch.full((queries.shape[0], k), -1, dtype=torch.int64)
         bits_np = bits.numpy()
-        uniq, first, group_of = np.unique(bits_np, axis=0, return_index=True, return_inverse=True)
         q_np = queries.numpy()
-        for g in range(uniq.shape[0]):
-            members = np.nonzero(group_of.reshape(-1) == g)[0]
-            bitmap = np.ascontiguousarray(bits_np[first[g]]).view(np.uint8)
+        for members in group_identical_rows(bits_np):
+            bitmap = np.ascontiguousarray(bits_np[members[0]]).view(np.uint8)
             sel = faiss.IDSelectorBitmap(bitmap.shape[0] * 8, faiss.swig_ptr(bitmap))
             _, ids = index.search(q_np[members], k, params=sel_params(sel))
-            out[members] = torch.from_numpy(ids)
+            out[torch.from_numpy(members)] = torch.from_numpy(ids)
         return out
     return run
 

@@ -258,16 +258,18 @@ def _kernel():
 def score_probed_lists_triton(query_codes: torch.Tensor, query_scales: torch.Tensor,
                               filter_bits: torch.Tensor, probes: torch.Tensor,
                               list_offsets: torch.Tensor, codes: torch.Tensor,
-                              scales: torch.Tensor) -> torch.Tensor:
+                              scales: torch.Tensor, max_list_len: int = 0) -> torch.Tensor:
     """The kernel alone: float32 [B, P, max_list_len], the score of the i-th row of list
-    probes[b, p] at [b, p, i], -inf where the row is filtered out or does not exist."""
+    probes[b, p] at [b, p, i], -inf where the row is filtered out or does not exist.
+    max_list_len = 0 reads it from list_offsets (a device-to-host sync)."""
     kernel, triton = _kernel()
     query_codes = query_codes.contiguous()
     codes = codes.contiguous()
     b, d = query_codes.shape
     p = probes.shape[1]
-    sizes = list_offsets[1:] - list_offsets[:-1]
-    max_list_len = max(int(sizes.max()), 1) if sizes.numel() > 0 else 1
+    if max_list_len <= 0:
+        sizes = list_offsets[1:] - list_offsets[:-1]
+        max_list_len = max(int(sizes.max()), 1) if sizes.numel() > 0 else 1
     out = torch.empty((b, p, max_list_len), dtype=torch.float32, device=codes.device)
     if b > 0 and p > 0:
         grid = (b, p, triton.cdiv(max_list_len, BLOCK_ROWS))
