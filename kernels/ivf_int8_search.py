@@ -31,9 +31,6 @@ from kernels._library import LIB
 # int8 rows of 64 dims make a 4 KiB tile per program.
 BLOCK_ROWS = 64
 NUM_WARPS = 4
-# CPU: passing rows widened to fp32 per block: 1024 x 64 fp32 = 256 KiB stays in the 512 KiB
-# L2 of a core of the 2-core benchmark machine (AMD EPYC, Zen 3) for the GEMV that follows.
-CPU_SCORE_BLOCK_ROWS = 1024
 
 LIB.define(
     "ivf_int8_search(Tensor query_codes, Tensor query_scales, Tensor filter_bits, "
@@ -166,11 +163,10 @@ def ivf_int8_search_torch(query_codes: torch.Tensor, query_scales: torch.Tensor,
     query_f = query_codes.float()
     ends = torch.cumsum(num_passing, 0).tolist()
     longest = int(num_passing.max()) if b > 0 else 0
-    # buffers reused by every query (a fresh multi-MB tensor per query costs page faults); the
-    # codes are widened in L2-sized blocks so the GEMV reads them from cache, not from DRAM
-    block = CPU_SCORE_BLOCK_ROWS
-    codes_i8 = torch.empty((block, codes.shape[1]), dtype=torch.int8)
-    codes_f32 = torch.empty((block, codes.shape[1]), dtype=torch.float32)
+    # buffers reused by every query: a fresh multi-MB tensor per query costs page faults.
+    # (Widening in L2-sized blocks of 512..4096 rows was not faster than whole segments.)
+    codes_i8 = torch.empty((longest, codes.shape[1]), dtype=torch.int8)
+    codes_f32 = torch.empty((longest, codes.shape[1]), dtype=torch.float32)
     seg_scores = torch.empty(longest, dtype=torch.float32)
     seg_scales = torch.empty(longest, dtype=torch.float32)
     start = 0
@@ -180,13 +176,9 @@ def ivf_int8_search_torch(query_codes: torch.Tensor, query_scales: torch.Tensor,
         n = seg.numel()
         if n == 0:
             continue
-        s = seg_scores[:n]
-        for lo in range(0, n, block):
-            hi = min(lo + block, n)
-            x8 = torch.index_select(codes, 0, seg[lo:hi], out=codes_i8[:hi - lo])
-            x = codes_f32[:hi - lo]
-            x.copy_(x8)
-            torch.mv(x, query_f[i], out=s[lo:hi])
+        x = codes_f32[:n]
+        x.copy_(torch.index_select(codes, 0, seg, out=codes_i8[:n]))
+        s = torch.mv(x, query_f[i], out=seg_scores[:n])
         s.mul_(query_scales[i])  # same rounding order as the kernel: dot * q_scale * item_scale
         s.mul_(torch.index_select(scales, 0, seg, out=seg_scales[:n]))
         kk = min(k, n)
