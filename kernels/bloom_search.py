@@ -32,7 +32,7 @@ second operation. CUDA: `_bloom_search_kernel`, one program per (query, block of
 words), the stack held in registers.
 """
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -115,13 +115,18 @@ class _Words:
         self.owned = owned
 
 
-def _combine(op: int, x: _Words, y: _Words, x_free: bool, y_free: bool) -> _Words:
-    """x AND y or x OR y, folding constants; overwrites a free owned operand instead of
-    allocating (each op then streams 2 vectors instead of 3 through the cache)."""
+def _combine(op: int, x: _Words, y: _Words, x_free: bool, y_free: bool,
+             out: Optional[torch.Tensor] = None) -> _Words:
+    """x AND y or x OR y, folding constants; writes into `out` (the query's output row, at
+    its last step) if given, else overwrites a free owned operand instead of allocating (each
+    op then streams 2 vectors instead of 3 through the cache)."""
     absorbing = _ZERO if op == OP_AND else _ONES
     for const, other in ((x, y), (y, x)):
         if isinstance(const.bits, int):
             return _Words(absorbing) if const.bits == absorbing else other
+    if out is not None:
+        (torch.bitwise_and if op == OP_AND else torch.bitwise_or)(x.bits, y.bits, out=out)
+        return _Words(out)
     if x_free and x.owned:
         target, operand = x, y
     elif y_free and y.owned:
@@ -136,9 +141,12 @@ def _combine(op: int, x: _Words, y: _Words, x_free: bool, y_free: bool) -> _Word
     return target
 
 
-def _negate(x: _Words, free: bool) -> _Words:
+def _negate(x: _Words, free: bool, out: Optional[torch.Tensor] = None) -> _Words:
     if isinstance(x.bits, int):
         return _Words(~x.bits)
+    if out is not None:
+        torch.bitwise_not(x.bits, out=out)
+        return _Words(out)
     if free and x.owned:
         x.bits.bitwise_not_()
         return x
@@ -159,11 +167,14 @@ def _term(step, words: torch.Tensor) -> Tuple[_Words, _Words]:
     return (value, value) if kind == TERM_EXACT else (_Words(_ZERO), value)
 
 
-def _evaluate(plan, words: torch.Tensor) -> Tuple[_Words, _Words]:
-    """One query's (definite, possible) pair."""
+def _evaluate(plan, words: torch.Tensor, out: torch.Tensor) -> Tuple[_Words, _Words]:
+    """One query's (definite, possible) pair. When the last step combines exact values, its
+    result goes straight into `out` (the query's row of `definite`), saving a copy."""
     stack = []
-    for step in plan:
+    last = max(i for i, step in enumerate(plan) if step[0] != OP_PAD)
+    for i, step in enumerate(plan):
         op = step[0]
+        dest = out if i == last else None
         if op == OP_TERM:
             stack.append(_term(step, words))
         elif op == OP_ALL:
@@ -172,7 +183,7 @@ def _evaluate(plan, words: torch.Tensor) -> Tuple[_Words, _Words]:
         elif op == OP_NOT:
             d, p = stack.pop()
             if d is p:
-                nd = _negate(d, free=True)
+                nd = _negate(d, free=True, out=dest)
                 stack.append((nd, nd))
             else:  # NOT (d, p) = (~p, ~d): a possible match stays possible
                 stack.append((_negate(p, free=True), _negate(d, free=True)))
@@ -180,7 +191,7 @@ def _evaluate(plan, words: torch.Tensor) -> Tuple[_Words, _Words]:
             d2, p2 = stack.pop()
             d1, p1 = stack.pop()
             if d1 is p1 and d2 is p2:
-                value = _combine(op, d1, d2, True, True)
+                value = _combine(op, d1, d2, True, True, out=dest)
                 stack.append((value, value))
             else:  # an exact side is read twice: free only for the second combine
                 d = _combine(op, d1, d2, d1 is not p1, d2 is not p2)
@@ -206,14 +217,16 @@ def bloom_search_torch(plans: torch.Tensor, words: torch.Tensor,
     _check_args(plans, words, num_items)
     num_words = words.shape[1]
     definite = torch.empty((plans.shape[0], num_words), dtype=torch.int64, device=words.device)
-    uncertain = torch.empty_like(definite)
+    uncertain = torch.zeros_like(definite)  # one memset; most queries have no Bloom term
     for b, plan in enumerate(plans.tolist()):
-        d, p = _evaluate(plan, words)
-        _store(definite[b], d)
-        # uncertain = possible & ~definite
+        row = definite[b]
+        d, p = _evaluate(plan, words, row)
+        if d.bits is not row:
+            _store(row, d)
+        # uncertain = possible & ~definite (already 0 where the two are equal)
         if d is p or _is_const(p, _ZERO) or _is_const(d, _ONES):
-            uncertain[b].fill_(0)
-        elif _is_const(d, _ZERO):
+            continue
+        if _is_const(d, _ZERO):
             _store(uncertain[b], p)
         else:
             torch.bitwise_not(d.bits, out=uncertain[b])
@@ -271,51 +284,54 @@ if triton_available():
         pid_b = tl.program_id(1)
         offs_w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
         w_mask = offs_w < num_words
-        # The evaluation stack of (definite, possible) word vectors, in registers: slot s of
-        # every word is row s. A slot is read by summing the rows selected by a one-hot
-        # mask (the other rows contribute 0) and written with a select.
+        # The evaluation stack of (definite, possible) word vectors, in registers: the top
+        # value in `top_d` / `top_p`, the ones below it in rows 0..sp-2 of `stack_d` /
+        # `stack_p`. A row is read by summing the rows selected by a one-hot mask (the others
+        # contribute 0) and written with a select, so only a push (spill the top) and AND / OR
+        # (read the second) touch the arrays; NOT works on the top alone. Every program of a
+        # query runs the same plan, so the branches on `op` never diverge.
         slots = tl.arange(0, STACK_DEPTH)[:, None]
         stack_d = tl.zeros([STACK_DEPTH, BLOCK_W], dtype=tl.int64)
         stack_p = tl.zeros([STACK_DEPTH, BLOCK_W], dtype=tl.int64)
+        top_d = tl.zeros([BLOCK_W], dtype=tl.int64)
+        top_p = tl.zeros([BLOCK_W], dtype=tl.int64)
         sp = 0  # stack size
         plan_ptr = plans_ptr + pid_b * stride_plans_b
         for s in range(0, plan_len):
             step_ptr = plan_ptr + s * stride_plans_l
             op = tl.load(step_ptr)
-            kind = tl.load(step_ptr + 1)
-            # Term words: the AND of its rows, one coalesced load of BLOCK_W words per row;
-            # unused rows (-1) and non-term steps load nothing (masked, read as ~0).
-            term = tl.full([BLOCK_W], -1, dtype=tl.int64)
-            for i in tl.static_range(NUM_TERM_ROWS):
-                row = tl.load(step_ptr + 2 + i)
-                use = (op == _TL_OP_TERM) & (row >= 0)
-                # (where, not `w_mask & use`: the interpreter turns that broadcast into ints)
-                term &= tl.load(words_ptr + tl.maximum(row, 0) * stride_words_r + offs_w,
-                                mask=tl.where(use, w_mask, False), other=-1)
-            push_p = tl.where((op == _TL_OP_TERM) & (kind == _TL_TERM_EMPTY), 0, term)
-            push_d = tl.where((op == _TL_OP_ALL) | (kind == _TL_TERM_EXACT), push_p, 0)
-            # Operands: top = slot sp-1, second = slot sp-2.
-            top_d = tl.sum(tl.where(slots == sp - 1, stack_d, 0), axis=0)
-            top_p = tl.sum(tl.where(slots == sp - 1, stack_p, 0), axis=0)
-            sec_d = tl.sum(tl.where(slots == sp - 2, stack_d, 0), axis=0)
-            sec_p = tl.sum(tl.where(slots == sp - 2, stack_p, 0), axis=0)
-            is_push = (op == _TL_OP_TERM) | (op == _TL_OP_ALL)
-            is_pair = (op == _TL_OP_AND) | (op == _TL_OP_OR)
-            # NOT (d, p) = (~p, ~d); AND / OR component-wise; a push writes slot sp.
-            new_d = tl.where(is_push, push_d, tl.where(
-                op == _TL_OP_NOT, ~top_p, tl.where(op == _TL_OP_AND, sec_d & top_d,
-                                                   sec_d | top_d)))
-            new_p = tl.where(is_push, push_p, tl.where(
-                op == _TL_OP_NOT, ~top_d, tl.where(op == _TL_OP_AND, sec_p & top_p,
-                                                   sec_p | top_p)))
-            target = tl.where(is_push, sp, tl.where(op == _TL_OP_NOT, sp - 1,
-                                                    tl.where(is_pair, sp - 2, -1)))
-            stack_d = tl.where(slots == target, new_d[None, :], stack_d)
-            stack_p = tl.where(slots == target, new_p[None, :], stack_p)
-            sp = sp + tl.where(is_push, 1, tl.where(is_pair, -1, 0))
-        # The answer is slot 0; clear bits past the last item, store both bitmaps.
-        result_d = tl.sum(tl.where(slots == 0, stack_d, 0), axis=0)
-        result_p = tl.sum(tl.where(slots == 0, stack_p, 0), axis=0)
+            if (op == _TL_OP_TERM) | (op == _TL_OP_ALL):
+                kind = tl.load(step_ptr + 1)
+                # Term words: the AND of its rows, one coalesced load of BLOCK_W words per
+                # row; unused rows (-1) and ALL load nothing (masked, read as ~0).
+                term = tl.full([BLOCK_W], -1, dtype=tl.int64)
+                for i in tl.static_range(NUM_TERM_ROWS):
+                    row = tl.load(step_ptr + 2 + i)
+                    use = (op == _TL_OP_TERM) & (row >= 0)
+                    # (where, not `w_mask & use`: the interpreter makes that broadcast ints)
+                    term &= tl.load(words_ptr + tl.maximum(row, 0) * stride_words_r + offs_w,
+                                    mask=tl.where(use, w_mask, False), other=-1)
+                # spill the old top to row sp-1 (no row matches while the stack is empty)
+                stack_d = tl.where(slots == sp - 1, top_d[None, :], stack_d)
+                stack_p = tl.where(slots == sp - 1, top_p[None, :], stack_p)
+                top_p = tl.where((op == _TL_OP_TERM) & (kind == _TL_TERM_EMPTY), 0, term)
+                top_d = tl.where((op == _TL_OP_ALL) | (kind == _TL_TERM_EXACT), top_p, 0)
+                sp += 1
+            elif op == _TL_OP_NOT:  # NOT (d, p) = (~p, ~d)
+                top_d, top_p = ~top_p, ~top_d
+            elif (op == _TL_OP_AND) | (op == _TL_OP_OR):  # component-wise with row sp-2
+                second_d = tl.sum(tl.where(slots == sp - 2, stack_d, 0), axis=0)
+                second_p = tl.sum(tl.where(slots == sp - 2, stack_p, 0), axis=0)
+                if op == _TL_OP_AND:
+                    top_d &= second_d
+                    top_p &= second_p
+                else:
+                    top_d |= second_d
+                    top_p |= second_p
+                sp -= 1
+        # The answer is the top; clear bits past the last item, store both bitmaps.
+        result_d = top_d
+        result_p = top_p
         tail = tl.where(offs_w == num_words - 1, last_word_mask, -1)
         result_d &= tail
         result_p &= tail

@@ -51,6 +51,36 @@ def build_filter_stage(catalog: Catalog, config: FilterConfig) -> nn.Module:
     return BloomFilterLayer(build_bloom_index(catalog.schema, catalog.features, config.index))
 
 
+def evaluate_postfix(steps: List[List[int]], terms: List[torch.Tensor], size: int,
+                     device: torch.device) -> torch.Tensor:
+    """Exact truth (bool [size]) of one postfix plan (rows starting with the opcode) whose
+    i-th TERM step has the truth `terms[i]`. Opcodes are literals because TorchScript reads
+    no module globals; the assert below keeps them equal to filtering/expression.py's."""
+    stack: List[torch.Tensor] = []
+    next_term = 0
+    for row in steps:
+        op = row[0]
+        if op == 1:  # OP_TERM
+            stack.append(terms[next_term])
+            next_term += 1
+        elif op == 5:  # OP_ALL
+            stack.append(torch.ones(size, dtype=torch.bool, device=device))
+        elif op == 4:  # OP_NOT
+            stack.append(~stack.pop())
+        elif op == 2:  # OP_AND
+            b = stack.pop()
+            stack.append(stack.pop() & b)
+        elif op == 3:  # OP_OR
+            b = stack.pop()
+            stack.append(stack.pop() | b)
+    if len(stack) != 1:
+        raise RuntimeError("malformed filter plan: stack holds " + str(len(stack)))
+    return stack[0]
+
+
+assert (OP_PAD, OP_TERM, OP_AND, OP_OR, OP_NOT, OP_ALL) == (0, 1, 2, 3, 4, 5)
+
+
 class ExactFeatureFilter(nn.Module):
     """Exact evaluation over a dense feature matrix: a term is `(column == value).any()` over
     the feature's columns. It is the reference the indexed filter is checked against.
@@ -66,9 +96,7 @@ class ExactFeatureFilter(nn.Module):
         self.register_buffer("feature_matrix", feature_matrix.to(torch.int64).contiguous())
         self.register_buffer("column_start", column_start.to(torch.int64))
         self.num_items = int(feature_matrix.shape[0])
-        # opcodes as attributes: TorchScript cannot read module-level globals
-        self.op_term, self.op_all, self.op_not = OP_TERM, OP_ALL, OP_NOT
-        self.op_and, self.op_or = OP_AND, OP_OR
+        self.op_term = OP_TERM  # an attribute: TorchScript cannot read module-level globals
 
     def term(self, feature_id: int, value_id: int) -> torch.Tensor:
         lo = int(self.column_start[feature_id])
@@ -77,25 +105,12 @@ class ExactFeatureFilter(nn.Module):
 
     def evaluate(self, plan: torch.Tensor) -> torch.Tensor:
         """plan int64 [L, 3] -> bool [N]."""
-        stack: List[torch.Tensor] = []
         steps: List[List[int]] = plan.tolist()
+        terms: List[torch.Tensor] = []
         for row in steps:
-            op = row[0]
-            if op == self.op_term:
-                stack.append(self.term(row[1], row[2]))
-            elif op == self.op_all:
-                stack.append(torch.ones(self.num_items, dtype=torch.bool))
-            elif op == self.op_not:
-                stack.append(~stack.pop())
-            elif op == self.op_and:
-                b = stack.pop()
-                stack.append(stack.pop() & b)
-            elif op == self.op_or:
-                b = stack.pop()
-                stack.append(stack.pop() | b)
-        if len(stack) != 1:
-            raise RuntimeError("malformed filter plan: stack holds " + str(len(stack)))
-        return stack[0]
+            if row[0] == self.op_term:
+                terms.append(self.term(row[1], row[2]))
+        return evaluate_postfix(steps, terms, self.num_items, self.feature_matrix.device)
 
     def forward(self, plans: torch.Tensor) -> torch.Tensor:
         """plans int64 [B, L, 3] -> filter bits int64 [B, W]."""
@@ -156,9 +171,10 @@ class BloomFilterLayer(nn.Module):
        and uncertain bitmaps; items are uncertain only through Bloom terms (under NOT too: a
        negated Bloom term keeps every true match, kernels/bloom_search.py).
     3. `check_uncertain`: the uncertain (query, item) pairs of the whole batch are decided
-       exactly. Each term of the query is evaluated for each of its pairs (exact bitmap bit,
-       or the item's own values for a Bloom feature), packed as a small index over the pairs,
-       and the same op evaluates the plans over it with every term exact; passing pairs join
+       exactly. Every term of a pair's query is evaluated for the pair's item at once for the
+       batch (the item's bit in the term's exact bitmap, or the item's own values for a Bloom
+       feature, held in the module), then each query's plan combines its terms' truths over
+       its pairs (`evaluate_postfix`, shared with the reference); passing pairs join
        `definite`.
 
     Output: int64 [B, W] packed bitmaps of exactly the items satisfying each plan.
@@ -181,24 +197,9 @@ class BloomFilterLayer(nn.Module):
         self.bloom_width = index.width
         self.num_hashes = index.num_hashes
         self.rows_per_term = index.num_hashes if index.width > 0 else 1
-        # One step of a plan on 0/1 values: step_table[op * 8 + top * 4 + second * 2 + term]
-        # is the value written (top/second: the stack's two top slots, term: the step's term
-        # truth); see evaluate_pairs.
-        table = torch.zeros(8 * 8, dtype=torch.int64)
-        for top in (0, 1):
-            for second in (0, 1):
-                for term in (0, 1):
-                    at = top * 4 + second * 2 + term
-                    table[OP_PAD * 8 + at] = top
-                    table[OP_TERM * 8 + at] = term
-                    table[OP_AND * 8 + at] = top & second
-                    table[OP_OR * 8 + at] = top | second
-                    table[OP_NOT * 8 + at] = 1 - top
-                    table[OP_ALL * 8 + at] = 1
-        self.register_buffer("step_table", table)
         self.register_buffer("bit_table", lowest_bit_table())
         # constants as attributes: TorchScript cannot read module-level globals
-        self.op_term, self.op_all, self.op_and, self.op_or = OP_TERM, OP_ALL, OP_AND, OP_OR
+        self.op_term = OP_TERM
         self.mode_exact = MODE_EXACT
         self.term_empty, self.term_exact, self.term_bloom = TERM_EMPTY, TERM_EXACT, TERM_BLOOM
 
@@ -259,10 +260,10 @@ class BloomFilterLayer(nn.Module):
         hit = flat.nonzero().squeeze(1)
         if hit.numel() == 0:
             return
-        # (query, item) pairs
+        # (query, item) pairs in order: position q * 64W + item of the [Q, 64W] bit space
         word_index, bit = set_bits(flat[hit], self.bit_table)
-        pair_query = hit[word_index] // num_words  # position in `queries`
-        items = (hit[word_index] % num_words) * 64 + bit
+        position, _ = torch.sort(hit[word_index] * 64 + bit)
+        pair_query, items = position // (num_words * 64), position % (num_words * 64)
         num_pairs = items.shape[0]
         # every term of the checked plans, numbered in row-major order
         plans, resolved = plans.index_select(0, queries), resolved.index_select(0, queries)
@@ -270,60 +271,35 @@ class BloomFilterLayer(nn.Module):
         term_query, term_step = is_term.nonzero().unbind(1)
         terms_per_query = is_term.sum(1)
         first_term = torch.cumsum(terms_per_query, 0) - terms_per_query
-        # one element per (pair, term of the pair's query)
+        # one element per (pair, term of the pair's query), pair-major
         reps = terms_per_query[pair_query]
         pair = torch.repeat_interleave(torch.arange(num_pairs, device=items.device), reps)
         rank = torch.arange(pair.shape[0], device=items.device) - (torch.cumsum(reps, 0)
                                                                     - reps)[pair]
         term = first_term[pair_query[pair]] + rank
-        truth = self.term_truth(resolved[term_query, term_step, 1][term],
-                                resolved[term_query, term_step, 2][term],
-                                plans[term_query, term_step, 1][term],
-                                plans[term_query, term_step, 2][term], pair, items)
-        # the plans over the pairs, every term now exact
-        steps = torch.zeros((resolved.shape[1], num_pairs), dtype=torch.int64,
-                            device=items.device)
-        steps.index_put_((term_step[term], pair), truth)
-        passed = self.evaluate_pairs(resolved[:, :, 0], steps, pair_query)
-        items, rows = items[passed], queries[pair_query[passed]]
+        steps_per_plan = resolved.shape[1]
+        term_rows = term_query * steps_per_plan + term_step
+        term_resolved = resolved.reshape(-1, resolved.shape[2]).index_select(0, term_rows)
+        term_plan = plans.reshape(-1, 3).index_select(0, term_rows)
+        truth = self.term_truth(term_resolved[:, 1][term], term_resolved[:, 2][term],
+                                term_plan[:, 1][term], term_plan[:, 2][term], pair, items) == 1
+        # each query's plan over its own pairs: a [pairs, terms] block of `truth` per query
+        pairs_per_query: List[int] = torch.bincount(
+            pair_query, minlength=queries.shape[0]).tolist()
+        terms_per_query_list: List[int] = terms_per_query.tolist()
+        steps: List[List[List[int]]] = resolved[:, :, :1].tolist()
+        passed: List[torch.Tensor] = []
+        start = 0
+        for q in range(len(steps)):
+            size, width = pairs_per_query[q], terms_per_query_list[q]
+            block = truth[start: start + size * width].view(size, width)
+            start += size * width
+            columns = [block[:, c] for c in range(width)]
+            passed.append(evaluate_postfix(steps[q], columns, size, items.device))
+        keep = torch.cat(passed)
+        items, rows = items[keep], queries[pair_query[keep]]
         definite.view(-1).index_add_(0, rows * num_words + (items >> 6),
                                      torch.ones_like(items) << (items & 63))
-
-    def evaluate_pairs(self, ops: torch.Tensor, term_truth: torch.Tensor,
-                       pair_query: torch.Tensor) -> torch.Tensor:
-        """Exact truth of plans for (query, item) pairs, all pairs at once, step by step.
-
-        Args:
-            ops: int64 [Q, L] opcodes of the queries' plans.
-            term_truth: int64 [L, P] 0/1, the truth of step s's term for pair p (0 on other
-                steps).
-            pair_query: int64 [P], the pair's query (row of `ops`).
-        Returns:
-            bool [P].
-        """
-        push = (ops == self.op_term) | (ops == self.op_all)
-        pop = (ops == self.op_and) | (ops == self.op_or)
-        delta = push.to(torch.int64) - pop.to(torch.int64)
-        before = torch.cumsum(delta, 1) - delta  # stack size before each step
-        depth = int(before.max()) + 1
-        num_pairs = pair_query.shape[0]
-        # The stacks of all pairs side by side, flat: slot k of pair p is p * depth + k. Per
-        # step and pair: the slots read (top, second) and written, and the table row.
-        base = torch.arange(num_pairs, dtype=torch.int64, device=ops.device) * depth
-        steps_by_pair = torch.stack([(before - 1).clamp(min=0), (before - 2).clamp(min=0),
-                                     torch.where(push, before, torch.where(pop, before - 2,
-                                                                           before - 1)),
-                                     ops * 8], dim=0)  # [4, Q, L]
-        per_pair = steps_by_pair.transpose(1, 2)[:, :, pair_query]  # [4, L, P]
-        slots = per_pair[:3] + base
-        code = per_pair[3] + term_truth
-        stack = torch.zeros(num_pairs * depth, dtype=torch.int64, device=ops.device)
-        for s in range(ops.shape[1]):
-            top = stack.index_select(0, slots[0, s])
-            second = stack.index_select(0, slots[1, s])
-            row = torch.add(torch.add(code[s], top, alpha=4), second, alpha=2)
-            stack.index_copy_(0, slots[2, s], self.step_table.index_select(0, row))
-        return stack.view(num_pairs, depth)[:, 0] == 1
 
     def forward(self, plans: torch.Tensor) -> torch.Tensor:
         """plans int64 [B, L, 3] (filtering/expression.py) -> filter bits int64 [B, W]."""
