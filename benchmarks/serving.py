@@ -289,38 +289,51 @@ def plots(points: List[Point], img: Path, suffix: str) -> List[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
     img.mkdir(parents=True, exist_ok=True)
-    models = [m for m in MODELS if any(p.model == m for p in points)]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for m in models:
-        mine = sorted((p for p in points if p.model == m), key=lambda p: p.concurrency)
-        ax.plot([p.concurrency for p in mine], [p.requests_per_s for p in mine], marker="o",
-                label=m)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("concurrent clients (closed loop)")
-    ax.set_ylabel("requests / s")
-    ax.set_title("Throughput vs concurrency")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
+    models = list(dict.fromkeys(p.model for p in points))  # in the order they ran
+    levels = sorted({p.concurrency for p in points})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, value, label in ((axes[0], lambda p: p.requests_per_s, "requests / s"),
+                             (axes[1], _per_core, "requests / server CPU-second")):
+        for m in models:
+            mine = sorted((p for p in points if p.model == m), key=lambda p: p.concurrency)
+            ax.plot([p.concurrency for p in mine], [value(p) for p in mine], marker="o",
+                    label=m)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(levels, [str(c) for c in levels])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("concurrent clients (closed loop)")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    axes[0].set_title("Throughput vs concurrency")
+    axes[1].set_title("Throughput per server CPU core")
     throughput = img / f"serving_throughput{suffix}.png"
     fig.tight_layout()
     fig.savefig(throughput, dpi=120)
     plt.close(fig)
 
+    # the same load for every model: the level closest to 16 clients
+    level = min(levels, key=lambda c: abs(c - 16))
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for m in models:
-        best = max((p for p in points if p.model == m), key=lambda p: p.requests_per_s)
-        ms = np.array(sorted(best.latency_histogram), dtype=float)
-        counts = np.array([best.latency_histogram[int(x)] for x in ms], dtype=float)
+        point = next(p for p in points if p.model == m and p.concurrency == level)
+        ms = np.array(sorted(point.latency_histogram), dtype=float)
+        counts = np.array([point.latency_histogram[int(x)] for x in ms], dtype=float)
         if counts.sum() == 0:
             continue
         ax.plot(ms, np.cumsum(counts) / counts.sum(), drawstyle="steps-post",
-                label=f"{m} ({best.concurrency} clients, {best.requests_per_s:.0f} req/s)")
+                label=f"{m} ({point.requests_per_s:.0f} req/s)")
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("latency (ms, client side)")
     ax.set_ylabel("fraction of requests")
-    ax.set_title("Latency distribution at each model's peak throughput")
+    ax.set_title(f"Latency distribution, {level} concurrent clients")
     ax.grid(True, alpha=0.3)
     ax.legend()
     latency = img / f"serving_latency{suffix}.png"
@@ -363,7 +376,8 @@ def markdown(args, info, workload: Workload, recalls: Dict[str, Dict[str, float]
               "(per member model) | server CPU | server CPU ms / req | load gen. CPU | "
               "other CPU |",
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
-    for p in sorted(points, key=lambda p: (MODELS.index(p.model), p.concurrency)):
+    order = list(dict.fromkeys(p.model for p in points))
+    for p in sorted(points, key=lambda p: (order.index(p.model), p.concurrency)):
         batches = ", ".join(f"{m} {b:.1f}" for m, b in p.batch_sizes.items())
         mine = [r for r in all_rounds if (r["model"], r["concurrency"]) == (p.model,
                                                                            p.concurrency)]
@@ -375,7 +389,7 @@ def markdown(args, info, workload: Workload, recalls: Dict[str, Dict[str, float]
                      f"{p.client_cores:.2f} | {p.other_cores:.2f} |")
     lines += ["", "CPU columns: cores busy on average during the measured interval.", ""]
     peak = {m: max((p for p in points if p.model == m), key=lambda p: p.requests_per_s)
-            for m in MODELS if any(p.model == m for p in points)}
+            for m in order}
     if "unified" in peak and "baseline" in peak:
         lines += ["### Unified against the baseline (same run)", "",
                   "Throughput, and throughput per server CPU core (requests per CPU-second of "
@@ -444,7 +458,7 @@ def main(argv=None) -> int:
                         "building one from the checked-out code into runs/benchmark/")
     p.add_argument("--items-csv", type=Path, default=None)
     p.add_argument("--models", default=",".join(MODELS))
-    p.add_argument("--concurrency", default="1,4,16,32", help="closed-loop clients per point")
+    p.add_argument("--concurrency", default="1,4,16,32,64", help="closed-loop clients per point")
     p.add_argument("--seconds", type=float, default=6.0, help="measured time per round")
     p.add_argument("--rounds", type=int, default=3,
                    help="rounds per (model, level); the median round (by throughput) counts")
