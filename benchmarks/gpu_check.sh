@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The project's GPU check: every Triton-language kernel on CUDA against its torch path, with
+# timings. Run on a GPU host (the Dockerfile image, or a lent machine) from the repository root:
+#   bash benchmarks/gpu_check.sh            # full sizes (1M items / 1M slots)
+#   bash benchmarks/gpu_check.sh --small    # quick sizes
+# On a CPU-only machine: `SMOKE=1 bash benchmarks/gpu_check.sh` runs the same scripts under
+# TRITON_INTERPRET=1 on tiny shapes (checks the code paths, not the GPU).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+[ -x "$PY" ] || PY=python3
+args=("$@")
+if [ "${SMOKE:-0}" = 1 ]; then
+  export TRITON_INTERPRET=1
+  args=(--interpret --small)
+fi
+status=0
+for check in gpu_bloom gpu_ann gpu_zch; do
+  echo "=== benchmarks/$check.py ${args[*]:-}"
+  if ! PYTHONUNBUFFERED=1 "$PY" "benchmarks/$check.py" "${args[@]}"; then
+    echo "!!! $check failed"
+    status=1
+  fi
+done
+exit $status
