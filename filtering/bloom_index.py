@@ -58,10 +58,13 @@ class BloomIndexConfig:
     # language (10) and tags (40) exact: 12.5 bytes per item, no uncertainty.
     exact_max_values: int = 64
     # A value of a Bloom-mode feature that at least this share of the items have gets an exact
-    # bitmap too (at most 1/share of them per feature: <= 32 bytes per item at 1/256). 1/256
-    # gives the 16 biggest of the synthetic catalog's 10,000 Zipf creators a bitmap
-    # (2 bytes per item) and keeps every other creator term below 0.4% of the items.
-    exact_min_share: float = 1 / 256
+    # bitmap too (at most 1/share of them per feature: <= 64 bytes per item at 1/512). Every
+    # item of a Bloom term is uncertain and checked one by one, so popular values are cheaper
+    # as bitmaps. Measured on the 1M-item synthetic catalog (benchmarks/filter_benchmark.py
+    # queries, depth 2): 1/256 gives 16 creators a bitmap (2 bytes per item) and leaves 9,095
+    # uncertain pairs per 64 queries; 1/512, 38 creators (4.75 bytes), 2,569 pairs; 1/1024,
+    # 96 creators (12 bytes), 1,108 pairs.
+    exact_min_share: float = 1 / 512
     # Bloom hash positions per (feature, value). With width_multiplier 6 that is 30 bits per
     # value and a false-positive rate near (1 - e^(-1/6))^5 = 8.5e-5 (measured:
     # benchmarks/filter_benchmark.py); the anchor's K=3 x 5 gives 15 bits and about 6e-3.
@@ -109,7 +112,7 @@ class BloomIndex:
     exact_start: torch.Tensor  # int64 [F + 1]: feature f's are [exact_start[f], ...[f+1])
     width: int  # Bloom bits per item (rows E..E+width-1 of `words`); 0 without Bloom features
     num_hashes: int
-    verify_values: torch.Tensor  # int32/int64 [N, S]: values of the Bloom features, -1 padded
+    verify_values: torch.Tensor  # int16/32/64 [N, S]: values of the Bloom features, -1 padded
     verify_start: torch.Tensor  # int64 [F + 1]: columns of each feature (none when exact)
 
     @property
@@ -203,9 +206,12 @@ def build_bloom_index(schema: Schema, features: Sequence[np.ndarray],
                                     for f in range(len(features))])
     verify_values = (np.concatenate(verify, axis=1) if verify
                      else np.zeros((n, 0), dtype=np.int64))
-    if verify_values.size == 0 or (verify_values.min() >= -(2**31)
-                                   and verify_values.max() < 2**31):
-        verify_values = verify_values.astype(np.int32)  # half the bytes; compares as int64
+    for narrow in (np.int16, np.int32):  # the narrowest type holding the values (and -1)
+        info = np.iinfo(narrow)
+        if verify_values.size == 0 or (verify_values.min() >= info.min
+                                       and verify_values.max() <= info.max):
+            verify_values = verify_values.astype(narrow)  # compared after promotion to int64
+            break
     return BloomIndex(
         num_items=n, modes=modes, words=words,
         exact_values=torch.from_numpy(np.concatenate(exact_values).astype(np.int64)),

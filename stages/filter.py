@@ -237,7 +237,8 @@ class BloomFilterLayer(nn.Module):
         # exact terms: the item's bit in the term's bitmap
         at = (kinds == self.term_exact).nonzero().squeeze(1)
         item = items[pair[at]]
-        bits = (self.words[rows[at], item >> 6] >> (item & 63)) & 1
+        word = self.words.view(-1).index_select(0, rows[at] * self.num_words + (item >> 6))
+        bits = (word >> (item & 63)) & 1
         truth.index_put_((at,), bits)
         # Bloom terms: the item's own values, read once per pair
         at = (kinds == self.term_bloom).nonzero().squeeze(1)
@@ -265,37 +266,38 @@ class BloomFilterLayer(nn.Module):
         position, _ = torch.sort(hit[word_index] * 64 + bit)
         pair_query, items = position // (num_words * 64), position % (num_words * 64)
         num_pairs = items.shape[0]
-        # every term of the checked plans, numbered in row-major order
+        # the terms of each checked plan, in plan order: a [Q, width] table of (kind, first
+        # row, feature, value), padded with TERM_EMPTY
         plans, resolved = plans.index_select(0, queries), resolved.index_select(0, queries)
         is_term = resolved[:, :, 0] == self.op_term
-        term_query, term_step = is_term.nonzero().unbind(1)
         terms_per_query = is_term.sum(1)
-        first_term = torch.cumsum(terms_per_query, 0) - terms_per_query
-        # one element per (pair, term of the pair's query), pair-major
-        reps = terms_per_query[pair_query]
-        pair = torch.repeat_interleave(torch.arange(num_pairs, device=items.device), reps)
-        rank = torch.arange(pair.shape[0], device=items.device) - (torch.cumsum(reps, 0)
-                                                                    - reps)[pair]
-        term = first_term[pair_query[pair]] + rank
-        steps_per_plan = resolved.shape[1]
-        term_rows = term_query * steps_per_plan + term_step
-        term_resolved = resolved.reshape(-1, resolved.shape[2]).index_select(0, term_rows)
-        term_plan = plans.reshape(-1, 3).index_select(0, term_rows)
-        truth = self.term_truth(term_resolved[:, 1][term], term_resolved[:, 2][term],
-                                term_plan[:, 1][term], term_plan[:, 2][term], pair, items) == 1
-        # each query's plan over its own pairs: a [pairs, terms] block of `truth` per query
+        width = int(terms_per_query.max())
+        term_query, term_step = is_term.nonzero().unbind(1)
+        rank = torch.arange(term_query.shape[0], device=items.device) - (
+            torch.cumsum(terms_per_query, 0) - terms_per_query)[term_query]
+        flat_step = term_query * resolved.shape[1] + term_step
+        table = torch.full((queries.shape[0], width, 4), self.term_empty, dtype=torch.int64,
+                           device=items.device)
+        table[term_query, rank] = torch.cat([
+            resolved.reshape(-1, resolved.shape[2]).index_select(0, flat_step)[:, 1:3],
+            plans.reshape(-1, 3).index_select(0, flat_step)[:, 1:3]], dim=1)
+        # every term of a pair's query for the pair's item: truth [P, width]
+        per_pair = table.index_select(0, pair_query).view(-1, 4)
+        pair = torch.arange(num_pairs * width, device=items.device) // width
+        truth = self.term_truth(per_pair[:, 0], per_pair[:, 1], per_pair[:, 2], per_pair[:, 3],
+                                pair, items).view(num_pairs, width) == 1
+        # each query's plan over its own pairs (a block of rows of `truth`)
         pairs_per_query: List[int] = torch.bincount(
             pair_query, minlength=queries.shape[0]).tolist()
-        terms_per_query_list: List[int] = terms_per_query.tolist()
+        terms: List[int] = terms_per_query.tolist()
         steps: List[List[List[int]]] = resolved[:, :, :1].tolist()
         passed: List[torch.Tensor] = []
         start = 0
         for q in range(len(steps)):
-            size, width = pairs_per_query[q], terms_per_query_list[q]
-            block = truth[start: start + size * width].view(size, width)
-            start += size * width
-            columns = [block[:, c] for c in range(width)]
-            passed.append(evaluate_postfix(steps[q], columns, size, items.device))
+            block = truth[start: start + pairs_per_query[q]]
+            start += pairs_per_query[q]
+            columns = [block[:, c] for c in range(terms[q])]
+            passed.append(evaluate_postfix(steps[q], columns, pairs_per_query[q], items.device))
         keep = torch.cat(passed)
         items, rows = items[keep], queries[pair_query[keep]]
         definite.view(-1).index_add_(0, rows * num_words + (items >> 6),
