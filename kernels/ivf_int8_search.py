@@ -7,8 +7,8 @@
 
 Query b scores every row of the lists `probes[b]` (-1 = no list) whose filter bit is set:
 score = (query_codes[b] . codes[row]) * query_scales[b] * scales[row], the dot product being
-an exact integer (|dot| <= 64 * 127 * 127 < 2^24 for D <= 1040, so fp32 holds it exactly and
-the CPU and CUDA paths agree up to the final rounding). It returns the k best (scores sorted
+an exact integer (|dot| <= D * 127 * 127 < 2^24 for D <= 1040, so fp32 holds it exactly and
+the CPU and CUDA paths give the same scores). It returns the k best (scores sorted
 descending; slots past the query's number of passing rows hold score -inf and row -1) and
 `num_passing`, how many rows passed the filter in the probed lists, so that the caller can
 probe more lists or fall back to an exact scan (`ann.search`). Probing every list is exact
@@ -31,6 +31,8 @@ from kernels._library import LIB
 # int8 rows of 64 dims make a 4 KiB tile per program.
 BLOCK_ROWS = 64
 NUM_WARPS = 4
+# largest D whose int8 dot products stay exact integers in fp32 (D * 127^2 < 2^24)
+MAX_DIM = 1040
 
 LIB.define(
     "ivf_int8_search(Tensor query_codes, Tensor query_scales, Tensor filter_bits, "
@@ -59,6 +61,9 @@ def _check_inputs(query_codes: torch.Tensor, query_scales: torch.Tensor,
     n = codes.shape[0]
     if codes.shape[1] != d:
         raise ValueError(f"ivf_int8_search: query dim {d} != item dim {codes.shape[1]}")
+    if d > MAX_DIM:
+        raise ValueError(f"ivf_int8_search: dim {d} > {MAX_DIM}, int8 dot products would no "
+                         "longer be exact in fp32")
     if query_scales.shape[0] != b or filter_bits.shape[0] != b or probes.shape[0] != b:
         raise ValueError("ivf_int8_search: query_codes, query_scales, filter_bits and probes "
                          f"must share the batch size, got {b}, {query_scales.shape[0]}, "

@@ -118,6 +118,9 @@ def test_wrapper_rejects_bad_inputs_with_messages():
         op_module.ivf_int8_search_torch(*bad_words, 5)
     with pytest.raises(ValueError, match="k must be"):
         op_module.ivf_int8_search_torch(*args, 0)
+    wide = list(_inputs(2, 300, op_module.MAX_DIM + 1, 4, 2, seed=5))
+    with pytest.raises(ValueError, match="exact in fp32"):
+        op_module.ivf_int8_search_torch(*wide, 5)
 
 
 @pytest.mark.interpret
