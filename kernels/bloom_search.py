@@ -42,9 +42,10 @@ from kernels._library import LIB, triton_available
 
 # ---- launch settings (the only place) --------------------------------------------------------
 # Words per program and warps, from benchmarks/gpu_bloom.py on an H200 (1M items, 256 random
-# plans, kernel ms): BLOCK_W 32/4 warps 7.5, 64/4 2.7, 128/2 1.05, 128/4 1.35, 128/8 2.7,
-# 256/4 1.13, 256/8 1.41. The register stacks take 2 * STACK_DEPTH * BLOCK_WORDS int64 per
-# program; the sm_90 build of depth 16 does not spill (tests/test_filter_kernel.py).
+# plans, kernel ms): BLOCK_W 32 / 4 warps 0.79, 64/4 0.49, 128/2 0.37, 128/4 0.36, 128/8 0.53,
+# 256/4 0.39, 256/8 0.39 (2 and 4 warps at 128 words tie). The register stack takes
+# 2 * STACK_DEPTH * BLOCK_WORDS int64 per program; the sm_90 build of depth 16 does not spill
+# (tests/test_filter_kernel.py).
 BLOCK_WORDS = 128
 NUM_WARPS = 2
 
