@@ -392,21 +392,24 @@ def markdown(args, info, workload: Workload, recalls: Dict[str, Dict[str, float]
             for m in order}
     if "unified" in peak and "baseline" in peak:
         lines += ["### Unified against the baseline (same run)", "",
-                  "Throughput, and throughput per server CPU core (requests per CPU-second of "
-                  "the server process tree: what a dedicated machine's cores would serve, less "
-                  "sensitive to other load on a shared machine).", "",
+                  "Ratios are medians over rounds of unified / baseline measured back to back "
+                  "in the same round (paired, so that a change of background load between "
+                  "rounds cancels out). *Per server core*: requests per CPU-second of the "
+                  "server process tree, i.e. the work each needs per request: what dedicated "
+                  "cores would serve, less sensitive to the CPU share the server gets on a "
+                  "shared machine.", "",
                   "| clients | unified req/s | retrieval req/s | baseline req/s | "
                   "unified / baseline | unified / baseline per server core |",
                   "| ---: | ---: | ---: | ---: | ---: | ---: |"]
         for c in sorted({p.concurrency for p in points}):
             row = {p.model: p for p in points if p.concurrency == c}
-            if "unified" in row and "baseline" in row and row["baseline"].requests_per_s > 0:
-                u, b = row["unified"], row["baseline"]
+            if "unified" in row and "baseline" in row:
+                ratios, per_core = _paired_ratios(all_rounds, c)
                 r = row.get("retrieval")
-                lines.append(f"| {c} | {u.requests_per_s:.1f} | "
+                lines.append(f"| {c} | {row['unified'].requests_per_s:.1f} | "
                              f"{r.requests_per_s if r else float('nan'):.1f} | "
-                             f"{b.requests_per_s:.1f} | {u.requests_per_s / b.requests_per_s:.2f}x"
-                             f" | {_per_core(u) / _per_core(b):.2f}x |")
+                             f"{row['baseline'].requests_per_s:.1f} | {ratios:.2f}x"
+                             f" | {per_core:.2f}x |")
         u, b = peak["unified"], peak["baseline"]
         ratio = u.requests_per_s / b.requests_per_s if b.requests_per_s else float("inf")
         ru, rb = recalls.get("unified", {}).get("all"), recalls.get("baseline", {}).get("all")
@@ -420,6 +423,22 @@ def markdown(args, info, workload: Workload, recalls: Dict[str, Dict[str, float]
     lines += ["", f"![throughput vs concurrency]({rel[0]})", "",
               f"![latency distribution]({rel[1]})", "", END]
     return "\n".join(lines)
+
+
+def _paired_ratios(all_rounds: List[dict], concurrency: int):
+    """Medians over rounds of unified / baseline: throughput, and throughput per server core."""
+    by_round: Dict[int, Dict[str, dict]] = {}
+    for r in all_rounds:
+        if r["concurrency"] == concurrency:
+            by_round.setdefault(r["round"], {})[r["model"]] = r
+    pairs = [(x["unified"], x["baseline"]) for x in by_round.values()
+             if "unified" in x and "baseline" in x and x["baseline"]["requests_per_s"] > 0]
+
+    def core(r):
+        return r["requests_per_s"] / max(r["server_cores"], 1e-9)
+
+    return (float(np.median([u["requests_per_s"] / b["requests_per_s"] for u, b in pairs])),
+            float(np.median([core(u) / core(b) for u, b in pairs])))
 
 
 def _per_core(p: Point) -> float:
@@ -529,7 +548,7 @@ def main(argv=None) -> int:
                     point = drive(server, workload, m, c, args.protocol, args.warmup,
                                   args.seconds, cpu)
                     rounds[m].append(point)
-                    all_rounds.append(asdict(point))
+                    all_rounds.append({**asdict(point), "round": r})
                     print(f"round {r + 1}: {m:>9} x{c:<3} {point.requests_per_s:8.1f} req/s  "
                           f"p50 {point.p50_ms:.0f} p95 {point.p95_ms:.0f} p99 "
                           f"{point.p99_ms:.0f} ms  failures {point.failures}  batch "
