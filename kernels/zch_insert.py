@@ -281,10 +281,12 @@ if triton_available():
         # never pairs an old id with its successor's fresh time (which would hide a slot that
         # already holds this id, and let a repeat of the id claim a second slot). The opposite
         # pairing, a new id with an old time, is caught after the CAS (the roll-back below).
+        # (Atomic loads are written as atomic_add of 0: `tl.atomic_load` only exists in recent
+        # Triton releases; the GPU host's triton 3.6 had none.)
         while pending:
-            last_seen = tl.atomic_load(metadata_ptr + window, mask=probe_mask, sem="acquire")
+            last_seen = tl.atomic_add(metadata_ptr + window, 0, mask=probe_mask, sem="acquire")
             last_seen = tl.where(probe_mask, last_seen, 0)
-            occupant = tl.atomic_load(identities_ptr + window, mask=probe_mask, sem="relaxed")
+            occupant = tl.atomic_add(identities_ptr + window, 0, mask=probe_mask, sem="relaxed")
             occupant = tl.where(probe_mask, occupant, TL_EMPTY_ID)
             match = (occupant == raw_id) & probe_mask
             busy = (occupant == TL_CLAIMING_ID) & probe_mask
