@@ -12,9 +12,9 @@ import csv
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -29,7 +29,9 @@ from stages.filter import FilterConfig, build_filter_stage
 from stages.scorer import build_scorer_stage
 from stages.unified import UnifiedRetrieval
 from stages.user import build_user_tower
-from training.fit_heads import TrainConfig, fit_weights
+from training.data import from_world, time_split
+from training.train import WEIGHTS_DIR, TrainConfig, load_or_train
+from training.weights import TrainedWeights
 from world.synthetic import Catalog, World, WorldConfig, generate_world
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,6 +50,9 @@ class BuildConfig:
     # Value Model defaults: value = sum_t w_t * p_t over (click, like, share)
     task_weights: tuple = (1.0, 2.0, 4.0)
     holdout_fraction: float = 0.1  # latest interactions kept out of fitting, for evaluation
+    # trained weights are reused from / saved to here (training/train.py load_or_train);
+    # None = always train, save nothing
+    weights_dir: Optional[Path] = WEIGHTS_DIR
     # the pre-SilverTorch service chain the benchmarks compare against (builder/baseline.py)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
 
@@ -73,9 +78,7 @@ def write_items_csv(catalog: Catalog, path: Path) -> None:
 
 def split_holdout(world: World, fraction: float):
     """(train mask, holdout mask) over interactions: the latest `fraction` by time."""
-    ts = world.interactions.timestamp
-    cut = np.quantile(ts, 1.0 - fraction)
-    return ts < cut, ts >= cut
+    return time_split(world.interactions, fraction)
 
 
 def prepare_repository(target: Path) -> None:
@@ -102,21 +105,34 @@ def is_built(repository: Path) -> bool:
 class Built:
     modules: Dict[str, torch.nn.Module]
     catalog: Catalog  # in index row order: row r of every stage tensor is catalog row r
-    weights: object
+    weights: TrainedWeights
 
 
-def build_modules(world: World, cfg: BuildConfig) -> Built:
-    train, _ = split_holdout(world, cfg.holdout_fraction)
-    weights = fit_weights(world, train, cfg.training)
-    catalog = world.catalog.take(index_order(world.catalog, cfg.ann))
-    users = build_user_tower(weights)
-    modules = {
-        "filter": build_filter_stage(catalog, cfg.filter),
-        "ann": build_ann_stage(catalog, users, cfg.ann),
-        "scorer": build_scorer_stage(catalog, weights),
-        "aggregator": ValueModel(torch.from_numpy(catalog.item_ids),
-                                 torch.tensor(cfg.task_weights, dtype=torch.float32)),
+def retrieval_stages(catalog: Catalog, weights: TrainedWeights, ann: AnnConfig,
+                     task_weights: tuple) -> Tuple[Dict[str, torch.nn.Module], Catalog]:
+    """The ann, scorer and aggregator stages from trained weights, and the catalog they index.
+
+    The ANN indexes the item tower's vectors (what the user tower's queries were trained
+    against), so they replace the catalog's embeddings before the index decides the row
+    order. Returns the stages and that catalog in index row order.
+    """
+    learned = replace(catalog, embeddings=weights.item_vectors.numpy())
+    order = index_order(learned, ann)
+    indexed = learned.take(order)
+    stages = {
+        "ann": build_ann_stage(indexed, build_user_tower(weights), ann),
+        "scorer": build_scorer_stage(weights, order),
+        "aggregator": ValueModel(torch.from_numpy(indexed.item_ids),
+                                 torch.tensor(task_weights, dtype=torch.float32)),
     }
+    return stages, indexed
+
+
+def build_modules(world: World, cfg: BuildConfig, progress: bool = False) -> Built:
+    weights = load_or_train(from_world(world), cfg.holdout_fraction, cfg.training,
+                            cfg.weights_dir, progress)
+    stages, catalog = retrieval_stages(world.catalog, weights, cfg.ann, cfg.task_weights)
+    modules = {"filter": build_filter_stage(catalog, cfg.filter), **stages}
     modules["unified"] = UnifiedRetrieval(modules["filter"], modules["ann"], modules["scorer"],
                                           modules["aggregator"])
     return Built(modules, catalog, weights)
@@ -136,8 +152,8 @@ def build(cfg: BuildConfig, world: World = None, progress: bool = True) -> World
         steps.set_postfix_str(f"synthetic world, {cfg.world.num_items:,} items")
         world = generate_world(cfg.world)
     steps.update()
-    steps.set_postfix_str("fitting weights")
-    built = build_modules(world, cfg)
+    steps.set_postfix_str("training (or loading) weights")
+    built = build_modules(world, cfg, progress)
     steps.update()
     repo = Path(cfg.repository)
     prepare_repository(repo)

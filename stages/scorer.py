@@ -1,40 +1,110 @@
-"""The `scorer` stage: per-task probabilities for every (user, candidate) pair.
+"""The `scorer` stage: per-task probabilities for every (user, candidate) pair, by the OverArch.
 
-Request-only: the user embedding arrives once per request ([B, D]) and is broadcast to the
-request's candidates inside the stage; no per-candidate copy of user data crosses a stage.
+The OverArch is a learned similarity over (user vector u, item vector v): an MLP over
+[u, v, u * v, e] (e: a free per-item vector) followed by one small head per task (click, like,
+share), plus a per-task linear term in the retrieval score <u, v> (so that it starts from, and
+can always fall back to, the calibrated dot product). Its first layer splits by input,
+
+    h1 = relu(W_u u + b + W_v [v, e] + W_x (u * v)),
+
+so the user term W_u u + b is computed once per request and broadcast to the request's
+candidates inside the stage (request-only computation): the user vector arrives once per
+request ([B, D]) and no per-candidate copy of user data crosses a stage boundary.
 """
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 from torch import nn
 
-from training.fit_heads import BaselineWeights
-from world.synthetic import Catalog
+from training.weights import TrainedWeights
 
 
-def build_scorer_stage(catalog: Catalog, weights: BaselineWeights) -> nn.Module:
-    """The scorer over `catalog` (in index row order) from fitted weights."""
-    return DotProductTaskScorer(torch.from_numpy(catalog.embeddings),
-                                torch.from_numpy(weights.head_scale),
-                                torch.from_numpy(weights.head_bias))
+@dataclass
+class OverArchConfig:
+    hidden_dim: int = 128  # width of the first (user x item) layer
+    trunk_dim: int = 64  # width of the shared representation the task heads read
+    head_dim: int = 32  # hidden width of each task's head
+    item_extra_dim: int = 16  # free per-item vector learned with the OverArch (e.g. quality)
 
 
-class DotProductTaskScorer(nn.Module):
-    """p_t = sigmoid(scale_t * <user, item> + bias_t): one logistic head per task over the
-    retrieval dot product, fitted to the logged labels (training/fit_heads.py).
+class OverArch(nn.Module):
+    """Task logits of (user, item) pairs.
 
     Args:
-        item_embeddings: float32 [N, D] in index row order.
-        scale, bias: float32 [T].
+        dim: width of the user and item vectors (the two towers' output).
+        num_tasks: number of task heads.
     """
 
-    def __init__(self, item_embeddings: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor):
+    def __init__(self, dim: int, num_tasks: int, config: OverArchConfig):
         super().__init__()
-        self.register_buffer("item_embeddings", item_embeddings.float().contiguous())
-        self.register_buffer("scale", scale.float())
-        self.register_buffer("bias", bias.float())
+        h, t, k = config.hidden_dim, config.trunk_dim, config.head_dim
+        self.user_layer = nn.Linear(dim, h)
+        self.item_layer = nn.Linear(dim + config.item_extra_dim, h, bias=False)
+        self.cross_layer = nn.Linear(dim, h, bias=False)
+        self.trunk = nn.Linear(h, t)
+        # one 2-layer head per task, stored stacked so that all heads run as one einsum
+        self.head_hidden = nn.Parameter(torch.randn(num_tasks, t, k) / t ** 0.5)
+        self.head_hidden_bias = nn.Parameter(torch.zeros(num_tasks, k))
+        self.head_out = nn.Parameter(torch.randn(num_tasks, k) / k ** 0.5)
+        self.head_out_bias = nn.Parameter(torch.zeros(num_tasks))
+        # per-task weight of the retrieval score; training starts it (and head_out_bias) at the
+        # logistic fit of the labels on the dot product (training/over_arch.py)
+        self.dot_scale = nn.Parameter(torch.ones(num_tasks))
+
+    def user_side(self, user: torch.Tensor) -> torch.Tensor:
+        """The per-request part of the first layer: [B, D] -> [B, H]."""
+        return self.user_layer(user)
+
+    def forward(self, user: torch.Tensor, items: torch.Tensor, item_extra: torch.Tensor
+                ) -> torch.Tensor:
+        """user [B, D] (once per request), items [B, C, D], item_extra [B, C, E]
+        -> task logits [B, C, T]."""
+        h = self.user_side(user).unsqueeze(1) \
+            + self.item_layer(torch.cat([items, item_extra], -1)) \
+            + self.cross_layer(user.unsqueeze(1) * items)
+        h = torch.relu(self.trunk(torch.relu(h)))
+        g = torch.relu(torch.einsum("bch,thk->bctk", h, self.head_hidden)
+                       + self.head_hidden_bias)
+        dot = torch.einsum("bd,bcd->bc", user, items).unsqueeze(-1)
+        return (g * self.head_out).sum(-1) + self.head_out_bias + dot * self.dot_scale
+
+
+class OverArchScorer(nn.Module):
+    """Task probabilities of candidate rows for one user vector per request.
+
+    Args:
+        item_vectors: float32 [N, D] item tower outputs in index row order (what the ANN
+            indexes).
+        item_extra: float32 [N, E] the OverArch's per-item vectors, index row order.
+        over_arch: the trained OverArch.
+    """
+
+    def __init__(self, item_vectors: torch.Tensor, item_extra: torch.Tensor, over_arch: OverArch):
+        super().__init__()
+        self.register_buffer("item_vectors", item_vectors.float().contiguous())
+        self.register_buffer("item_extra", item_extra.float().contiguous())
+        self.over_arch = over_arch
 
     def forward(self, user_embedding: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """user_embedding [B, D], rows int64 [B, C] (-1 = padding) -> task scores [B, C, T]."""
-        items = self.item_embeddings[rows.clamp(min=0)]  # [B, C, D]
-        dot = torch.einsum("bd,bcd->bc", user_embedding, items)
-        return torch.sigmoid(dot.unsqueeze(-1) * self.scale + self.bias)
+        safe = rows.clamp(min=0)
+        logits = self.over_arch(user_embedding, self.item_vectors[safe], self.item_extra[safe])
+        return torch.sigmoid(logits)
+
+
+def build_over_arch(weights: TrainedWeights) -> OverArch:
+    spec = weights.over_arch
+    model = OverArch(int(weights.item_vectors.shape[1]), len(weights.tasks),
+                     OverArchConfig(**spec["config"]))
+    model.load_state_dict(spec["state"])
+    return model.requires_grad_(False).eval()
+
+
+def build_scorer_stage(weights: TrainedWeights, order: np.ndarray) -> OverArchScorer:
+    """The trained scorer with its per-item tensors in index row order (`order[r]` is the
+    catalog row stored at index row r, `stages.ann.index_order`)."""
+    rows = torch.from_numpy(np.asarray(order, dtype=np.int64))
+    return OverArchScorer(weights.item_vectors[rows], weights.item_extra[rows],
+                          build_over_arch(weights))

@@ -1,19 +1,107 @@
-"""User side of retrieval: raw 64-bit user id -> query embedding, once per request."""
+"""User side of retrieval: raw 64-bit user id -> query embedding, once per request.
+
+The user tower of the two-tower model (trained by `training/towers.py`): the raw id is mapped
+to a row; the row's id embedding, the user's categorical features (e.g. language) and the
+user's history vector (the mean item vector of the items they engaged with in the logs) go
+through an MLP, and the L2-normalised output is the query vector the ANN searches with and the
+scorer broadcasts to the candidates. Unknown ids map to the cold-start row (no features, no
+history), trained on examples whose user was hidden (`TwoTowerConfig.cold_start_rate`).
+"""
+
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from training.fit_heads import BaselineWeights
+from idmap.zero_collision import ZeroCollisionConfig, ZeroCollisionMap
+from stages.features import FeatureBag
+from training.weights import TrainedWeights
 
 
-def build_user_tower(weights: BaselineWeights) -> nn.Module:
-    """user id -> query embedding module from fitted weights."""
-    return UserTable(torch.from_numpy(weights.user_ids), torch.from_numpy(weights.user_embeddings),
-                     torch.from_numpy(weights.cold_start))
+@dataclass
+class UserTowerConfig:
+    output_dim: int = 64  # query vector width = the ANN index dimension
+    id_dim: int = 32  # per-user id embedding width
+    feature_dim: int = 16  # user feature (language) embedding width
+    history_dim: int = 64  # width of the history vector (= the item vectors' width)
+    hidden_dim: int = 128  # MLP hidden width
+
+
+class UserTower(nn.Module):
+    """query = normalize(history[row] + MLP([id_embedding[row], features[row], history[row]])),
+    row = id_map(raw id).
+
+    The MLP is a residual on the history vector and starts at zero: an untrained tower queries
+    with the user's mean engaged-item vector (the closed-form baseline of
+    training/fit_heads.py) and training learns what to add to it.
+
+    Args:
+        id_map: raw ids -> rows of the id embedding (idmap/zero_collision.py: insert mode in
+            training, read-only `forward` = lookup at serving); its `unknown_row` is the
+            cold-start row and the last row of the table.
+        feature_values, feature_weights: [R, M] each row's categorical features as an
+            embedding bag (training/data.py `FeatureColumns`), R = unknown_row + 1; the
+            cold-start row has none.
+        num_feature_values: size of the shared feature table.
+        history: float32 [R, H] each row's history vector (zeros: no history).
+    """
+
+    def __init__(self, id_map: nn.Module, feature_values: torch.Tensor,
+                 feature_weights: torch.Tensor, num_feature_values: int,
+                 history: torch.Tensor, config: UserTowerConfig):
+        super().__init__()
+        num_rows = int(id_map.unknown_row) + 1
+        for name, t in (("feature", feature_values), ("history", history)):
+            if t.shape[0] != num_rows:
+                raise ValueError(f"{name} rows {t.shape[0]} != id map rows {num_rows}")
+        if history.shape[1] != config.history_dim:
+            raise ValueError(f"history width {history.shape[1]} != {config.history_dim}")
+        self.id_map = id_map
+        self.id_embedding = nn.Embedding(num_rows, config.id_dim, sparse=True)
+        nn.init.normal_(self.id_embedding.weight, std=0.01)
+        self.register_buffer("feature_values", feature_values.to(torch.int64).contiguous())
+        self.register_buffer("feature_weights", feature_weights.float().contiguous())
+        self.register_buffer("history", history.float().contiguous())
+        self.features = FeatureBag(num_feature_values, config.feature_dim)
+        width = config.id_dim + config.feature_dim + config.history_dim
+        self.mlp = nn.Sequential(nn.Linear(width, config.hidden_dim), nn.ReLU(),
+                                 nn.Linear(config.hidden_dim, config.output_dim))
+        nn.init.zeros_(self.mlp[2].weight)
+        nn.init.zeros_(self.mlp[2].bias)
+        if config.history_dim != config.output_dim:
+            raise ValueError("history_dim must equal output_dim (the history is the residual's "
+                             "base)")
+
+    def forward(self, user_ids: torch.Tensor) -> torch.Tensor:
+        """user_ids int64 [B] -> float32 [B, D] unit-norm query vectors."""
+        rows = self.id_map(user_ids)
+        return self.encode(rows, self.history[rows])
+
+    @torch.jit.export
+    def encode(self, rows: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+        """Query vectors of id-map rows with the given history vectors (training passes each
+        example's history without the example's own item): int64 [B], [B, H] -> [B, D]."""
+        x = torch.cat([self.id_embedding(rows),
+                       self.features(self.feature_values[rows], self.feature_weights[rows]),
+                       history], -1)
+        return F.normalize(history + self.mlp(x), dim=-1)
+
+
+def build_user_tower(weights: TrainedWeights) -> UserTower:
+    """The trained user tower (serving: the id map is only read)."""
+    spec = weights.user_tower
+    tower = UserTower(ZeroCollisionMap(ZeroCollisionConfig(**spec["id_map"])),
+                      spec["feature_values"],
+                      spec["feature_weights"], spec["num_feature_values"], spec["history"],
+                      UserTowerConfig(**spec["config"]))
+    tower.load_state_dict(spec["state"])
+    return tower.requires_grad_(False).eval()
 
 
 class UserTable(nn.Module):
-    """Exact raw-id lookup into a table of user embeddings; unknown ids get the cold-start row.
+    """Exact raw-id lookup into a table of user embeddings; unknown ids get the cold-start row
+    (the closed-form baseline of training/fit_heads.py as a module).
 
     Args:
         raw_ids: int64 [U] known user ids (any order, distinct).

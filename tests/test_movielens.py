@@ -1,0 +1,81 @@
+"""MovieLens-format loading: labels per task, sampled negatives, genres; the real
+ml-latest-small when it is present (its research licence keeps it out of the repository)."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training.data import time_split
+from training.movielens import MovieLensConfig, load_movielens
+
+ML_LATEST_SMALL = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-latest-small"
+
+MOVIES = """movieId,title,genres
+1,Toy Story (1995),Adventure|Animation|Children|Comedy|Fantasy
+2,"American President, The (1995)",Comedy|Drama|Romance
+5,Heat (1995),Action|Crime|Thriller
+7,Untitled,(no genres listed)
+11,"Fifth Element, The (1997)",Action|Sci-Fi
+"""
+RATINGS = """userId,movieId,rating,timestamp
+3,1,4.0,100
+3,2,2.5,200
+3,11,5.0,300
+9,5,4.5,150
+9,1,3.0,250
+"""
+
+
+def test_loader_labels_negatives_and_genres(tmp_path):
+    (tmp_path / "movies.csv").write_text(MOVIES)
+    (tmp_path / "ratings.csv").write_text(RATINGS)
+    data = load_movielens(tmp_path, MovieLensConfig(negatives_per_rating=2, seed=3))
+    assert data.catalog.item_ids.tolist() == [1, 2, 5, 7, 11]
+    assert data.user_ids.tolist() == [3, 9]
+    assert data.catalog.embeddings.shape == (5, 0)
+    genres = data.catalog.schema.features[0]
+    spelled = [[genres.vocabulary[v] for v in row if v >= 0]
+               for row in data.catalog.features[0].tolist()]
+    assert spelled[1] == ["Comedy", "Drama", "Romance"] and spelled[3] == []
+    log = data.interactions
+    assert log.labels.shape == (5 * 3, 3)
+    rated = log.labels[:, 0] > 0
+    pairs = {(int(data.user_ids[u]), int(data.catalog.item_ids[i]))
+             for u, i in zip(log.user_index[rated], log.item_index[rated])}
+    assert pairs == {(3, 1), (3, 2), (3, 11), (9, 5), (9, 1)}
+    by_pair = {(int(data.user_ids[u]), int(data.catalog.item_ids[i])): tuple(y)
+               for u, i, y in zip(log.user_index[rated], log.item_index[rated],
+                                  log.labels[rated].tolist())}
+    assert by_pair[(3, 1)] == (1.0, 1.0, 0.0)  # 4.0: liked, not loved
+    assert by_pair[(3, 2)] == (1.0, 0.0, 0.0)
+    assert by_pair[(9, 5)] == (1.0, 1.0, 1.0)
+    # negatives: never a movie the user rated, all labels 0, a rating's timestamp
+    neg = ~rated
+    assert np.all(log.labels[neg] == 0)
+    for u, i in zip(log.user_index[neg], log.item_index[neg]):
+        assert (int(data.user_ids[u]), int(data.catalog.item_ids[i])) not in pairs
+    assert set(log.timestamp[neg].tolist()) <= {100, 200, 300, 150, 250}
+    # every user's first feature row: no user features in MovieLens
+    assert data.user_features.num_values == 0
+
+
+def test_loader_rejects_ratings_of_unknown_movies(tmp_path):
+    (tmp_path / "movies.csv").write_text(MOVIES)
+    (tmp_path / "ratings.csv").write_text(RATINGS + "9,404,3.0,400\n")
+    with pytest.raises(ValueError, match="missing from movies.csv"):
+        load_movielens(tmp_path)
+    with pytest.raises(FileNotFoundError, match="MovieLens-format"):
+        load_movielens(tmp_path / "nowhere")
+
+
+@pytest.mark.skipif(not ML_LATEST_SMALL.exists(), reason=f"{ML_LATEST_SMALL} absent")
+def test_ml_latest_small_loads_with_a_time_holdout():
+    data = load_movielens(ML_LATEST_SMALL)
+    assert data.catalog.num_items == 9742 and len(data.user_ids) == 610
+    rated = data.interactions.labels[:, 0] > 0
+    assert int(rated.sum()) == 100836
+    assert len(data.catalog.schema.features[0].vocabulary) == 19
+    train, held = time_split(data.interactions, 0.1)
+    assert not (train & held).any()
+    assert data.interactions.timestamp[held].min() >= data.interactions.timestamp[train].max()

@@ -1,0 +1,230 @@
+"""Learned retrieval (issue 5): training lowers the losses, the user tower / item tower /
+OverArch scorer script and match eager, the scorer is request-only, the Value Model's order
+follows the task weights, weights files round-trip and are reused."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from stages.aggregator import ValueModel
+from stages.scorer import OverArch, OverArchConfig, build_scorer_stage
+from stages.user import UserTower, build_user_tower
+from training.data import from_world, subset, time_split
+from training.evaluate import ndcg
+from training.over_arch import OverArchModel, OverArchTrainConfig, task_losses, train_over_arch
+from training.towers import (
+    ClickHistory,
+    ExampleQueries,
+    ItemTower,
+    TwoTowerConfig,
+    in_batch_softmax_loss,
+    train_two_tower,
+)
+from training.train import TrainConfig, load_or_train, rows_per_user, train, weights_path
+from training.weights import TrainedWeights
+from world.synthetic import WorldConfig, generate_world
+
+WORLD = generate_world(WorldConfig(seed=11, num_items=900, num_users=240, num_creators=40,
+                                   impressions_per_user=30))
+DATA = from_world(WORLD)
+TRAIN_MASK, HOLDOUT_MASK = time_split(DATA.interactions, 0.1)
+TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-6)}
+
+
+@pytest.fixture(scope="module")
+def weights() -> TrainedWeights:
+    return train(DATA, TRAIN_MASK, TrainConfig(), progress=False, holdout_mask=HOLDOUT_MASK)
+
+
+def towers(config: TwoTowerConfig):
+    log = subset(DATA.interactions, TRAIN_MASK)
+    id_map, user_rows, values, feature_weights = rows_per_user(
+        DATA, np.unique(log.user_index), 0, TrainConfig())
+    users = UserTower(id_map, values, feature_weights, DATA.user_features.num_values,
+                      torch.zeros(id_map.unknown_row + 1, config.user.history_dim), config.user)
+    items = ItemTower(torch.from_numpy(DATA.catalog.embeddings),
+                      torch.from_numpy(DATA.item_features.values),
+                      torch.from_numpy(DATA.item_features.weights),
+                      DATA.item_features.num_values, config.item)
+    clicks = torch.from_numpy(log.labels[:, 0] > 0)
+    ui, ii = torch.from_numpy(log.user_index), torch.from_numpy(log.item_index)
+    history = ClickHistory(ui[clicks], ii[clicks], len(DATA.user_ids))
+    return ExampleQueries(users, user_rows, history), items, ui, ii, clicks, log
+
+
+def fixed_batch_loss(queries, items, ui, ii, temperature):
+    """The in-batch softmax loss of the first 512 clicks, no cold-start substitution."""
+    with torch.no_grad():
+        queries.history.refresh(items.all_items())
+        u, i = ui[:512], ii[:512]
+        q = queries(u, i, torch.ones_like(u, dtype=torch.bool),
+                    torch.zeros_like(u, dtype=torch.bool))
+        counts = torch.bincount(ii, minlength=DATA.catalog.num_items).float()
+        log_q = torch.log(counts / ii.numel()).clamp(min=-30.0)
+        return float(in_batch_softmax_loss(q, items(i), i, log_q[i], temperature))
+
+
+def test_two_tower_training_lowers_the_in_batch_softmax_loss():
+    config = TwoTowerConfig(epochs=6, batch_size=256, learning_rate=3e-3, cold_start_rate=0.0)
+    torch.manual_seed(0)
+    queries, items, ui, ii, clicks, _ = towers(config)
+    before = fixed_batch_loss(queries, items, ui[clicks], ii[clicks], config.temperature)
+    losses = train_two_tower(queries, items, ui[clicks], ii[clicks], config,
+                             torch.Generator().manual_seed(0), progress=False)
+    after = fixed_batch_loss(queries, items, ui[clicks], ii[clicks], config.temperature)
+    assert np.isfinite(losses).all()
+    assert after < before - 0.1, (before, after)
+
+
+def test_over_arch_training_improves_on_its_calibrated_dot_product_start():
+    config = TwoTowerConfig(epochs=2, batch_size=256, cold_start_rate=0.0)
+    torch.manual_seed(0)
+    queries, items, ui, ii, _, log = towers(config)
+    item_vectors = items.all_items()
+    queries.history.refresh(item_vectors)
+    labels = torch.from_numpy(log.labels)
+    model = OverArchModel(64, DATA.catalog.num_items, 3, OverArchConfig())
+    train_config = OverArchTrainConfig(epochs=0, cold_start_rate=0.0)
+    train_over_arch(model, queries, item_vectors, ui, ii, labels, train_config,
+                    torch.Generator().manual_seed(0), progress=False)  # the start only
+
+    def bce():
+        with torch.no_grad():
+            u = queries(ui, ii, labels[:, 0] > 0, torch.zeros_like(ui, dtype=torch.bool))
+            return task_losses(model(u, item_vectors[ii], ii), labels)
+
+    start = bce()
+    history = train_over_arch(model, queries, item_vectors, ui, ii, labels,
+                              dataclasses.replace(train_config, epochs=4),
+                              torch.Generator().manual_seed(1), progress=False)
+    end = bce()
+    assert len(history) == 4
+    assert torch.all(end < start), (start, end)
+
+
+def test_training_metrics_and_determinism(weights):
+    m = weights.metrics
+    assert m["id_map_overflow"] == 0
+    assert len(m["tower_loss"]) == TrainConfig().two_tower.epochs
+    assert all(0.5 < a <= 1.0 for a in m["holdout_auc"])  # held-out: better than chance
+    again = train(DATA, TRAIN_MASK, TrainConfig(), progress=False)
+    torch.testing.assert_close(again.item_vectors, weights.item_vectors, rtol=0, atol=0)
+    torch.testing.assert_close(again.item_extra, weights.item_extra, rtol=0, atol=0)
+
+
+def test_user_tower_scripts_matches_eager_and_serves_unknown_users_the_cold_start_row(weights):
+    tower = build_user_tower(weights)
+    scripted = torch.jit.script(tower)
+    ids = torch.from_numpy(WORLD.user_ids[:7].copy())
+    ids[5], ids[6] = 987654321, -3  # unknown, negative (padding) ids
+    eager = tower(ids)
+    torch.testing.assert_close(scripted(ids), eager, **TOLERANCE[torch.float32])
+    torch.testing.assert_close(eager.norm(dim=1), torch.ones(7), **TOLERANCE[torch.float32])
+    unknown = tower.id_map.unknown_row
+    cold = tower.encode(torch.tensor([unknown]), torch.zeros(1, 64))[0]
+    torch.testing.assert_close(eager[5], cold, **TOLERANCE[torch.float32])
+    torch.testing.assert_close(eager[6], cold, **TOLERANCE[torch.float32])
+    # serving only reads the id map
+    before = tower.id_map.identities.clone()
+    tower(torch.tensor([111, 222, 333]))
+    assert torch.equal(tower.id_map.identities, before)
+    # known users are told apart from the cold-start row
+    assert not torch.allclose(eager[0], cold)
+
+
+def test_item_tower_scripts_and_matches_eager():
+    for content in (torch.from_numpy(DATA.catalog.embeddings), torch.zeros(900, 0)):
+        tower = ItemTower(content, torch.from_numpy(DATA.item_features.values),
+                          torch.from_numpy(DATA.item_features.weights),
+                          DATA.item_features.num_values, TwoTowerConfig().item)
+        torch.nn.init.normal_(tower.mlp[2].weight)  # a non-trivial residual
+        rows = torch.tensor([0, 5, 899, 17, 17])
+        torch.testing.assert_close(torch.jit.script(tower)(rows), tower(rows),
+                                   **TOLERANCE[torch.float32])
+
+
+def test_scorer_scripts_matches_eager_and_is_request_only(weights):
+    order = np.random.default_rng(0).permutation(DATA.catalog.num_items)
+    scorer = build_scorer_stage(weights, order)
+    scripted = torch.jit.script(scorer)
+    user = build_user_tower(weights)(torch.from_numpy(WORLD.user_ids[:3].copy()))
+    rows = torch.tensor([[0, 4, 7, 899, 3], [12, 13, -1, -1, -1], [5, 5, 6, 1, 2]])
+    eager = scorer(user, rows)
+    assert eager.shape == (3, 5, 3)
+    torch.testing.assert_close(scripted(user, rows), eager, **TOLERANCE[torch.float32])
+    # request-only: scoring each candidate alone (its own copy of the user vector) gives the
+    # same probabilities as one user vector broadcast over the request's candidates
+    for b in range(3):
+        for c in range(5):
+            alone = scorer(user[b: b + 1], rows[b: b + 1, c: c + 1])
+            torch.testing.assert_close(alone[0, 0], eager[b, c], **TOLERANCE[torch.float32])
+    # rows are index rows: row r holds catalog item order[r]
+    catalog_rows = torch.from_numpy(order[[0, 4, 7, 899, 3]])
+    over_arch = scorer.over_arch
+    direct = torch.sigmoid(over_arch(user[:1], weights.item_vectors[catalog_rows][None],
+                                     weights.item_extra[catalog_rows][None]))
+    torch.testing.assert_close(direct[0], eager[0], **TOLERANCE[torch.float32])
+
+
+def test_value_model_order_follows_the_task_weights(weights):
+    scorer = build_scorer_stage(weights, np.arange(DATA.catalog.num_items))
+    value_model = ValueModel(torch.from_numpy(DATA.catalog.item_ids),
+                             torch.tensor([1.0, 2.0, 4.0]))
+    user = build_user_tower(weights)(torch.from_numpy(WORLD.user_ids[:1].copy()))
+    rows = torch.arange(0, 600, 3).unsqueeze(0)
+    tasks = scorer(user, rows)
+    counts, k = torch.tensor([rows.shape[1]]), torch.tensor([20])
+    orders = {}
+    for name, w in {"click": [1.0, 0.0, 0.0], "like": [0.0, 1.0, 0.0],
+                    "share": [0.0, 0.0, 1.0], "default": [1.0, 2.0, 4.0]}.items():
+        weights_t = torch.tensor([w])
+        ids, values, top_tasks, n = value_model(rows, tasks, counts, k, weights_t)
+        assert int(n[0]) == 20
+        value = (tasks[0] * weights_t).sum(1)
+        want = torch.sort(value, descending=True, stable=True).indices[:20]
+        assert torch.equal(ids[0], value_model.item_ids[rows[0, want]]), name
+        torch.testing.assert_close(values[0], value[want])
+        torch.testing.assert_close(top_tasks[0], tasks[0, want])
+        orders[name] = ids[0].tolist()
+    # different task weights give different top 20s (the heads are not one score)
+    assert len({tuple(o) for o in orders.values()}) == 4
+
+
+def test_weights_file_round_trip_and_reuse(weights, tmp_path, monkeypatch):
+    path = tmp_path / "w.pt"
+    weights.save(path)
+    loaded = TrainedWeights.load(path)
+    ids = torch.from_numpy(WORLD.user_ids[:4].copy())
+    torch.testing.assert_close(build_user_tower(loaded)(ids), build_user_tower(weights)(ids),
+                               rtol=0, atol=0)
+    rows = torch.tensor([[1, 2, 3]])
+    q = build_user_tower(weights)(ids[:1])
+    order = np.arange(DATA.catalog.num_items)
+    torch.testing.assert_close(build_scorer_stage(loaded, order)(q, rows),
+                               build_scorer_stage(weights, order)(q, rows), rtol=0, atol=0)
+    # load_or_train: trains and saves once, then reuses the file for the same data and config
+    config = TrainConfig(two_tower=TwoTowerConfig(epochs=1),
+                         over_arch=OverArchTrainConfig(epochs=1))
+    first = load_or_train(DATA, 0.1, config, tmp_path, progress=False)
+    assert weights_path(DATA, 0.1, config, tmp_path).exists()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained again although matching weights exist")
+
+    monkeypatch.setattr("training.train.train", no_training)
+    again = load_or_train(DATA, 0.1, config, tmp_path, progress=False)
+    torch.testing.assert_close(again.item_vectors, first.item_vectors, rtol=0, atol=0)
+    other = dataclasses.replace(config, seed=1)
+    assert weights_path(DATA, 0.1, other, tmp_path) != weights_path(DATA, 0.1, config, tmp_path)
+
+
+def test_over_arch_head_shapes_and_ndcg():
+    model = OverArch(8, 3, OverArchConfig(hidden_dim=16, trunk_dim=8, head_dim=4,
+                                          item_extra_dim=2))
+    out = model(torch.randn(2, 8), torch.randn(2, 5, 8), torch.randn(2, 5, 2))
+    assert out.shape == (2, 5, 3)
+    assert ndcg(np.array([1.0, 1.0, 0.0]), np.array([1.0, 1.0])) == pytest.approx(1.0)
+    assert ndcg(np.array([0.0, 1.0]), np.array([1.0])) == pytest.approx(1 / np.log2(3))
+    assert ndcg(np.zeros(3), np.zeros(0)) == 0.0

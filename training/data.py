@@ -1,0 +1,116 @@
+"""What training and evaluation read from a data source: a catalog, users and logged impressions.
+
+Two sources produce it: the synthetic world (`from_world`, with ground truth) and
+MovieLens-format files (`training/movielens.py`). Everything downstream (the two-tower model,
+the OverArch, evaluation) sees only `LoggedData`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from world.synthetic import Catalog, Interactions, World
+
+
+@dataclass
+class FeatureColumns:
+    """Categorical features of a set of entities (users or items), ready for an embedding bag.
+
+    values: int64 [R, M] value ids of all features side by side, each feature's ids offset so
+        that they index one shared table of `num_values` rows; -1 = padding.
+    weights: float32 [R, M] 1 / (number of values the entity has for that feature) on valid
+        slots, 0 on padding: every feature contributes the mean of its values' embeddings.
+    """
+
+    values: np.ndarray
+    weights: np.ndarray
+    num_values: int
+
+    @staticmethod
+    def from_features(features: Sequence[np.ndarray], sizes: Sequence[int]) -> FeatureColumns:
+        """`features[f]` int64 [R, M_f] value ids in [0, sizes[f]) padded with -1."""
+        if not features:
+            raise ValueError("no features: use FeatureColumns.empty(rows)")
+        values, weights, offset = [], [], 0
+        for column, size in zip(features, sizes):
+            valid = column >= 0
+            if np.any(column[valid] >= size):
+                raise ValueError(f"feature value {int(column.max())} outside [0, {size})")
+            count = np.maximum(valid.sum(1, keepdims=True), 1)
+            values.append(np.where(valid, column + offset, -1))
+            weights.append(np.where(valid, 1.0 / count, 0.0))
+            offset += int(size)
+        return FeatureColumns(np.concatenate(values, 1).astype(np.int64),
+                              np.concatenate(weights, 1).astype(np.float32), offset)
+
+    @staticmethod
+    def empty(rows: int) -> FeatureColumns:
+        return FeatureColumns(np.full((rows, 1), -1, np.int64), np.zeros((rows, 1), np.float32), 0)
+
+    def take(self, rows: np.ndarray) -> FeatureColumns:
+        return FeatureColumns(self.values[rows], self.weights[rows], self.num_values)
+
+
+@dataclass
+class LoggedData:
+    """One data source, in the form training and evaluation use.
+
+    catalog: items in catalog order; `catalog.embeddings` is the item content vector fed to
+        the item tower (width 0 when the source has none).
+    item_features / user_features: categorical features of items (catalog order) and users.
+    interactions: logged impressions with one 0/1 label per task; `user_index` rows into
+        `user_ids`, `item_index` into the catalog.
+    world: the synthetic world when the source is one (ground truth for evaluation).
+    """
+
+    name: str
+    catalog: Catalog
+    item_features: FeatureColumns
+    user_ids: np.ndarray  # int64 [U] raw ids
+    user_features: FeatureColumns
+    interactions: Interactions
+    tasks: Tuple[str, ...]
+    # identifies the source for weight caching (e.g. the world config)
+    fingerprint: dict = field(default_factory=dict)
+    world: Optional[World] = None
+
+
+# features of the synthetic catalog that feed the item tower; `creator` is left out: the world
+# draws creators independently of everything a user cares about
+WORLD_ITEM_FEATURES = ("category", "language", "tags")
+
+
+def feature_sizes(catalog: Catalog, names: Sequence[str]) -> List[int]:
+    sizes = []
+    for name in names:
+        spec = catalog.schema.features[catalog.schema.feature_id(name)]
+        column = catalog.features[catalog.schema.feature_id(name)]
+        sizes.append(len(spec.vocabulary) if spec.kind == "str" else int(column.max()) + 1)
+    return sizes
+
+
+def from_world(world: World) -> LoggedData:
+    """The synthetic world as logged data: users have one feature (their language)."""
+    catalog = world.catalog
+    item_cols = [catalog.features[catalog.schema.feature_id(n)] for n in WORLD_ITEM_FEATURES]
+    items = FeatureColumns.from_features(item_cols, feature_sizes(catalog, WORLD_ITEM_FEATURES))
+    users = FeatureColumns.from_features([world.user_language[:, None]],
+                                         [world.config.num_languages])
+    return LoggedData("synthetic", catalog, items, world.user_ids, users, world.interactions,
+                      tuple(world.tasks), {"source": "synthetic", "world": asdict(world.config)},
+                      world)
+
+
+def time_split(interactions: Interactions, fraction: float) -> Tuple[np.ndarray, np.ndarray]:
+    """(train mask, holdout mask) over interactions: the latest `fraction` by time is held out."""
+    ts = interactions.timestamp
+    cut = np.quantile(ts, 1.0 - fraction)
+    return ts < cut, ts >= cut
+
+
+def subset(interactions: Interactions, mask: np.ndarray) -> Interactions:
+    return Interactions(interactions.user_index[mask], interactions.item_index[mask],
+                        interactions.labels[mask], interactions.timestamp[mask])

@@ -1,0 +1,298 @@
+"""Retrieval quality of the served stages on held-out interactions (and, on the synthetic world,
+against ground truth): (a) dot-product retrieval alone vs (b) retrieval + OverArch + Value Model.
+
+    python -m training.evaluate [--movielens DIR] [--write docs/quality.md]
+
+Both pipelines run the built stage modules (the `ann` stage's user tower and index, the
+`scorer`, the `aggregator`), exactly as served, per user with k = 10 and k = 50:
+(a) the first k ANN candidates (ANN order = dot product), (b) the Value Model's top k of the
+ANN's oversample * k candidates. Items the user interacted with in training are filtered out
+(through the filter bitmap, as a request filter would).
+
+Metrics, averaged over evaluated users (R = the user's relevant items, L_k = the returned list):
+- held-out: R = the user's held-out impressions with a positive first task (a click; a rating
+  on MovieLens); recall@k = |L_k & R| / min(k, |R|); NDCG@10 with binary gains.
+- ground truth (synthetic world only, no exclusion): the ideal list T_k is the top k of the
+  whole catalog by the true score s (the world's affinity logit, or the true value
+  sum_t w_t p_t with the true task probabilities); recall@k = |L_k & T_k| / k, NDCG@10 with
+  gain s - min_catalog(s) (non-negative) against the ideal list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from builder.build import retrieval_stages
+from stages.ann import AnnConfig
+from stages.bits import pack_bits
+from training.data import LoggedData, from_world, subset, time_split
+from training.train import WEIGHTS_DIR, TrainConfig, load_or_train, metrics_line
+from world.synthetic import WorldConfig, generate_world
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MOVIELENS = ROOT.parent / "shared" / "data" / "ml-latest-small"
+PIPELINES = ("a", "b")
+PIPELINE_NAMES = {"a": "(a) dot-product retrieval", "b": "(b) + OverArch + Value Model"}
+
+
+@dataclass
+class EvalConfig:
+    ks: Sequence[int] = (10, 50)  # list lengths (one request per user and k)
+    ndcg_k: int = 10
+    max_users: int = 20_000  # held-out users evaluated at most (a seeded sample beyond that)
+    truth_users: int = 2_000  # synthetic world: users compared against ground truth
+    batch_size: int = 256  # users per batched request
+    holdout_fraction: float = 0.1  # the latest interactions, as the builder holds them out
+    task_weights: tuple = (1.0, 2.0, 4.0)  # Value Model weights (the builder's defaults)
+    seed: int = 0
+    ann: AnnConfig = field(default_factory=AnnConfig)
+
+
+class Pipelines:
+    """The served stages of one data set, run in-process on batches of users."""
+
+    def __init__(self, data: LoggedData, weights, config: EvalConfig):
+        stages, indexed = retrieval_stages(data.catalog, weights, config.ann, config.task_weights)
+        self.ann, self.scorer, self.aggregator = (stages[n].eval() for n in
+                                                  ("ann", "scorer", "aggregator"))
+        order = np.argsort(data.catalog.item_ids)
+        # catalog row of each index row, and index row of each catalog row
+        self.catalog_row = order[np.searchsorted(data.catalog.item_ids[order], indexed.item_ids)]
+        self.index_row = np.empty_like(self.catalog_row)
+        self.index_row[self.catalog_row] = np.arange(len(self.catalog_row))
+        self.item_ids = data.catalog.item_ids
+        self.num_items = data.catalog.num_items
+        self.weights = torch.tensor(config.task_weights, dtype=torch.float32)
+        self.all_pass = pack_bits(torch.ones((1, self.num_items), dtype=torch.bool))
+
+    @torch.no_grad()
+    def run(self, user_ids: np.ndarray, excluded: List[np.ndarray], k: int) -> Dict[str, list]:
+        """Catalog rows returned per user by each pipeline (lists of arrays, best first).
+
+        excluded[i]: catalog rows user i must not get (filtered out)."""
+        b = len(user_ids)
+        bits = self.all_pass.repeat(b, 1).numpy().view(np.uint64)
+        for i, rows in enumerate(excluded):
+            r = self.index_row[rows].astype(np.uint64)
+            np.bitwise_and.at(bits[i], (r >> np.uint64(6)).astype(np.int64),
+                              ~(np.uint64(1) << (r & np.uint64(63))))
+        bits = torch.from_numpy(bits.view(np.int64))
+        ks = torch.full((b,), k, dtype=torch.int64)
+        rows, _, counts, user_embedding = self.ann(torch.from_numpy(user_ids), bits, ks)
+        task_scores = self.scorer(user_embedding, rows)
+        ids, _, _, n = self.aggregator(rows, task_scores, counts, ks,
+                                       self.weights.expand(b, -1))
+        dot = [self.catalog_row[rows[i, : min(k, int(counts[i]))].numpy()] for i in range(b)]
+        order = np.argsort(self.item_ids)
+        value = []
+        for i in range(b):
+            got = ids[i, : int(n[i])].numpy()
+            value.append(order[np.searchsorted(self.item_ids[order], got)])
+        return {"a": dot, "b": value}
+
+
+def ndcg(gains_of_list: np.ndarray, ideal_gains: np.ndarray) -> float:
+    discount = 1.0 / np.log2(np.arange(2, max(len(ideal_gains), len(gains_of_list)) + 2))
+    idcg = float((ideal_gains * discount[: len(ideal_gains)]).sum())
+    dcg = float((gains_of_list * discount[: len(gains_of_list)]).sum())
+    return dcg / idcg if idcg > 0 else 0.0
+
+
+class Scores:
+    """Per-user metric values of each pipeline; `summary` gives means and 95% intervals."""
+
+    def __init__(self, metrics: Sequence[str]):
+        self.values = {p: {m: [] for m in metrics} for p in PIPELINES}
+
+    def add(self, pipeline: str, metric: str, value: float) -> None:
+        self.values[pipeline][metric].append(float(value))
+
+    def summary(self) -> Dict[str, Dict]:
+        out = {}
+        for p, metrics in self.values.items():
+            out[p] = {}
+            for m, v in metrics.items():
+                v = np.asarray(v)
+                out[p][m] = (float(v.mean()), 1.96 * float(v.std(ddof=1)) / np.sqrt(len(v)))
+            out[p]["users"] = len(next(iter(metrics.values())))
+        return out
+
+
+def metric_names(config: EvalConfig) -> List[str]:
+    return [f"recall@{k}" for k in config.ks] + [f"ndcg@{config.ndcg_k}"]
+
+
+def heldout_metrics(data: LoggedData, pipes: Pipelines, config: EvalConfig) -> Dict[str, Dict]:
+    train_mask, holdout_mask = time_split(data.interactions, config.holdout_fraction)
+    train, held = subset(data.interactions, train_mask), subset(data.interactions, holdout_mask)
+    positive = held.labels[:, 0] > 0
+    users = np.unique(held.user_index[positive])
+    rng = np.random.default_rng(config.seed)
+    if len(users) > config.max_users:
+        users = np.sort(rng.choice(users, config.max_users, replace=False))
+    relevant = _rows_by_user(held.user_index[positive], held.item_index[positive])
+    seen = _rows_by_user(train.user_index, train.item_index)
+    empty = np.zeros(0, np.int64)
+    scores = Scores(metric_names(config))
+    for s in range(0, len(users), config.batch_size):
+        batch = users[s: s + config.batch_size]
+        excluded = [seen.get(u, empty) for u in batch]
+        for k in sorted(set(config.ks) | {config.ndcg_k}):
+            lists = pipes.run(data.user_ids[batch], excluded, k)
+            for p in PIPELINES:
+                for u, got in zip(batch, lists[p]):
+                    rel = relevant[u]
+                    hit = np.isin(got, rel)
+                    if k in config.ks:
+                        scores.add(p, f"recall@{k}", hit.sum() / min(k, len(rel)))
+                    if k == config.ndcg_k:
+                        scores.add(p, f"ndcg@{k}", ndcg(hit.astype(float),
+                                                        np.ones(min(k, len(rel)))))
+    return scores.summary()
+
+
+def truth_metrics(data: LoggedData, pipes: Pipelines, config: EvalConfig
+                  ) -> Dict[str, Dict[str, Dict]]:
+    """Synthetic world only: lists against the true top-k by affinity and by true value."""
+    world = data.world
+    rng = np.random.default_rng(config.seed + 1)
+    users = np.sort(rng.choice(len(data.user_ids), min(config.truth_users, len(data.user_ids)),
+                               replace=False))
+    weights = np.asarray(config.task_weights, dtype=np.float32)
+    top = max(max(config.ks), config.ndcg_k)
+    scores = {"affinity": Scores(metric_names(config)), "value": Scores(metric_names(config))}
+    all_items = np.arange(data.catalog.num_items)[None, :]
+    # the world's ground truth broadcasts [users, items, latent]: a few users at a time
+    chunk = max(1, min(config.batch_size, (1 << 25) // max(data.catalog.num_items, 1)))
+    for s in range(0, len(users), chunk):
+        batch = users[s: s + chunk]
+        truth = {"affinity": world.affinity(batch[:, None], all_items),
+                 "value": world.true_task_probs(batch[:, None], all_items) @ weights}
+        no_exclusion = [np.zeros(0, np.int64)] * len(batch)
+        lists = {k: pipes.run(data.user_ids[batch], no_exclusion, k)
+                 for k in sorted(set(config.ks) | {config.ndcg_k})}
+        for name, score in truth.items():
+            ideal = np.argsort(-score, axis=1)[:, :top]
+            for i in range(len(batch)):
+                gain = score[i] - score[i].min()
+                for p in PIPELINES:
+                    for k in config.ks:
+                        got = lists[k][p][i]
+                        scores[name].add(p, f"recall@{k}", np.isin(got, ideal[i, :k]).sum() / k)
+                    got = lists[config.ndcg_k][p][i]
+                    scores[name].add(p, f"ndcg@{config.ndcg_k}",
+                                     ndcg(gain[got], gain[ideal[i, : config.ndcg_k]]))
+    return {name: sc.summary() for name, sc in scores.items()}
+
+
+def _rows_by_user(user_index: np.ndarray, item_index: np.ndarray) -> Dict[int, np.ndarray]:
+    order = np.argsort(user_index, kind="stable")
+    users, start = np.unique(user_index[order], return_index=True)
+    return {int(u): np.unique(part) for u, part in zip(users, np.split(item_index[order],
+                                                                        start[1:]))}
+
+
+def evaluate(data: LoggedData, config: EvalConfig, train_config: TrainConfig,
+             weights_dir: Optional[Path] = WEIGHTS_DIR, progress: bool = True) -> Dict:
+    weights = load_or_train(data, config.holdout_fraction, train_config, weights_dir, progress)
+    pipes = Pipelines(data, weights, config)
+    t0 = time.perf_counter()
+    result = {"name": data.name, "training": metrics_line(data, weights),
+              "heldout": heldout_metrics(data, pipes, config)}
+    if data.world is not None:
+        result["truth"] = truth_metrics(data, pipes, config)
+    result["eval_seconds"] = round(time.perf_counter() - t0, 1)
+    return result
+
+
+def table(results: List[Dict], config: EvalConfig) -> str:
+    metrics = metric_names(config)
+    head = "| data set | relevance | users | pipeline | " + " | ".join(
+        m.replace("ndcg", "NDCG") for m in metrics) + " |"
+    lines = [head, "|" + " --- |" * (4 + len(metrics))]
+
+    def rows(name, relevance, block):
+        for p in PIPELINES:
+            values = " | ".join(f"{block[p][m][0]:.4f} ± {block[p][m][1]:.4f}" for m in metrics)
+            lines.append(f"| {name} | {relevance} | {block[p]['users']} | {PIPELINE_NAMES[p]} "
+                         f"| {values} |")
+
+    for r in results:
+        rel = "held-out clicks" if r["name"] == "synthetic" else "held-out ratings"
+        rows(r["name"], rel, r["heldout"])
+        for t, block in r.get("truth", {}).items():
+            rows(r["name"], f"ground truth: {'affinity' if t == 'affinity' else 'true value'}",
+                 block)
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--num-items", type=int, default=WorldConfig.num_items)
+    p.add_argument("--num-users", type=int, default=WorldConfig.num_users)
+    p.add_argument("--seed", type=int, default=0, help="synthetic world seed")
+    p.add_argument("--movielens", type=Path, default=DEFAULT_MOVIELENS,
+                   help="MovieLens-format directory (skipped when absent)")
+    p.add_argument("--no-movielens", action="store_true")
+    p.add_argument("--max-users", type=int, default=EvalConfig.max_users)
+    p.add_argument("--truth-users", type=int, default=EvalConfig.truth_users)
+    p.add_argument("--write", type=Path, default=None,
+                   help="write the table and the command into this markdown file")
+    a = p.parse_args()
+    config = EvalConfig(max_users=a.max_users, truth_users=a.truth_users)
+    train_config = TrainConfig()
+    sources = [lambda: from_world(generate_world(WorldConfig(
+        seed=a.seed, num_items=a.num_items, num_users=a.num_users)))]
+    if not a.no_movielens:
+        if a.movielens.exists():
+            from training.movielens import load_movielens
+            sources.append(lambda: load_movielens(a.movielens))
+        else:
+            print(f"{a.movielens}: absent, MovieLens skipped")
+    results = []
+    for load in sources:
+        data = load()
+        results.append(evaluate(data, config, train_config))
+        print(results[-1]["training"])
+    text = table(results, config)
+    print(text)
+    if a.write is not None:
+        write_markdown(a.write, text, results)
+
+
+def write_markdown(path: Path, text: str, results: List[Dict]) -> None:
+    import sys
+
+    command = "python -m training.evaluate " + " ".join(sys.argv[1:])
+    training = "\n".join(f"- {r['training']}" for r in results)
+    Path(path).write_text(QUALITY_TEMPLATE.format(command=command.strip(), table=text,
+                                                  training=training))
+
+
+QUALITY_TEMPLATE = """# Retrieval quality
+
+{table}
+
+Training (per data set: loss of the first and last two-tower epoch, final OverArch train BCE,
+held-out AUC of the OverArch vs the plain dot product, training time):
+
+{training}
+
+Produced by:
+
+```bash
+.venv/bin/{command}
+```
+"""
+
+
+if __name__ == "__main__":
+    main()

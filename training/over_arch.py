@@ -1,0 +1,144 @@
+"""Training of the OverArch and its task heads on the logged impressions.
+
+The towers are frozen: the OverArch reads the same user vector the ANN queries with (the one
+the `ann` stage hands to the scorer) and the same item vectors the ANN indexes. Every logged
+impression is an example with one binary label per task; the loss is the mean over tasks of
+the binary cross-entropy of the task's head. An example's user vector leaves the example's own
+item out of the user's history (training/towers.py `ExampleQueries`), as it is absent from the
+history of a user the model is asked about at serving.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from stages.scorer import OverArch, OverArchConfig
+from training.towers import ExampleQueries, split_parameters
+
+
+@dataclass
+class OverArchTrainConfig:
+    model: OverArchConfig = field(default_factory=OverArchConfig)
+    epochs: int = 3  # passes over the training impressions
+    batch_size: int = 2048
+    learning_rate: float = 2e-3  # Adam (dense parameters) and SparseAdam (item extras)
+    # L2 penalty on the free per-item vectors of a batch: items with a handful of impressions
+    # would otherwise memorise their labels
+    item_extra_l2: float = 1e-3
+    # share of examples scored with the cold-start user vector (what unknown users get)
+    cold_start_rate: float = 0.05
+    # random catalog items per impression added as examples with all labels 0: the scorer
+    # reorders ANN candidates drawn from the whole catalog, mostly never shown to anyone
+    random_negatives: float = 0.0
+    # impressions the initial logistic fit of the labels on the dot product reads
+    init_sample: int = 200_000
+
+
+class OverArchModel(nn.Module):
+    """The OverArch with its trainable per-item vectors (zero-initialised: an item never seen
+    in training is scored from its item vector alone)."""
+
+    def __init__(self, dim: int, num_items: int, num_tasks: int, config: OverArchConfig):
+        super().__init__()
+        self.over_arch = OverArch(dim, num_tasks, config)
+        self.item_extra = nn.Embedding(num_items, config.item_extra_dim, sparse=True)
+        nn.init.zeros_(self.item_extra.weight)
+
+    def forward(self, user: torch.Tensor, items: torch.Tensor, item_rows: torch.Tensor
+                ) -> torch.Tensor:
+        """One candidate per example: user [B, D], items [B, D], rows [B] -> logits [B, T]."""
+        extra = self.item_extra(item_rows)
+        return self.over_arch(user, items.unsqueeze(1), extra.unsqueeze(1)).squeeze(1)
+
+
+def task_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-task mean binary cross-entropy, [T]."""
+    return F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(0)
+
+
+@torch.no_grad()
+def init_from_dot(model: OverArchModel, dot: torch.Tensor, labels: torch.Tensor,
+                  steps: int = 50) -> None:
+    """Starts the OverArch's per-task dot term at the logistic fit
+    p_t = sigmoid(a_t * <u, v> + b_t) of the labels, so that training begins from the
+    calibrated retrieval score (the closed-form baseline's heads, training/fit_heads.py)."""
+    scale = torch.ones(labels.shape[1], requires_grad=True)
+    bias = torch.zeros(labels.shape[1], requires_grad=True)
+    opt = torch.optim.LBFGS([scale, bias], max_iter=steps)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(dot[:, None] * scale + bias, labels)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    model.over_arch.dot_scale.copy_(scale.detach())
+    model.over_arch.head_out_bias.copy_(bias.detach())
+
+
+def train_over_arch(model: OverArchModel, queries: ExampleQueries, item_vectors: torch.Tensor,
+                    user_index: torch.Tensor, item_index: torch.Tensor, labels: torch.Tensor,
+                    config: OverArchTrainConfig, generator: torch.Generator,
+                    progress: bool = True) -> List[List[float]]:
+    """Trains `model` in place; returns each epoch's mean per-task BCE.
+
+    Args:
+        queries: the frozen user tower with the users' click history;
+        item_vectors: [N, D] frozen item tower outputs; user_index / item_index: int64 [E]
+        impressions; labels: float32 [E, T] (task 0, the click, says which impressions are in
+        the user's history).
+    """
+    n = int(labels.shape[0])
+    sample = torch.randperm(n, generator=generator)[: config.init_sample]
+    with torch.no_grad():
+        rows = item_index[sample]
+        user = queries(user_index[sample], rows, labels[sample, 0] > 0,
+                       torch.zeros(sample.shape, dtype=torch.bool))
+        init_from_dot(model, (user * item_vectors[rows]).sum(1), labels[sample])
+    sparse, dense = split_parameters(model)
+    optimizers = [torch.optim.Adam(dense, lr=config.learning_rate)]
+    if sparse:
+        optimizers.append(torch.optim.SparseAdam(sparse, lr=config.learning_rate))
+    steps = (n + config.batch_size - 1) // config.batch_size
+    bar = tqdm(total=config.epochs * steps, desc="overarch", disable=not progress,
+               unit="step", leave=False)
+    history = []
+    model.train()
+    for _ in range(config.epochs):
+        order = torch.randperm(n, generator=generator)
+        totals = torch.zeros(labels.shape[1])
+        for s in range(steps):
+            batch = order[s * config.batch_size: (s + 1) * config.batch_size]
+            users, rows, y = user_index[batch], item_index[batch], labels[batch]
+            extra = int(config.random_negatives * batch.numel())
+            if extra > 0:
+                users = torch.cat([users, users[torch.randint(0, batch.numel(), (extra,),
+                                                              generator=generator)]])
+                rows = torch.cat([rows, torch.randint(0, int(item_vectors.shape[0]), (extra,),
+                                                      generator=generator)])
+                y = torch.cat([y, torch.zeros(extra, y.shape[1])])
+            cold = torch.rand(users.shape, generator=generator) < config.cold_start_rate
+            with torch.no_grad():
+                user = queries(users, rows, y[:, 0] > 0, cold)
+            losses = task_losses(model(user, item_vectors[rows], rows), y)
+            penalty = config.item_extra_l2 * model.item_extra(rows).pow(2).sum(1).mean()
+            for opt in optimizers:
+                opt.zero_grad()
+            (losses.mean() + penalty).backward()
+            for opt in optimizers:
+                opt.step()
+            totals += losses.detach() * batch.numel()
+            bar.update()
+            bar.set_postfix(bce=f"{losses.mean().item():.4f}")
+        history.append((totals / n).tolist())
+    bar.close()
+    model.eval()
+    return history

@@ -1,0 +1,205 @@
+"""Training of the whole learned retrieval model from logged data, and the weights cache.
+
+1. Two-tower (training/towers.py): user tower and item tower, on the logged clicks, with
+   in-batch negatives.
+2. OverArch + task heads (training/over_arch.py): on all logged impressions, towers frozen.
+
+`load_or_train` reuses a weights file when one was trained from the same data, holdout and
+config (`build/weights/<source>-<key>.pt`), and trains and saves one otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+import torch
+
+from idmap.zero_collision import ZeroCollisionConfig, ZeroCollisionMap
+from stages.user import UserTower
+from training.data import LoggedData, subset, time_split
+from training.over_arch import OverArchModel, OverArchTrainConfig, task_losses, train_over_arch
+from training.towers import ClickHistory, ExampleQueries, ItemTower, TwoTowerConfig, train_two_tower
+from training.weights import FORMAT_VERSION, TrainedWeights
+
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "build" / "weights"
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0  # seeds parameter init, shuffling and cold-start sampling
+    two_tower: TwoTowerConfig = field(default_factory=TwoTowerConfig)
+    over_arch: OverArchTrainConfig = field(default_factory=OverArchTrainConfig)
+    # the user id map (MPZCH); num_slots is set from the number of training users
+    id_map: ZeroCollisionConfig = field(default_factory=ZeroCollisionConfig)
+    # slots per training user: at half load a 16-slot probe window is practically never full
+    id_slots_per_user: float = 2.0
+
+
+def make_id_map(raw_ids: torch.Tensor, now: int, config: TrainConfig
+                ) -> Tuple[ZeroCollisionMap, torch.Tensor]:
+    """The user id map (MPZCH) with the users seen in training inserted at time `now`, and
+    each user's row. An id whose probe window is full gets the unknown (cold-start) row, in
+    training as at serving."""
+    slots = max(int(config.id_slots_per_user * raw_ids.shape[0]), 1)
+    id_map = ZeroCollisionMap(dataclasses.replace(config.id_map, num_slots=slots))
+    return id_map, id_map.insert(raw_ids, now).rows
+
+
+def rows_per_user(data: LoggedData, users_in_training: np.ndarray, now: int,
+                  config: TrainConfig
+                  ) -> Tuple[ZeroCollisionMap, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(id map, id-map row of every user index (unknown row for users without training
+    data), feature values and weights per id-map row)."""
+    seen = torch.from_numpy(data.user_ids[users_in_training])
+    id_map, seen_rows = make_id_map(seen, now, config)
+    rows = torch.full((data.user_ids.shape[0],), id_map.unknown_row, dtype=torch.int64)
+    rows[torch.from_numpy(users_in_training)] = seen_rows
+    num_rows = id_map.unknown_row + 1
+    width = data.user_features.values.shape[1]
+    values = torch.full((num_rows, width), -1, dtype=torch.int64)
+    weights = torch.zeros((num_rows, width), dtype=torch.float32)
+    values[seen_rows] = torch.from_numpy(data.user_features.values[users_in_training])
+    weights[seen_rows] = torch.from_numpy(data.user_features.weights[users_in_training])
+    values[id_map.unknown_row] = -1  # users that overflowed to it do not lend it features
+    weights[id_map.unknown_row] = 0.0
+    return id_map, rows, values, weights
+
+
+def auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve (rank statistic; ties get their mean rank)."""
+    pos = labels > 0
+    if pos.all() or not pos.any():
+        return float("nan")
+    order = np.argsort(scores, kind="stable")
+    ranks = np.empty(len(scores))
+    sorted_scores = scores[order]
+    # mean rank of tied groups
+    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    mean_rank = first + (counts + 1) / 2.0
+    ranks[order] = np.repeat(mean_rank, counts)
+    n_pos, n_neg = pos.sum(), (~pos).sum()
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def train(data: LoggedData, train_mask: np.ndarray, config: TrainConfig = TrainConfig(),
+          progress: bool = True, holdout_mask: Optional[np.ndarray] = None) -> TrainedWeights:
+    """Trains the towers, then the OverArch, on the interactions selected by `train_mask`."""
+    t0 = time.perf_counter()
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    log = subset(data.interactions, train_mask)
+    tt = config.two_tower
+
+    now = int(log.timestamp.max()) // 3600 if len(log.timestamp) else 0  # hours, as id_map.ttl
+    id_map, user_rows, feature_values, feature_weights = rows_per_user(
+        data, np.unique(log.user_index), now, config)
+    num_rows = id_map.unknown_row + 1
+    users = UserTower(id_map, feature_values, feature_weights, data.user_features.num_values,
+                      torch.zeros(num_rows, tt.user.history_dim), tt.user)
+    items = ItemTower(torch.from_numpy(data.catalog.embeddings),
+                      torch.from_numpy(data.item_features.values),
+                      torch.from_numpy(data.item_features.weights),
+                      data.item_features.num_values, tt.item)
+    clicks = torch.from_numpy(log.labels[:, 0] > 0)
+    user_index = torch.from_numpy(log.user_index)
+    item_index = torch.from_numpy(log.item_index)
+    history = ClickHistory(user_index[clicks], item_index[clicks], len(data.user_ids))
+    queries = ExampleQueries(users, user_rows, history)
+    tower_losses = train_two_tower(queries, items, user_index[clicks], item_index[clicks], tt,
+                                   generator, progress, (user_index, item_index, clicks))
+
+    item_vectors = items.all_items()
+    history.refresh(item_vectors)
+    # the serving tower's history vectors: every user's clicks, none left out
+    users.history[user_rows] = history.all_users()
+    users.history[id_map.unknown_row] = 0.0
+    model = OverArchModel(int(item_vectors.shape[1]), data.catalog.num_items, len(data.tasks),
+                          config.over_arch.model)
+    labels = torch.from_numpy(log.labels)
+    bce_history = train_over_arch(model, queries, item_vectors, user_index, item_index, labels,
+                                  config.over_arch, generator, progress)
+
+    metrics: Dict = {"tower_loss": [round(x, 4) for x in tower_losses],
+                     "overarch_bce": [[round(x, 4) for x in e] for e in bce_history],
+                     "train_impressions": int(log.labels.shape[0]),
+                     "train_clicks": int(clicks.sum()),
+                     # training users the id map sent to the cold-start row (full windows)
+                     "id_map_overflow": int((user_rows[torch.from_numpy(
+                         np.unique(log.user_index))] == id_map.unknown_row).sum())}
+    if holdout_mask is not None and holdout_mask.any():
+        held = subset(data.interactions, holdout_mask)
+        with torch.no_grad():
+            u = users(torch.from_numpy(data.user_ids[held.user_index]))
+            rows = torch.from_numpy(held.item_index)
+            logits = model(u, item_vectors[rows], rows)
+            dot = (u * item_vectors[rows]).sum(1)
+        y = torch.from_numpy(held.labels)
+        metrics["holdout_bce"] = [round(x, 4) for x in task_losses(logits, y).tolist()]
+        metrics["holdout_auc"] = [round(auc(logits[:, t].numpy(), held.labels[:, t]), 4)
+                                  for t in range(len(data.tasks))]
+        metrics["holdout_auc_dot"] = [round(auc(dot.numpy(), held.labels[:, t]), 4)
+                                      for t in range(len(data.tasks))]
+    metrics["train_seconds"] = round(time.perf_counter() - t0, 1)
+
+    return TrainedWeights(
+        tasks=tuple(data.tasks),
+        user_tower={"config": asdict(tt.user),
+                    "id_map": asdict(dataclasses.replace(config.id_map,
+                                                         num_slots=id_map.num_slots)),
+                    "feature_values": feature_values, "feature_weights": feature_weights,
+                    "history": users.history.clone(),
+                    "num_feature_values": data.user_features.num_values,
+                    "state": users.state_dict()},
+        item_vectors=item_vectors.contiguous(),
+        over_arch={"config": asdict(config.over_arch.model),
+                   "state": model.over_arch.state_dict()},
+        item_extra=model.item_extra.weight.detach().clone(),
+        metrics=metrics, fingerprint=data.fingerprint)
+
+
+def metrics_line(data: LoggedData, weights: TrainedWeights) -> str:
+    m = weights.metrics
+    tasks = data.tasks
+    loss = m["tower_loss"] or [float("nan")]
+    parts = [f"{data.name}: two-tower loss {loss[0]:.3f} -> {loss[-1]:.3f}",
+             "OverArch BCE " + " ".join(f"{t} {v:.4f}" for t, v in zip(tasks,
+                                                                     m["overarch_bce"][-1]))]
+    if "holdout_auc" in m:
+        parts.append("held-out AUC OverArch/dot " + " ".join(
+            f"{t} {a:.3f}/{d:.3f}" for t, a, d in zip(tasks, m["holdout_auc"],
+                                                       m["holdout_auc_dot"])))
+    parts.append(f"{m['train_seconds']:.0f} s")
+    return "; ".join(parts)
+
+
+def weights_path(data: LoggedData, holdout_fraction: float, config: TrainConfig,
+                 weights_dir: Path) -> Path:
+    key = json.dumps({"data": data.fingerprint, "holdout_fraction": holdout_fraction,
+                      "train": asdict(config), "format": FORMAT_VERSION},
+                     sort_keys=True, default=str)
+    return Path(weights_dir) / f"{data.name}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt"
+
+
+def load_or_train(data: LoggedData, holdout_fraction: float, config: TrainConfig = TrainConfig(),
+                  weights_dir: Optional[Path] = WEIGHTS_DIR, progress: bool = True,
+                  retrain: bool = False) -> TrainedWeights:
+    """Weights trained on all but the latest `holdout_fraction` of the interactions: loaded
+    from `weights_dir` when a matching file exists, else trained (and saved there unless
+    `weights_dir` is None)."""
+    path = None if weights_dir is None else weights_path(data, holdout_fraction, config,
+                                                         weights_dir)
+    if path is not None and path.exists() and not retrain:
+        return TrainedWeights.load(path)
+    train_mask, holdout_mask = time_split(data.interactions, holdout_fraction)
+    weights = train(data, train_mask, config, progress, holdout_mask)
+    if path is not None:
+        weights.save(path)
+    return weights
+
