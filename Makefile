@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup build demo serve test lint clean loadtest
+.PHONY: setup train build demo serve test lint clean loadtest
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +14,9 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+train: setup  ## train the two-tower model, OverArch and task heads -> build/weights/
+	$(PY) -m training
 
 build: setup  ## (re)build model_repository/ from the synthetic catalog
 	$(PY) -m builder
