@@ -105,12 +105,15 @@ def test_served_baseline_equals_its_runners_in_process(server, small_build, prot
     users = [int(u) for u in small_build.world.user_ids[20:23]] + [777]  # + an unknown user
     queries = [(users[i % len(users)], f, [1, 10, 25][i % 3]) for i, f in enumerate(FILTERS)]
     want = InProcessChain(small_build.repository).run(queries)
+    # fp32 tolerance of the ensemble tests: the server forms other batches than this one
+    # in-process batch, and batched matmuls round differently (seen: 2e-6 relative)
+    tol = {"rtol": 1e-5, "atol": 1e-6}
     with Retriever(url, protocol, "baseline") as r:
         for (user, f, k), w in zip(queries, want):
             got = r.query(user, f, k)
             np.testing.assert_array_equal(got.item_ids, w["item_ids"])
-            np.testing.assert_allclose(got.scores, w["scores"], rtol=1e-6, atol=1e-7)
-            np.testing.assert_allclose(got.task_scores, w["task_scores"], rtol=1e-6, atol=1e-7)
+            np.testing.assert_allclose(got.scores, w["scores"], **tol)
+            np.testing.assert_allclose(got.task_scores, w["task_scores"], **tol)
 
 
 @pytest.mark.server
