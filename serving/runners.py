@@ -225,7 +225,7 @@ def _summary(e: Exception, limit: int = 300) -> str:
 
 def _read_text(path: Path) -> str:
     try:
-        return path.read_text()
+        return path.read_text(encoding="utf-8")
     except OSError as e:
         raise FileNotFoundError(f"cannot read model artifact {path}: {e.strerror}: "
                                 "run `make build`") from e

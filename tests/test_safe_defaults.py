@@ -1,0 +1,140 @@
+"""The default deployment (`make serve` settings: serving/launcher.py ServerConfig) exposes
+nothing that lets a caller change what is deployed or how the server behaves: the repository
+API (index, load, unload), shared-memory registration, trace and log settings are refused over
+HTTP and gRPC; the server listens on loopback only. Inference, health, metadata, model
+configuration and statistics stay open.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+import pytest
+from tritonclient.utils import InferenceServerException
+
+from serving.launcher import ServerConfig, TritonServer
+
+pytestmark = pytest.mark.server
+
+REFUSED_HTTP = [
+    ("POST", "/v2/repository/index", None),
+    ("POST", "/v2/repository/models/unified/load", None),
+    ("POST", "/v2/repository/models/unified/unload", None),
+    ("GET", "/v2/logging", None),
+    ("POST", "/v2/logging", {"log_verbose_level": 1}),
+    ("GET", "/v2/trace/setting", None),
+    ("POST", "/v2/trace/setting", {"trace_level": ["TIMESTAMPS"], "trace_rate": "1"}),
+    ("GET", "/v2/models/unified/trace/setting", None),
+    ("GET", "/v2/systemsharedmemory/status", None),
+    ("POST", "/v2/systemsharedmemory/region/x/register",
+     {"key": "/triton_python_backend_shm_region_x", "offset": 0, "byte_size": 64}),
+    ("POST", "/v2/systemsharedmemory/unregister", None),
+    ("GET", "/v2/cudasharedmemory/status", None),
+]
+OPEN_HTTP = ["/v2/health/ready", "/v2/health/live", "/v2", "/v2/models/unified",
+             "/v2/models/unified/config", "/v2/models/unified/stats"]
+
+
+def http(server, method: str, path: str, body=None, headers=None):
+    data = json.dumps(body).encode() if body is not None else (b"" if method == "POST" else None)
+    request = urllib.request.Request(f"http://{server.config.http_url}{path}", data=data,
+                                     method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+@pytest.mark.parametrize("method, path, body", REFUSED_HTTP,
+                         ids=[f"{m} {p}" for m, p, _ in REFUSED_HTTP])
+def test_http_admin_apis_are_refused(server, method, path, body):
+    for headers in (None, {"admin-key": "guess"}):
+        status, text = http(server, method, path, body, headers)
+        assert status == 403 and "This API is restricted" in text, (status, text)
+
+
+@pytest.mark.parametrize("path", OPEN_HTTP)
+def test_http_read_only_apis_stay_open(server, path):
+    status, _ = http(server, "GET", path)
+    assert status == 200
+
+
+def test_grpc_admin_apis_are_refused(server):
+    import tritonclient.grpc as grpcclient
+
+    calls = {
+        "repository index": lambda c, h: c.get_model_repository_index(headers=h),
+        "load": lambda c, h: c.load_model("unified", headers=h),
+        "unload": lambda c, h: c.unload_model("unified", headers=h),
+        "log settings": lambda c, h: c.get_log_settings(headers=h),
+        "update log settings": lambda c, h: c.update_log_settings({"log_verbose_level": 1},
+                                                                  headers=h),
+        "trace settings": lambda c, h: c.get_trace_settings(headers=h),
+        "update trace settings": lambda c, h: c.update_trace_settings(
+            settings={"trace_rate": "1"}, headers=h),
+        "shared memory": lambda c, h: c.get_system_shared_memory_status(headers=h),
+        "register shared memory": lambda c, h: c.register_system_shared_memory(
+            "x", "/triton_python_backend_shm_region_x", 64, headers=h),
+    }
+    with grpcclient.InferenceServerClient(server.config.grpc_url) as client:
+        for name, call in calls.items():
+            for headers in (None, {"triton-grpc-protocol-admin-key": "guess"}):
+                with pytest.raises(InferenceServerException) as e:
+                    call(client, headers)
+                assert "This protocol is restricted" in e.value.message(), (name, e.value)
+        assert client.is_model_ready("unified")  # the open ones answer
+        assert client.get_inference_statistics("unified").model_stats
+
+
+def _listening_addresses(port: int) -> set:
+    """Local addresses of the sockets listening on `port` (from /proc/net/tcp and tcp6)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = open(table).read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.rsplit(":", 1)
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                found.add(address)
+    return found
+
+
+# 127.0.0.1 as /proc/net/tcp writes it, the same mapped into IPv6 (gRPC listens there), ::1
+LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}
+
+
+def test_server_listens_on_loopback_only(server):
+    for port in (server.config.http_port, server.config.grpc_port, server.config.metrics_port):
+        addresses = _listening_addresses(port)
+        assert addresses and addresses <= LOOPBACK, (port, addresses)
+
+
+def test_default_config_is_the_safe_one(monkeypatch):
+    """What `make serve` runs with when no TRITON_* variable is set."""
+    for name in ("TRITON_HOST", "TRITON_MODEL_CONTROL", "TRITON_ADMIN_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    config = ServerConfig()
+    assert config.host == "127.0.0.1" and config.model_control == "none"
+    args, _ = TritonServer(config).command()
+    assert "--model-control-mode=none" in args
+    for flag in ("--http-address=127.0.0.1", "--grpc-address=127.0.0.1",
+                 "--metrics-address=127.0.0.1"):
+        assert flag in args
+    for protocol_flag in ("--http-restricted-api=", "--grpc-restricted-protocol="):
+        restricted = set()
+        for a in args:
+            if a.startswith(protocol_flag):
+                categories, _, key = a[len(protocol_flag):].partition(":admin-key=")
+                assert len(key) >= 32, "a guessable admin key"
+                restricted |= set(categories.split(","))
+        assert restricted >= {"model-repository", "shared-memory", "trace", "logging"}
+    assert not any(a.startswith("--load-model") for a in args)
+    # a fresh random admin key per start: nobody knows it
+    again, _ = TritonServer(config).command()
+    assert [a for a in args if "restricted" in a] != [a for a in again if "restricted" in a]
