@@ -9,7 +9,9 @@ the checked-in `model_repository/`, the configs and model.py files are copied th
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
+import py_compile
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -23,9 +25,11 @@ from tqdm import tqdm
 import kernels  # noqa: F401  (ops must exist before modules that call them are scripted)
 from builder.baseline import BaselineConfig, build_baseline
 from builder.baseline import is_built as baseline_is_built
+from fresh.store import create_store, fresh_dir_for, header_for
 from stages.aggregator import ValueModel
 from stages.ann import AnnConfig, build_ann_stage, index_order
 from stages.filter import FilterConfig, build_filter_stage
+from stages.fresh import FreshAnn, FreshFilter
 from stages.scorer import build_scorer_stage
 from stages.unified import UnifiedRetrieval
 from stages.user import build_user_tower
@@ -55,6 +59,12 @@ class BuildConfig:
     weights_dir: Optional[Path] = WEIGHTS_DIR
     # the pre-SilverTorch service chain the benchmarks compare against (builder/baseline.py)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    # Version folder the artifacts go to: 1 builds a repository (and a new, empty fresh store);
+    # N > 1 writes a rebuilt index next to the served versions, for a swap (serving/swap.py),
+    # and keeps the fresh store.
+    version: int = 1
+    fresh_capacity: int = 4096  # rows of the fresh index: items added between rebuilds
+    fresh_dir: Optional[Path] = None  # None: fresh_items/ next to the repository
 
 
 def write_items_csv(catalog: Catalog, path: Path) -> None:
@@ -79,6 +89,37 @@ def write_items_csv(catalog: Catalog, path: Path) -> None:
 def split_holdout(world: World, fraction: float):
     """(train mask, holdout mask) over interactions: the latest `fraction` by time."""
     return time_split(world.interactions, fraction)
+
+
+def precompile_entry_points(repository: Path) -> None:
+    """Compile every version folder's model.py into its __pycache__/ now, so that loading a
+    model never writes into its folder. Triton reloads (every version of) a model whose folder
+    changed, and the Python-backend stub, an isolated interpreter that ignores
+    PYTHONDONTWRITEBYTECODE, writes __pycache__/ at its first load: the next load request, an
+    index swap, would reload the served version too. Caches that are up to date are kept."""
+    for source in sorted(Path(repository).glob("*/*/model.py")):
+        cached = Path(importlib.util.cache_from_source(str(source)))
+        if not cached.exists() or cached.stat().st_mtime < source.stat().st_mtime:
+            py_compile.compile(str(source), cfile=str(cached), doraise=True)
+
+
+def export_modules(built: Built) -> Dict[str, torch.nn.Module]:
+    """What each model's model.pt holds: the stages, the filter and ANN layers wrapped to serve
+    the fresh rows too (stages/fresh.py), and `unified`."""
+    ids = torch.from_numpy(built.catalog.item_ids)
+    return dict(built.modules, filter=FreshFilter(built.modules["filter"], ids),
+                ann=FreshAnn(built.modules["ann"], built.catalog.num_items))
+
+
+def write_fresh_store(built: Built, cfg: BuildConfig) -> Path:
+    """An empty fresh store for a new repository (version 1); a rebuilt version keeps the
+    store it serves with (same layout required: fresh/store.py create_store)."""
+    catalog = built.catalog
+    header = header_for(catalog.schema, catalog.embeddings.shape[1], cfg.fresh_capacity,
+                        [f.shape[1] for f in catalog.features])
+    directory = cfg.fresh_dir or fresh_dir_for(cfg.repository)
+    create_store(directory, header, replace=cfg.version == 1)
+    return directory
 
 
 def prepare_repository(target: Path) -> None:
@@ -156,24 +197,36 @@ def build(cfg: BuildConfig, world: World = None, progress: bool = True) -> World
     built = build_modules(world, cfg, progress)
     steps.update()
     repo = Path(cfg.repository)
-    prepare_repository(repo)
+    if cfg.version == 1:
+        prepare_repository(repo)
+    elif not (repo / "retrieval" / "config.pbtxt").exists():
+        raise ValueError(f"{repo}: version {cfg.version} goes next to a built repository; "
+                         "build version 1 first")
+    version = str(cfg.version)
+    exported = export_modules(built)
     for name in STAGES:
         steps.set_postfix_str(f"scripting {name}")
-        out = repo / name / "1"
+        out = repo / name / version
         out.mkdir(parents=True, exist_ok=True)
-        torch.jit.script(built.modules[name].eval()).save(str(out / "model.pt"))
+        if version != "1":  # the entry point of every version is the same one-liner
+            shutil.copy2(repo / name / "1" / "model.py", out / "model.py")
+        torch.jit.script(exported[name].eval()).save(str(out / "model.pt"))
         steps.update()
     for name in ("filter", "unified"):  # the models that parse filter expressions
-        (repo / name / "1" / "schema.json").write_text(world.catalog.schema.to_json())
+        (repo / name / version / "schema.json").write_text(world.catalog.schema.to_json())
+    write_fresh_store(built, cfg)
     # --- the baseline (builder/baseline.py): the service chain this project replaces, over the
     # same catalog rows, item vectors and user tower as the `ann` stage -----------------------
     steps.set_postfix_str("baseline (FAISS index)")
     build_baseline(repo, built.catalog, indexed_item_vectors(built), built.modules["ann"].users,
-                   world.catalog.schema, cfg.ann.oversample, cfg.baseline)
+                   world.catalog.schema, cfg.ann.oversample, cfg.baseline, cfg.version)
     steps.update()
     # --- end of the baseline ----------------------------------------------------------------
     steps.set_postfix_str("items.csv")
+    precompile_entry_points(repo)
     write_items_csv(built.catalog, Path(cfg.items_csv))
+    # the indexed vectors in items.csv order: `client update --embedding-from-item`
+    np.save(Path(cfg.items_csv).with_name("item_embeddings.npy"), built.catalog.embeddings)
     with open(Path(cfg.items_csv).with_name("users.csv"), "w") as fh:
         fh.write("user_id\n" + "\n".join(str(u) for u in world.user_ids.tolist()) + "\n")
     info = {"world": asdict(cfg.world), "num_items": world.catalog.num_items,

@@ -133,7 +133,8 @@ class FreshStore:
     """One process's view of the store in `directory`; `writable` to apply updates.
 
     Reading is lock-free: call `refresh()` before using the state (the runners do, once per
-    batch). `version` changes whenever the state does, for caches keyed on it.
+    batch). `version` changes whenever the state does, for caches keyed on it; `updates` counts
+    the update groups applied (0: an empty store).
     """
 
     def __init__(self, directory: Path, writable: bool = False):
@@ -181,6 +182,7 @@ class FreshStore:
         self._hidden: set = set()
         self._hidden_sorted: Optional[np.ndarray] = None
         self.id_map = self._new_id_map() if self.writable else None
+        self.updates = 0  # update groups applied since the header
 
     def _apply(self, group: List[bytes]) -> None:
         """One committed group, record by record (the writer produced them in this order)."""
@@ -190,6 +192,7 @@ class FreshStore:
                 raise CorruptLog(f"{self.log.path}: the first group is not a header")
             self._reset(FreshHeader.from_json(group[0][1:].decode()))
             return
+        self.updates += 1
         d, s = self.header.dim, int(sum(self.header.widths))
         upsert_size = 1 + IDS.size + 4 * d + 8 * s
         if self.id_map is not None:  # re-derive the writer's map; it must agree with the log

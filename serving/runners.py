@@ -22,6 +22,7 @@ import torch
 
 import kernels  # noqa: F401  (registers torch.ops.iam.* before TorchScript graphs load)
 from filtering.expression import FilterError, batch_plans, parse_plan
+from fresh.tables import FreshView
 from world.schema import Schema
 
 MAX_K = 1000  # largest k a request may ask for
@@ -165,6 +166,17 @@ class StageRunner(ABC):
         except Exception as e:  # a truncated or foreign file
             raise RuntimeError(f"cannot load model artifact {artifact}: {_summary(e)}") from e
         self.module.eval()
+        # fresh items (fresh/tables.py): the store's tables, handed to every forward; a model
+        # that parses filters checks that the store speaks its schema
+        schema = _load_schema(self.version_dir) \
+            if (self.version_dir / "schema.json").exists() else None
+        self.fresh = FreshView.for_model(self.version_dir, self.module, schema)
+
+    def forward(self, *args):
+        """The module on one batch, with the fresh store's tables when it takes them."""
+        if self.fresh is None:
+            return self.module(*args)
+        return self.module(*args, self.fresh.current())
 
     def run(self, requests: List[Arrays]) -> List[Result]:
         """One result per request: outputs, or the RequestError that answers it."""
@@ -252,7 +264,7 @@ class FilterRunner(StageRunner):
         return check_filter(row["filter"], self.schema)
 
     def compute(self, prepared):
-        bits = self.module(batch_plans(prepared)).numpy()
+        bits = self.forward(batch_plans(prepared)).numpy()
         return [{"filter_bits": bits[i: i + 1]} for i in range(len(prepared))]
 
 
@@ -287,7 +299,7 @@ class AnnRunner(StageRunner):
         users = torch.tensor([p[0] for p in prepared], dtype=torch.int64)
         bits = torch.from_numpy(np.stack([p[1] for p in prepared]))
         ks = torch.tensor([p[2] for p in prepared], dtype=torch.int64)
-        rows, _, counts, user_emb = (t.numpy() for t in self.module(users, bits, ks))
+        rows, _, counts, user_emb = (t.numpy() for t in self.forward(users, bits, ks))
         return [{"candidate_rows": rows[i: i + 1, : counts[i]],
                  "user_embedding": user_emb[i: i + 1]} for i in range(len(prepared))]
 
@@ -305,7 +317,7 @@ class ScorerRunner(StageRunner):
     def compute(self, prepared):
         user = torch.from_numpy(np.stack([p[0] for p in prepared]))
         rows = pad_rows([p[1] for p in prepared])
-        scores = self.module(user, rows).numpy()
+        scores = self.forward(user, rows).numpy()
         return [{"candidate_task_scores": scores[i: i + 1, : len(p[1])]}
                 for i, p in enumerate(prepared)]
 
@@ -341,7 +353,7 @@ class AggregatorRunner(StageRunner):
         counts = torch.tensor([len(p[0]) for p in prepared], dtype=torch.int64)
         ks = torch.tensor([p[2] for p in prepared], dtype=torch.int64)
         weights = torch.from_numpy(np.stack([p[3] for p in prepared]))
-        ids, values, task_scores, n = (t.numpy() for t in self.module(
+        ids, values, task_scores, n = (t.numpy() for t in self.forward(
             rows, tasks, counts, ks, weights))
         return [{"item_ids": ids[i: i + 1, : n[i]], "scores": values[i: i + 1, : n[i]],
                  "task_scores": task_scores[i: i + 1, : n[i]]} for i in range(len(prepared))]
@@ -374,7 +386,8 @@ class UnifiedRunner(StageRunner):
         users = torch.tensor([p[1] for p in prepared], dtype=torch.int64)
         ks = torch.tensor([p[2] for p in prepared], dtype=torch.int64)
         weights = torch.from_numpy(np.stack([p[3] for p in prepared]))
-        ids, values, task_scores, n = (t.numpy() for t in self.module(plans, users, ks, weights))
+        ids, values, task_scores, n = (t.numpy() for t in self.forward(
+            plans, users, ks, weights))
         return [{"item_ids": ids[i: i + 1, : n[i]], "scores": values[i: i + 1, : n[i]],
                  "task_scores": task_scores[i: i + 1, : n[i]]} for i in range(len(prepared))]
 

@@ -7,10 +7,12 @@ its config, or the request's `task_weights` (non-negative, one per task). Result
 by value, descending; ties keep the candidate order.
 """
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
+
+from stages.fresh import FreshItems, gather_rows
 
 
 class ValueModel(nn.Module):
@@ -25,12 +27,13 @@ class ValueModel(nn.Module):
         self.register_buffer("default_weights", default_weights.float())
 
     def forward(self, rows: torch.Tensor, task_scores: torch.Tensor, counts: torch.Tensor,
-                k: torch.Tensor, weights: torch.Tensor
+                k: torch.Tensor, weights: torch.Tensor, fresh: Optional[FreshItems] = None
                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """
         Args:
             rows int64 [B, C] (valid below counts), task_scores [B, C, T], counts int64 [B],
-            k int64 [B], weights float32 [B, T].
+            k int64 [B], weights float32 [B, T], fresh: the fresh store's tables, for the raw
+            ids of fresh rows (stages/fresh.py).
         Returns:
             item_ids int64 [B, K], values [B, K], task_scores [B, K, T], result counts [B]
             (= min(k, counts)); K = min(max k, C).
@@ -45,5 +48,5 @@ class ValueModel(nn.Module):
         top_rows = torch.gather(rows, 1, order)
         top_tasks = torch.gather(task_scores, 1,
                                  order.unsqueeze(-1).expand(-1, -1, task_scores.shape[2]))
-        ids = self.item_ids[top_rows.clamp(min=0)]
+        ids = gather_rows(self.item_ids, None if fresh is None else fresh.item_ids, top_rows)
         return ids, top_values, top_tasks, torch.minimum(k, counts)

@@ -13,11 +13,13 @@ request ([B, D]) and no per-candidate copy of user data crosses a stage boundary
 """
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
 from torch import nn
 
+from stages.fresh import FreshItems, gather_rows
 from training.weights import TrainedWeights
 
 
@@ -26,7 +28,9 @@ class OverArchConfig:
     hidden_dim: int = 128  # width of the first (user x item) layer
     trunk_dim: int = 64  # width of the shared representation the task heads read
     head_dim: int = 32  # hidden width of each task's head
-    item_extra_dim: int = 16  # free per-item vector learned with the OverArch (e.g. quality)
+    # free per-item vector learned with the OverArch (what the item vector misses, e.g. the
+    # synthetic world's item quality); small, as most items have a handful of impressions
+    item_extra_dim: int = 4
 
 
 class OverArch(nn.Module):
@@ -85,13 +89,22 @@ class OverArchScorer(nn.Module):
         super().__init__()
         self.register_buffer("item_vectors", item_vectors.float().contiguous())
         self.register_buffer("item_extra", item_extra.float().contiguous())
+        # fresh items (stages/fresh.py) have no learned per-item vector yet: the mean item's
+        self.register_buffer("fresh_item_extra", item_extra.float().mean(0, keepdim=True))
         self.over_arch = over_arch
 
-    def forward(self, user_embedding: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """user_embedding [B, D], rows int64 [B, C] (-1 = padding) -> task scores [B, C, T]."""
-        safe = rows.clamp(min=0)
-        logits = self.over_arch(user_embedding, self.item_vectors[safe], self.item_extra[safe])
-        return torch.sigmoid(logits)
+    def forward(self, user_embedding: torch.Tensor, rows: torch.Tensor,
+                fresh: Optional[FreshItems] = None) -> torch.Tensor:
+        """user_embedding [B, D], rows int64 [B, C] (-1 = padding; fresh rows read `fresh`,
+        stages/fresh.py) -> task scores [B, C, T]."""
+        if fresh is None:
+            safe = rows.clamp(min=0)
+            items, extra = self.item_vectors[safe], self.item_extra[safe]
+        else:
+            items = gather_rows(self.item_vectors, fresh.embeddings, rows)
+            extra = gather_rows(self.item_extra, self.fresh_item_extra.expand(
+                fresh.embeddings.shape[0], -1), rows)
+        return torch.sigmoid(self.over_arch(user_embedding, items, extra))
 
 
 def build_over_arch(weights: TrainedWeights) -> OverArch:
