@@ -7,17 +7,24 @@
 
 `build_inputs` / `parse_outputs` are the pure request/response halves, shared by the CLI,
 the demo, the load test and the benchmarks.
+
+Fresh items (the `item_updates` model): `r.upsert_items([item_id], [embedding],
+["category=comedy,language=en,creator=7,tags=funny|live"])` adds or replaces items and
+`r.retire_items([item_id])` retires them; both return once the server has made the update
+durable, and the next query sees it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 
 TASKS = ("click", "like", "share")
 DEFAULT_MODEL = "retrieval"
+UPDATE_MODEL = "item_updates"
+MAX_ROWS_PER_UPDATE = 64  # the update model's max_batch_size
 
 
 @dataclass
@@ -45,6 +52,40 @@ def build_inputs(module, user_id: int, filter: str = "", k: int = 10,
               ("k", np.array([[k]], dtype=np.int32), "INT32")]
     if task_weights is not None:
         arrays.append(("task_weights", np.asarray([task_weights], dtype=np.float32), "FP32"))
+    inputs = []
+    for name, value, dtype in arrays:
+        tensor = module.InferInput(name, list(value.shape), dtype)
+        tensor.set_data_from_numpy(value)
+        inputs.append(tensor)
+    return inputs
+
+
+def format_features(features: Union[str, Mapping[str, Union[str, int, Sequence]]]) -> str:
+    """{"category": "comedy", "tags": ["funny", "live"]} -> "category=comedy,tags=funny|live"
+    (a string is passed through)."""
+    if isinstance(features, str):
+        return features
+    parts = []
+    for name, value in features.items():
+        values = [value] if isinstance(value, (str, int)) else list(value)
+        parts.append(f"{name}=" + "|".join(str(v) for v in values))
+    return ",".join(parts)
+
+
+def build_update_inputs(module, item_ids: Sequence[int],
+                        embeddings: Optional[np.ndarray] = None,
+                        features: Optional[Sequence] = None, retire: bool = False) -> list:
+    """The InferInputs of one `item_updates` request: upserts (embeddings [n, D] and one
+    feature spelling per item) or, with `retire`, retires of `item_ids`."""
+    n = len(item_ids)
+    arrays = [("item_id", np.asarray(item_ids, dtype=np.int64).reshape(n, 1), "INT64")]
+    if retire:
+        arrays.append(("retire", np.ones((n, 1), dtype=bool), "BOOL"))
+    else:
+        arrays.append(("embedding", np.asarray(embeddings, dtype=np.float32).reshape(n, -1),
+                       "FP32"))
+        spelled = [format_features(f).encode("utf-8") for f in features]
+        arrays.append(("features", np.array(spelled, dtype=np.object_).reshape(n, 1), "BYTES"))
     inputs = []
     for name, value, dtype in arrays:
         tensor = module.InferInput(name, list(value.shape), dtype)
@@ -97,6 +138,40 @@ class Retriever:
         response = self.client.infer(self.model, inputs, outputs=requested_outputs(self.module),
                                      **kwargs)
         return parse_outputs(response)
+
+    def upsert_items(self, item_ids: Sequence[int], embeddings, features: Sequence
+                     ) -> np.ndarray:
+        """Add or replace items in the fresh index; returns their fresh rows (int64 [n]).
+        Returns after the server has written them durably; the next query can find them.
+
+        Args:
+            item_ids: raw item ids (new ones, or ids of indexed items to replace).
+            embeddings: float32 [n, D] in the catalog's embedding space.
+            features: per item, `"category=comedy,language=en,creator=7,tags=funny|live"` or
+                the same as a dict; every single-valued feature is required.
+        """
+        embeddings = np.asarray(embeddings, dtype=np.float32).reshape(len(item_ids), -1)
+        return self._update(item_ids, embeddings, list(features), retire=False)
+
+    def retire_items(self, item_ids: Sequence[int]) -> np.ndarray:
+        """Stop serving items (fresh or indexed); returns their fresh rows (-1: none)."""
+        return self._update(item_ids, None, None, retire=True)
+
+    def _update(self, item_ids, embeddings, features, retire: bool) -> np.ndarray:
+        rows = []
+        for start in range(0, len(item_ids), MAX_ROWS_PER_UPDATE):
+            part = slice(start, start + MAX_ROWS_PER_UPDATE)
+            inputs = build_update_inputs(
+                self.module, item_ids[part], None if retire else embeddings[part],
+                None if retire else features[part], retire)
+            kwargs = {}
+            if self.timeout is not None and self.protocol == "grpc":
+                kwargs["client_timeout"] = self.timeout
+            response = self.client.infer(
+                UPDATE_MODEL, inputs, outputs=[self.module.InferRequestedOutput("fresh_row")],
+                **kwargs)
+            rows.append(response.as_numpy("fresh_row").reshape(-1))
+        return np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
 
     def is_ready(self) -> bool:
         try:

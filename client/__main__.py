@@ -2,6 +2,9 @@
 
     python -m client query --user-id 42 --filter "category:comedy AND NOT language:en" -k 10
     python -m client query -i grpc -u 127.0.0.1:8001 --user-id 42 --weights 1,0,0
+    python -m client update --item-id 9000000000001 --embedding-from-item 123 \
+        --features "category=comedy,language=en,creator=7,tags=funny|live"
+    python -m client update --item-id 9000000000001 --retire
 """
 
 from __future__ import annotations
@@ -10,8 +13,10 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from client import DEFAULT_MODEL, TASKS, Retriever
-from client.catalog import DEFAULT_ITEMS_CSV, load_items
+from client.catalog import DEFAULT_ITEMS_CSV, item_embedding, load_items, spell_item_features
 
 
 def _add_connection_flags(p: argparse.ArgumentParser) -> None:
@@ -53,6 +58,66 @@ def print_results(result, user_id: int, filter: str, items_csv: Path, title: str
     console.print(table)
 
 
+def _embedding(a) -> np.ndarray:
+    if a.embedding is not None:
+        return np.array([float(x) for x in a.embedding.replace(",", " ").split()], np.float32)
+    if a.embedding_file is not None:
+        path = Path(a.embedding_file)
+        if path.suffix == ".npy":
+            return np.load(path).astype(np.float32).reshape(-1)
+        return np.array(path.read_text().replace(",", " ").split(), dtype=np.float32)
+    return item_embedding(a.embedding_from_item, a.items_csv)
+
+
+def _add_update_parser(sub) -> None:
+    u = sub.add_parser("update", help="add, replace or retire an item in the fresh index",
+                       description="Upsert (embedding + features) or retire one item. Returns "
+                                   "once the server has written the update durably; the next "
+                                   "query sees it.")
+    _add_connection_flags(u)
+    u.add_argument("--item-id", type=int, required=True, help="raw item id (new or indexed)")
+    u.add_argument("--retire", action="store_true", help="stop serving the item")
+    emb = u.add_mutually_exclusive_group()
+    emb.add_argument("--embedding", help="D numbers separated by commas or spaces")
+    emb.add_argument("--embedding-file", help=".npy of D float32, or a text file of D numbers")
+    emb.add_argument("--embedding-from-item", type=int, metavar="ITEM_ID",
+                     help="copy an indexed item's embedding (build/item_embeddings.npy)")
+    feats = u.add_mutually_exclusive_group()
+    feats.add_argument("--features", help='e.g. "category=comedy,language=en,creator=7,'
+                                          'tags=funny|live"; every single-valued feature')
+    feats.add_argument("--features-from-item", type=int, metavar="ITEM_ID",
+                       help="copy an indexed item's features (items.csv)")
+    u.add_argument("--items-csv", type=Path, default=DEFAULT_ITEMS_CSV,
+                   help="catalog used by --*-from-item")
+
+
+def _update(a, parser) -> int:
+    from tritonclient.utils import InferenceServerException
+
+    if not a.retire:
+        if a.embedding is None and a.embedding_file is None and a.embedding_from_item is None:
+            parser.error("update: an upsert needs --embedding, --embedding-file or "
+                         "--embedding-from-item (or --retire)")
+        if a.features is None and a.features_from_item is None:
+            parser.error("update: an upsert needs --features or --features-from-item")
+    try:
+        with Retriever(_url(a), a.protocol, a.model, a.client_timeout, a.verbose) as r:
+            if a.retire:
+                row = r.retire_items([a.item_id])[0]
+                print(f"retired item {a.item_id}" + (f" (fresh row {row})" if row >= 0 else ""))
+            else:
+                features = a.features or spell_item_features(a.features_from_item, a.items_csv)
+                row = r.upsert_items([a.item_id], _embedding(a)[None, :], [features])[0]
+                print(f"item {a.item_id} is in the fresh index (row {row}): {features}")
+    except (KeyError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except InferenceServerException as e:
+        print(f"error: {e.message() if hasattr(e, 'message') else e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m client")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -64,7 +129,10 @@ def main(argv=None) -> int:
     q.add_argument("--weights", default=None, help="task weights click,like,share e.g. 1,2,4")
     q.add_argument("--items-csv", type=Path, default=DEFAULT_ITEMS_CSV,
                    help="catalog used to show the items' features")
+    _add_update_parser(sub)
     a = parser.parse_args(argv)
+    if a.command == "update":
+        return _update(a, parser)
 
     from tritonclient.utils import InferenceServerException
 

@@ -66,6 +66,8 @@ class ServerConfig:
     # `admin-key` header. Explicit mode needs one (TRITON_ADMIN_KEY); "none" mode gets a random
     # one per start, so that nobody can change what is deployed.
     admin_key: str = field(default_factory=lambda: os.environ.get("TRITON_ADMIN_KEY", ""))
+    # the fresh-item store of the models (fresh/store.py); None: next to the repository
+    fresh_dir: Optional[Path] = None
     log_path: Path = ROOT / "logs" / "tritonserver.log"
     log_verbose: int = 0
     extra_args: List[str] = field(default_factory=list)
@@ -156,6 +158,10 @@ class TritonServer:
         # (torch, numpy), and the project root on PYTHONPATH for the project's own packages.
         env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+        if c.fresh_dir is not None:
+            from fresh.store import FRESH_DIR_ENV
+
+            env[FRESH_DIR_ENV] = str(c.fresh_dir)
         return args + list(c.extra_args), env
 
     def start(self, timeout: float = 180.0) -> TritonServer:
