@@ -321,3 +321,16 @@ def test_writer_killed_mid_update_never_loses_an_acknowledged_update(tmp_path):
         committed = groups
     assert committed >= 24
     assert torn_seen >= 3, "kills did not land inside writes: torn tails were not tested"
+
+
+def test_item_updates_config_matches_its_runner():
+    from serving.updates import RUNNERS
+    from tests.test_config import load_config, tensors
+
+    (name, runner), = RUNNERS.items()
+    config = load_config(name)
+    assert config.name == name and config.backend == "python"
+    assert config.max_batch_size > 0 and config.HasField("dynamic_batching")
+    assert tensors(config.input) == {s.name: (s.dtype, s.dims, s.optional) for s in runner.INPUTS}
+    assert tensors(config.output) == {s.name: (s.dtype, s.dims, s.optional)
+                                      for s in runner.OUTPUTS}
