@@ -60,4 +60,5 @@ lint: setup
 	$(PY) -m ruff check .
 
 clean:
-	rm -rf build logs .triton model_repository/*/1/*.pt model_repository/*/1/schema.json
+	rm -rf build logs .triton model_repository/*/1/*.pt model_repository/*/1/schema.json \
+	  fresh_items model_repository/*/[2-9] model_repository/*/[1-9][0-9]*
