@@ -228,3 +228,30 @@ def test_over_arch_head_shapes_and_ndcg():
     assert ndcg(np.array([1.0, 1.0, 0.0]), np.array([1.0, 1.0])) == pytest.approx(1.0)
     assert ndcg(np.array([0.0, 1.0]), np.array([1.0])) == pytest.approx(1 / np.log2(3))
     assert ndcg(np.zeros(3), np.zeros(0)) == 0.0
+
+
+def test_evaluation_pipelines_are_the_served_stages(weights):
+    from stages.ann import AnnConfig
+    from training.evaluate import EvalConfig, Pipelines, heldout_metrics
+
+    config = EvalConfig(max_users=40, truth_users=10, ann=AnnConfig(search="exact"))
+    pipes = Pipelines(DATA, weights, config)
+    users = WORLD.user_ids[[3, 8, 21]]
+    excluded = [np.array([0, 1, 2]), np.zeros(0, np.int64), np.array([899])]
+    lists = pipes.run(users, excluded, 7)
+    query = build_user_tower(weights)(torch.from_numpy(users))
+    scores = query @ weights.item_vectors.T
+    for i, rows in enumerate(excluded):
+        scores[i, torch.from_numpy(rows)] = float("-inf")
+        want = torch.topk(scores[i], 7).indices.numpy()
+        assert np.array_equal(lists["a"][i], want)  # (a): the exact dot-product top 7
+        assert len(lists["b"][i]) == 7 and not np.isin(lists["b"][i], rows).any()
+        # (b) reorders the 4 * 7 best by dot product: its items come from there
+        assert np.isin(lists["b"][i], torch.topk(scores[i], 28).indices.numpy()).all()
+    result = heldout_metrics(DATA, pipes, config)
+    for p in ("a", "b"):
+        assert 0 < result[p]["users"] <= 40
+        for metric in ("recall@10", "recall@50", "ndcg@10"):
+            assert 0.0 <= result[p][metric][0] <= 1.0
+    delta = result["delta"]["recall@50"][0]
+    assert delta == pytest.approx(result["b"]["recall@50"][0] - result["a"]["recall@50"][0])

@@ -21,6 +21,7 @@ Metrics, averaged over evaluated users (R = the user's relevant items, L_k = the
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from builder.build import retrieval_stages
 from stages.ann import AnnConfig
@@ -39,7 +41,8 @@ from world.synthetic import WorldConfig, generate_world
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MOVIELENS = ROOT.parent / "shared" / "data" / "ml-latest-small"
 PIPELINES = ("a", "b")
-PIPELINE_NAMES = {"a": "(a) dot-product retrieval", "b": "(b) + OverArch + Value Model"}
+PIPELINE_NAMES = {"a": "(a) dot-product retrieval", "b": "(b) + OverArch + Value Model",
+                  "delta": "(b) - (a), paired"}
 
 
 @dataclass
@@ -115,12 +118,15 @@ class Scores:
         self.values[pipeline][metric].append(float(value))
 
     def summary(self) -> Dict[str, Dict]:
+        """{pipeline or "delta": {metric: (mean, 95% half-width), "users": n}}; "delta" is the
+        per-user difference (b) - (a), paired."""
+        arrays = {p: {m: np.asarray(v) for m, v in metrics.items()}
+                  for p, metrics in self.values.items()}
+        arrays["delta"] = {m: arrays["b"][m] - arrays["a"][m] for m in arrays["a"]}
         out = {}
-        for p, metrics in self.values.items():
-            out[p] = {}
-            for m, v in metrics.items():
-                v = np.asarray(v)
-                out[p][m] = (float(v.mean()), 1.96 * float(v.std(ddof=1)) / np.sqrt(len(v)))
+        for p, metrics in arrays.items():
+            out[p] = {m: (float(v.mean()), 1.96 * float(v.std(ddof=1)) / np.sqrt(len(v)))
+                      for m, v in metrics.items()}
             out[p]["users"] = len(next(iter(metrics.values())))
         return out
 
@@ -129,7 +135,8 @@ def metric_names(config: EvalConfig) -> List[str]:
     return [f"recall@{k}" for k in config.ks] + [f"ndcg@{config.ndcg_k}"]
 
 
-def heldout_metrics(data: LoggedData, pipes: Pipelines, config: EvalConfig) -> Dict[str, Dict]:
+def heldout_metrics(data: LoggedData, pipes: Pipelines, config: EvalConfig,
+                    progress: bool = False) -> Dict[str, Dict]:
     train_mask, holdout_mask = time_split(data.interactions, config.holdout_fraction)
     train, held = subset(data.interactions, train_mask), subset(data.interactions, holdout_mask)
     positive = held.labels[:, 0] > 0
@@ -141,7 +148,8 @@ def heldout_metrics(data: LoggedData, pipes: Pipelines, config: EvalConfig) -> D
     seen = _rows_by_user(train.user_index, train.item_index)
     empty = np.zeros(0, np.int64)
     scores = Scores(metric_names(config))
-    for s in range(0, len(users), config.batch_size):
+    for s in tqdm(range(0, len(users), config.batch_size), desc=f"{data.name} held-out",
+                  disable=not progress, unit="batch", leave=False):
         batch = users[s: s + config.batch_size]
         excluded = [seen.get(u, empty) for u in batch]
         for k in sorted(set(config.ks) | {config.ndcg_k}):
@@ -158,8 +166,8 @@ def heldout_metrics(data: LoggedData, pipes: Pipelines, config: EvalConfig) -> D
     return scores.summary()
 
 
-def truth_metrics(data: LoggedData, pipes: Pipelines, config: EvalConfig
-                  ) -> Dict[str, Dict[str, Dict]]:
+def truth_metrics(data: LoggedData, pipes: Pipelines, config: EvalConfig,
+                  progress: bool = False) -> Dict[str, Dict[str, Dict]]:
     """Synthetic world only: lists against the true top-k by affinity and by true value."""
     world = data.world
     rng = np.random.default_rng(config.seed + 1)
@@ -171,7 +179,8 @@ def truth_metrics(data: LoggedData, pipes: Pipelines, config: EvalConfig
     all_items = np.arange(data.catalog.num_items)[None, :]
     # the world's ground truth broadcasts [users, items, latent]: a few users at a time
     chunk = max(1, min(config.batch_size, (1 << 25) // max(data.catalog.num_items, 1)))
-    for s in range(0, len(users), chunk):
+    for s in tqdm(range(0, len(users), chunk), desc=f"{data.name} ground truth",
+                  disable=not progress, unit="batch", leave=False):
         batch = users[s: s + chunk]
         truth = {"affinity": world.affinity(batch[:, None], all_items),
                  "value": world.true_task_probs(batch[:, None], all_items) @ weights}
@@ -205,9 +214,9 @@ def evaluate(data: LoggedData, config: EvalConfig, train_config: TrainConfig,
     pipes = Pipelines(data, weights, config)
     t0 = time.perf_counter()
     result = {"name": data.name, "training": metrics_line(data, weights),
-              "heldout": heldout_metrics(data, pipes, config)}
+              "heldout": heldout_metrics(data, pipes, config, progress)}
     if data.world is not None:
-        result["truth"] = truth_metrics(data, pipes, config)
+        result["truth"] = truth_metrics(data, pipes, config, progress)
     result["eval_seconds"] = round(time.perf_counter() - t0, 1)
     return result
 
@@ -219,8 +228,10 @@ def table(results: List[Dict], config: EvalConfig) -> str:
     lines = [head, "|" + " --- |" * (4 + len(metrics))]
 
     def rows(name, relevance, block):
-        for p in PIPELINES:
-            values = " | ".join(f"{block[p][m][0]:.4f} ± {block[p][m][1]:.4f}" for m in metrics)
+        for p in PIPELINES + ("delta",):
+            values = " | ".join(f"{block[p][m][0]:+.4f} ± {block[p][m][1]:.4f}"
+                                if p == "delta" else f"{block[p][m][0]:.4f} ± {block[p][m][1]:.4f}"
+                                for m in metrics)
             lines.append(f"| {name} | {relevance} | {block[p]['users']} | {PIPELINE_NAMES[p]} "
                          f"| {values} |")
 
@@ -265,33 +276,28 @@ def main() -> None:
     text = table(results, config)
     print(text)
     if a.write is not None:
-        write_markdown(a.write, text, results)
+        command = " ".join([".venv/bin/python -m training.evaluate"] + sys.argv[1:])
+        write_markdown(a.write, text, results, command)
 
 
-def write_markdown(path: Path, text: str, results: List[Dict]) -> None:
-    import sys
-
-    command = "python -m training.evaluate " + " ".join(sys.argv[1:])
-    training = "\n".join(f"- {r['training']}" for r in results)
-    Path(path).write_text(QUALITY_TEMPLATE.format(command=command.strip(), table=text,
-                                                  training=training))
+START, END = "<!-- generated by training/evaluate.py -->", "<!-- end of generated part -->"
 
 
-QUALITY_TEMPLATE = """# Retrieval quality
-
-{table}
-
-Training (per data set: loss of the first and last two-tower epoch, final OverArch train BCE,
-held-out AUC of the OverArch vs the plain dot product, training time):
-
-{training}
-
-Produced by:
-
-```bash
-.venv/bin/{command}
-```
-"""
+def write_markdown(path: Path, text: str, results: List[Dict], command: str) -> None:
+    """Writes the table, the training lines and the command between the START/END markers of
+    `path`, keeping the text around them (a new file gets a short frame)."""
+    training = "\n".join(f"- {r['training']}; evaluation {r['eval_seconds']:.0f} s"
+                         for r in results)
+    generated = (f"{START}\n{text}\n\nTraining (two-tower loss first -> last epoch, final "
+                 f"OverArch train BCE, held-out AUC of the OverArch / of the plain dot product "
+                 f"per task, training time):\n\n{training}\n\nProduced by:\n\n```bash\n"
+                 f"{command}\n```\n{END}")
+    path = Path(path)
+    old = path.read_text() if path.exists() else f"# Retrieval quality\n\n{START}\n{END}\n"
+    if START not in old or END not in old:
+        raise ValueError(f"{path}: no {START} ... {END} markers to write between")
+    head, rest = old.split(START, 1)
+    path.write_text(head + generated + rest.split(END, 1)[1])
 
 
 if __name__ == "__main__":

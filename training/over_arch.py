@@ -30,12 +30,9 @@ class OverArchTrainConfig:
     learning_rate: float = 2e-3  # Adam (dense parameters) and SparseAdam (item extras)
     # L2 penalty on the free per-item vectors of a batch: items with a handful of impressions
     # would otherwise memorise their labels
-    item_extra_l2: float = 1e-3
+    item_extra_l2: float = 1e-2
     # share of examples scored with the cold-start user vector (what unknown users get)
     cold_start_rate: float = 0.05
-    # random catalog items per impression added as examples with all labels 0: the scorer
-    # reorders ANN candidates drawn from the whole catalog, mostly never shown to anyone
-    random_negatives: float = 0.0
     # impressions the initial logistic fit of the labels on the dot product reads
     init_sample: int = 200_000
 
@@ -118,13 +115,6 @@ def train_over_arch(model: OverArchModel, queries: ExampleQueries, item_vectors:
         for s in range(steps):
             batch = order[s * config.batch_size: (s + 1) * config.batch_size]
             users, rows, y = user_index[batch], item_index[batch], labels[batch]
-            extra = int(config.random_negatives * batch.numel())
-            if extra > 0:
-                users = torch.cat([users, users[torch.randint(0, batch.numel(), (extra,),
-                                                              generator=generator)]])
-                rows = torch.cat([rows, torch.randint(0, int(item_vectors.shape[0]), (extra,),
-                                                      generator=generator)])
-                y = torch.cat([y, torch.zeros(extra, y.shape[1])])
             cold = torch.rand(users.shape, generator=generator) < config.cold_start_rate
             with torch.no_grad():
                 user = queries(users, rows, y[:, 0] > 0, cold)

@@ -109,10 +109,6 @@ class TwoTowerConfig:
     learning_rate: float = 1e-3
     temperature: float = 0.05  # softmax temperature over cosine similarities
     history_refresh_steps: int = 100  # steps between snapshots of the item vectors
-    # weight of an auxiliary loss on the logged impressions: binary cross-entropy of the click
-    # with logit a * <u, v> + b. Clicks alone also teach what the logging policy showed;
-    # impressions without a click teach what users pass over among the items they were shown
-    impression_weight: float = 0.0
     # share of examples whose user is replaced by the cold-start row: that row is what
     # unknown users get at serving, so it must be trained on something like them
     cold_start_rate: float = 0.05
@@ -206,8 +202,7 @@ class ExampleQueries:
 
 def train_two_tower(queries: ExampleQueries, items: ItemTower, user_index: torch.Tensor,
                     item_rows: torch.Tensor, config: TwoTowerConfig,
-                    generator: torch.Generator, progress: bool = True,
-                    impressions=None) -> List[float]:
+                    generator: torch.Generator, progress: bool = True) -> List[float]:
     """Trains both towers in place on positive pairs (the clicks of `queries.history`);
     returns the mean loss of each epoch.
 
@@ -219,8 +214,6 @@ def train_two_tower(queries: ExampleQueries, items: ItemTower, user_index: torch
     counts = torch.bincount(item_rows, minlength=int(items.content.shape[0])).float()
     log_q_all = torch.log(counts / max(num_pairs, 1)).clamp(min=-30.0)
     sparse, dense = split_parameters(users, items)
-    calibration = nn.Linear(1, 1)  # a, b of the impression loss
-    dense = dense + list(calibration.parameters())
     optimizers = [torch.optim.Adam(dense, lr=config.learning_rate)]
     if sparse:
         optimizers.append(torch.optim.SparseAdam(sparse, lr=config.learning_rate))
@@ -246,13 +239,6 @@ def train_two_tower(queries: ExampleQueries, items: ItemTower, user_index: torch
             query = queries(user_index[batch], its, torch.ones_like(cold), cold)
             loss = in_batch_softmax_loss(query, items(its), its, log_q_all[its],
                                          config.temperature)
-            if config.impression_weight > 0 and impressions is not None:
-                iu, ii, ic = impressions
-                pick = torch.randint(0, int(iu.shape[0]), (batch.numel(),), generator=generator)
-                q = queries(iu[pick], ii[pick], ic[pick], torch.zeros_like(ic[pick]))
-                dot = (q * items(ii[pick])).sum(-1, keepdim=True)
-                loss = loss + config.impression_weight * F.binary_cross_entropy_with_logits(
-                    calibration(dot).squeeze(1), ic[pick].float())
             for opt in optimizers:
                 opt.zero_grad()
             loss.backward()

@@ -113,7 +113,7 @@ def train(data: LoggedData, train_mask: np.ndarray, config: TrainConfig = TrainC
     history = ClickHistory(user_index[clicks], item_index[clicks], len(data.user_ids))
     queries = ExampleQueries(users, user_rows, history)
     tower_losses = train_two_tower(queries, items, user_index[clicks], item_index[clicks], tt,
-                                   generator, progress, (user_index, item_index, clicks))
+                                   generator, progress)
 
     item_vectors = items.all_items()
     history.refresh(item_vectors)
