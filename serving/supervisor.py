@@ -14,7 +14,8 @@ abort (docs/reliability.md). A `Supervisor` is a thread next to the launcher tha
   restarted.
 
 A version unloaded on purpose (explicit mode: its state is no longer READY, e.g. after an
-index swap) is left alone. Every recovery is logged and kept in `events`.
+index swap) is left alone. Every recovery is logged and kept in `events`; one that fails (e.g.
+an artifact broke meanwhile) is tried again after growing pauses, up to a minute.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class Supervisor:
         self.events: List[Recovery] = []
         self._instances: Dict[tuple, int] = {}  # (model, version) -> stubs its config asks for
         self._suspect: set = set()  # (model, version)s short of stubs at the last check
+        self._failures = 0  # recoveries failed in a row: the next check waits longer
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
@@ -74,7 +76,7 @@ class Supervisor:
         self.stop()
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
+        while not self._stop.wait(min(60.0, self.interval * 4 ** self._failures)):
             try:
                 self.check()
             except Exception:  # a bug here must not end supervision
@@ -133,6 +135,7 @@ class Supervisor:
             event.error = str(e).splitlines()[0]
             log.error("supervisor: %s failed: %s", action, event.error)
         event.seconds = time.monotonic() - t0
+        self._failures = self._failures + 1 if event.error else 0
         if not event.error:
             log.warning("supervisor: %s in %.1f s", action, event.seconds)
         self.events.append(event)

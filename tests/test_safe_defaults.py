@@ -7,9 +7,12 @@ configuration and statistics stay open.
 
 from __future__ import annotations
 
+import ast
 import json
+import os
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 from tritonclient.utils import InferenceServerException
@@ -138,3 +141,43 @@ def test_default_config_is_the_safe_one(monkeypatch):
     # a fresh random admin key per start: nobody knows it
     again, _ = TritonServer(config).command()
     assert [a for a in args if "restricted" in a] != [a for a in again if "restricted" in a]
+
+
+ROOT = Path(__file__).resolve().parents[1]
+SKIP = {"tests", "build", "runs", "logs", "data"}  # folders not searched
+
+
+def _unsafe_loads(tree: ast.AST):
+    """Calls that may unpickle: torch.load without weights_only=True, pickle.load(s),
+    anything with allow_pickle=True."""
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        name = f"{func.value.id}.{func.attr}" if isinstance(func, ast.Attribute) and \
+            isinstance(func.value, ast.Name) else ""
+        keywords = {k.arg: k.value for k in node.keywords}
+        is_true = lambda v: isinstance(v, ast.Constant) and v.value is True  # noqa: E731
+        if name == "torch.load" and not is_true(keywords.get("weights_only")):
+            yield node.lineno, "torch.load without weights_only=True"
+        elif name in ("pickle.load", "pickle.loads"):
+            yield node.lineno, name
+        elif is_true(keywords.get("allow_pickle")):
+            yield node.lineno, "allow_pickle=True"
+
+
+def test_no_code_unpickles_untrusted_files():
+    """Artifacts are TorchScript (torch.jit.load, no Python pickle) or plain tensors: every
+    torch.load of the project passes weights_only=True, nothing else unpickles."""
+    found = []
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if not d.startswith((".", "__")) and d not in SKIP]
+        for name in (f for f in files if f.endswith(".py")):
+            path = Path(folder) / name
+            tree = ast.parse(path.read_text(errors="replace"))
+            found += [f"{path.relative_to(ROOT)}:{line}: {what}"
+                      for line, what in _unsafe_loads(tree)]
+    assert not found, "\n".join(found)
+    # the check itself sees an unsafe load
+    assert list(_unsafe_loads(ast.parse("torch.load(Path(p), map_location='cpu')")))
+    assert not list(_unsafe_loads(ast.parse("torch.load(Path(p), weights_only=True)")))
