@@ -108,7 +108,10 @@ class Supervisor:
                 key = (stub.model, stub.version)
                 stubs[key] = stubs.get(key, 0) + 1
         for key in stubs.keys() - self._instances.keys():  # first seen: ask its config
-            self._instances[key] = self._instance_count(*key)
+            try:
+                self._instances[key] = self._instance_count(*key)
+            except ServerError:  # a version still loading has no config yet: next round
+                continue
         short = {key for key, n in self._instances.items() if stubs.get(key, 0) < n}
         if short and self.server.config.model_control == "explicit":
             states = self.server.model_states()

@@ -25,6 +25,8 @@ from conftest import start_server
 from tritonclient.utils import InferenceServerException
 
 from client import Retriever
+from client.catalog import load_items
+from fresh.store import FreshStore, create_store, fresh_dir_for
 from serving.launcher import ServerError
 from serving.runners import RUNNERS
 from serving.supervisor import Supervisor
@@ -161,10 +163,12 @@ class Load:
 
 def _supervised(small_build, log_dir: Path, models: List[str]):
     """A server of its own under explicit model control (so that the supervisor can reload
-    one model), serving only `models` (and what they need) to start fast, and its supervisor."""
+    one model), serving only `models` (and what they need) to start fast, with a fresh-item
+    store of its own (the session's server never sees its updates), and its supervisor."""
+    create_store(log_dir / "fresh", FreshStore(fresh_dir_for(small_build.repository)).header)
     server = start_server(small_build.repository, log_dir / "tritonserver.log",
                           model_control="explicit", admin_key="fault-test-key",
-                          load_models=models)
+                          load_models=models, fresh_dir=log_dir / "fresh")
     supervisor = Supervisor(server, interval=0.5).start()
     yield server, supervisor
     supervisor.stop()
@@ -176,7 +180,7 @@ def _supervised(small_build, log_dir: Path, models: List[str]):
 @pytest.fixture(scope="module")
 def supervised(small_build, tmp_path_factory):
     yield from _supervised(small_build, tmp_path_factory.mktemp("faults"),
-                           ["retrieval", "unified"])
+                           ["retrieval", "unified", "item_updates"])
 
 
 @pytest.fixture(scope="module")
@@ -267,3 +271,62 @@ def test_admin_key_opens_the_restricted_apis(supervised):
     assert "log_verbose_level" in server.call_api("GET", "/v2/logging", admin=True)
     with pytest.raises(ServerError, match="HTTP 403"):
         server.call_api("POST", "/v2/repository/index")
+
+
+def test_killed_update_stub_leaves_no_half_written_state(supervised, small_build):
+    """The `item_updates` stub SIGKILLed while clients add items: it is reloaded; every
+    acknowledged item is in the store and served, nothing unacknowledged beyond the attempts
+    is, and the store reads without damage."""
+    server, supervisor = supervised
+    items = load_items(small_build.config.items_csv)
+    template = next(iter(items.values()))
+    vectors = np.load(small_build.config.items_csv.with_name("item_embeddings.npy"))
+    base_id, base_creator = 991_000_000_000, 770_000
+    attempted, acked, errors = set(), set(), Counter()
+    lock, stop = threading.Lock(), threading.Event()
+
+    def features(i: int) -> str:
+        spelled = dict(template, creator=[str(base_creator + i)])
+        return ",".join(f"{k}=" + "|".join(v) for k, v in spelled.items())
+
+    def writer(first: int) -> None:
+        i = first
+        with Retriever(server.config.grpc_url, "grpc", timeout=30) as r:
+            while not stop.is_set() and i < first + 100_000:
+                with lock:
+                    attempted.add(base_id + i)
+                try:
+                    r.upsert_items([base_id + i], vectors[i % len(vectors)][None], [features(i)])
+                    with lock:
+                        acked.add(base_id + i)
+                except InferenceServerException as e:
+                    with lock:
+                        errors[e.message()[:100]] += 1
+                i += 2
+
+    threads = [threading.Thread(target=writer, args=(n,), daemon=True) for n in (0, 1)]
+    for t in threads:
+        t.start()
+    time.sleep(2)
+    events_before = len(supervisor.events)
+    (victim,) = server.stubs()["item_updates"]
+    os.kill(victim.pid, signal.SIGKILL)
+    try:
+        (event,) = _wait_recovered(supervisor, events_before)
+        time.sleep(2)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    store = FreshStore(server.config.fresh_dir)  # reads, repairs nothing
+    stored = set(store.item_ids[store.live].tolist())
+    print(f"\nkilled item_updates stub: {event}\n{len(attempted)} updates sent, "
+          f"{len(acked)} acknowledged, {sum(errors.values())} failed, {len(stored)} stored; "
+          f"errors: {dict(errors)}")
+    assert event.action == "reloaded 'item_updates'"
+    assert acked and acked <= stored <= attempted
+    assert set(errors) <= {"Stub process 'item_updates_0_0' is not healthy."}, errors
+    newest = max(acked)  # served by the next query, through the fresh path
+    with Retriever(server.config.http_url, "http", "retrieval") as r:
+        found = r.query(1, f"creator:{base_creator + newest - base_id}", 5).item_ids
+    assert found.tolist() == [newest]
