@@ -54,9 +54,15 @@ def fresh_row_offset(num_items: int) -> int:
 def gather_rows(main: torch.Tensor, fresh: Optional[torch.Tensor], rows: torch.Tensor
                 ) -> torch.Tensor:
     """`main[rows]` where rows address the main table [N, ...] and, at and past
-    fresh_row_offset(N), the fresh table [C, ...]. Negative rows (padding) read main row 0."""
+    fresh_row_offset(N), the fresh table [C, ...]. Negative rows (padding) read main row 0;
+    a row in neither table is an error (a direct caller's bad candidate list must fail, not
+    read a neighbour's row)."""
     n = main.shape[0]
     offset = fresh_row_offset(n)
+    fresh_rows = 0 if fresh is None else fresh.shape[0]
+    if bool(((rows >= n) & ((rows < offset) | (rows >= offset + fresh_rows))).any()):
+        raise RuntimeError(f"row out of range: the main index has {n} rows and the fresh "
+                           f"store {fresh_rows} (from row {offset})")
     if fresh is None or fresh.shape[0] == 0 or not bool((rows >= offset).any()):
         return main[rows.clamp(min=0, max=n - 1)]
     is_fresh = rows >= offset
