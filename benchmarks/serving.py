@@ -190,13 +190,59 @@ def recall(server: TritonServer, model: str, queries: List[Request],
 
 def exact_results(repository: Path, queries: List[Request], chunk: int = 16
                   ) -> List[np.ndarray]:
-    reference = exact_reference(repository)
+    return chain_results(exact_reference(repository), queries, chunk)
+
+
+def chain_results(chain: InProcessChain, queries: List[Request], chunk: int = 16
+                  ) -> List[np.ndarray]:
     out = []
     for i in range(0, len(queries), chunk):
-        part = queries[i: i + chunk]
-        out += [r["item_ids"] for r in reference.run([(q.user_id, q.filter, q.k)
-                                                        for q in part])]
+        out += [r["item_ids"] for r in chain.run([(q.user_id, q.filter, q.k)
+                                                  for q in queries[i: i + chunk]])]
     return out
+
+
+def mean_recall(got: List[np.ndarray], exact: List[np.ndarray]) -> float:
+    hits = [len(set(g.tolist()) & set(e.tolist())) / len(e) for g, e in zip(got, exact)
+            if len(e)]
+    return float(np.mean(hits))
+
+
+NPROBES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
+
+
+def match_baseline_recall(repository: Path, queries: List[Request], exact: List[np.ndarray]
+                          ) -> Dict[str, float]:
+    """The baseline at the recall of `unified`: the smallest FAISS nprobe whose recall@k (in
+    process, the same evaluation queries) is at least unified's, written into the served
+    baseline_ann config. Returns the recalls seen."""
+    from serving.runners import RUNNERS
+
+    unified = RUNNERS["unified"](repository / "unified" / "1")
+    got = []
+    for q in queries:
+        out = unified.run([{"user_id": np.array([[q.user_id]], np.int64),
+                            "filter": np.array([[q.filter.encode()]], object),
+                            "k": np.array([[q.k]], np.int32)}])[0]
+        got.append(out["item_ids"][0])
+    target = mean_recall(got, exact)
+    seen = {"unified": target}
+    chosen = NPROBES[-1]
+    for nprobe in NPROBES:
+        chain = InProcessChain(repository, ann_params={"nprobe": str(nprobe)})
+        seen[f"baseline nprobe {nprobe}"] = mean_recall(chain_results(chain, queries), exact)
+        if seen[f"baseline nprobe {nprobe}"] >= target:
+            chosen = nprobe
+            break
+    config = repository / "baseline_ann" / "config.pbtxt"
+    text = config.read_text()
+    text = text.rstrip("\n") + (
+        "\n# benchmarks/serving.py --match-recall: the smallest nprobe with recall@k at least "
+        f"unified's ({target:.3f})\nparameters {{ key: \"nprobe\" value: {{ string_value: "
+        f"\"{chosen}\" }} }}\n")
+    config.write_text(text)
+    seen["chosen nprobe"] = chosen
+    return seen
 
 
 # --- what each model costs before Triton ------------------------------------------------------
@@ -344,8 +390,8 @@ def plots(points: List[Point], img: Path, suffix: str) -> List[Path]:
 
 
 def markdown(args, info, workload: Workload, recalls: Dict[str, Dict[str, float]],
-             costs: Dict[str, Dict[str, float]], points: List[Point], all_rounds: List[dict],
-             images: List[Path], doc: Path) -> str:
+             matched: Dict[str, float], costs: Dict[str, Dict[str, float]],
+             points: List[Point], all_rounds: List[dict], images: List[Path], doc: Path) -> str:
     kinds = list(workload.mix)
     command = " ".join([".venv/bin/python -m benchmarks.serving"] + args.argv)
     lines = [BEGIN, "", f"Command: `{command}`", ""]
@@ -365,6 +411,14 @@ def markdown(args, info, workload: Workload, recalls: Dict[str, Dict[str, float]
     for m, r in recalls.items():
         lines.append(f"| {m} | {r['all']:.3f} | "
                      + " | ".join(f"{r[k]:.3f}" if k in r else "-" for k in kinds) + " |")
+    if matched:
+        tried = ", ".join(f"{k.split()[-1]}: {v:.3f}" for k, v in matched.items()
+                          if k.startswith("baseline nprobe"))
+        lines += ["", f"The baseline is served at equal recall: FAISS nprobe "
+                  f"{int(matched['chosen nprobe'])}, the smallest whose recall@{workload.k} on "
+                  f"these queries (in process) reaches unified's {matched['unified']:.3f} "
+                  f"(nprobe: recall {tried}). A higher nprobe would make the baseline slower "
+                  "and more accurate than unified; a lower one, less accurate."]
     lines += ["", "### Compute per query before Triton (CPU ms, in process, one thread)", "",
               "| model, batch | " + " | ".join(STEPS) + " | total |",
               "| --- | " + " | ".join("---:" for _ in STEPS) + " | ---: |"]
@@ -489,6 +543,9 @@ def main(argv=None) -> int:
     p.add_argument("--doc", type=Path, default=ROOT / "docs" / "performance.md")
     p.add_argument("--img", type=Path, default=ROOT / "docs" / "img")
     p.add_argument("--no-docs", action="store_true", help="only runs/benchmark/results.json")
+    p.add_argument("--no-match-recall", dest="match_recall", action="store_false",
+                   help="serve the baseline at its built nprobe instead of the smallest nprobe "
+                        "that reaches unified's recall (the default, when this run builds)")
     p.add_argument("--gpu", action="store_true",
                    help="a GPU host run (the Dockerfile image): checks that CUDA is visible, "
                         "writes its own section and plots (*-gpu.png)")
@@ -514,6 +571,7 @@ def main(argv=None) -> int:
     else:
         repository = args.repository
         items_csv = args.items_csv or ROOT / "build" / "items.csv"
+        args.match_recall = False  # never rewrite a repository this run did not build
         if not is_built(repository):
             print(f"{repository} is not fully built (python -m builder)", file=sys.stderr)
             return 2
@@ -524,6 +582,11 @@ def main(argv=None) -> int:
     exact = exact_results(repository, queries)
     print(f"exact reference for {len(queries)} queries in {time.perf_counter() - t0:.0f} s",
           flush=True)
+    matched: Dict[str, float] = {}
+    if args.match_recall:
+        matched = match_baseline_recall(repository, queries, exact)
+        print("baseline matched to unified's recall: " + ", ".join(
+            f"{k} {v:.3f}" for k, v in matched.items()), flush=True)
     costs = stage_costs(repository, queries)
     for name, ms in costs.items():
         print(f"CPU ms/query {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in ms.items()),
@@ -558,7 +621,7 @@ def main(argv=None) -> int:
                 ranked = sorted(rounds[m], key=lambda p: p.requests_per_s)
                 points.append(ranked[len(ranked) // 2])
     results = {"machine": info, "args": {k: str(v) for k, v in vars(args).items()},
-               "recall": recalls, "cpu_ms_per_query": costs,
+               "recall": recalls, "baseline_recall_match": matched, "cpu_ms_per_query": costs,
                "points": [asdict(p) for p in points], "rounds": all_rounds}
     (OUT / "results.json").write_text(json.dumps(results, indent=1))
     print(f"wrote {OUT / 'results.json'}")
@@ -566,8 +629,8 @@ def main(argv=None) -> int:
         return 0
     images = plots(points, args.img, "-gpu" if args.gpu else "")
     write_section(args.doc, GPU_SECTION if args.gpu else SECTION,
-                  markdown(args, info, workload, recalls, costs, points, all_rounds, images,
-                           args.doc))
+                  markdown(args, info, workload, recalls, matched, costs, points, all_rounds,
+                           images, args.doc))
     print(f"wrote {args.doc} and {', '.join(str(i) for i in images)}")
     failures = sum(p["failures"] for p in all_rounds)
     return 1 if failures else 0
