@@ -445,25 +445,28 @@ def markdown(args, info, workload: Workload, recalls: Dict[str, Dict[str, float]
     peak = {m: max((p for p in points if p.model == m), key=lambda p: p.requests_per_s)
             for m in order}
     if "unified" in peak and "baseline" in peak:
-        lines += ["### Unified against the baseline (same run)", "",
-                  "Ratios are medians over rounds of unified / baseline measured back to back "
-                  "in the same round (paired, so that a change of background load between "
-                  "rounds cancels out). *Per server core*: requests per CPU-second of the "
-                  "server process tree, i.e. the work each needs per request: what dedicated "
-                  "cores would serve, less sensitive to the CPU share the server gets on a "
+        lines += ["### Unified against the baseline and the ensemble (same run)", "",
+                  "Ratios are medians over rounds of unified / baseline (or / retrieval) "
+                  "measured back to back in the same round (paired, so that a change of "
+                  "background load between rounds cancels out). *Per server core*: requests "
+                  "per CPU-second of the server process tree, i.e. the work each needs per "
+                  "request: what dedicated cores would serve, less sensitive to the CPU share "
+                  "the server gets on a "
                   "shared machine.", "",
                   "| clients | unified req/s | retrieval req/s | baseline req/s | "
-                  "unified / baseline | unified / baseline per server core |",
-                  "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  "unified / baseline | unified / baseline per server core | "
+                  "unified / retrieval |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for c in sorted({p.concurrency for p in points}):
             row = {p.model: p for p in points if p.concurrency == c}
             if "unified" in row and "baseline" in row:
                 ratios, per_core = _paired_ratios(all_rounds, c)
+                versus_ensemble, _ = _paired_ratios(all_rounds, c, "unified", "retrieval")
                 r = row.get("retrieval")
                 lines.append(f"| {c} | {row['unified'].requests_per_s:.1f} | "
                              f"{r.requests_per_s if r else float('nan'):.1f} | "
                              f"{row['baseline'].requests_per_s:.1f} | {ratios:.2f}x"
-                             f" | {per_core:.2f}x |")
+                             f" | {per_core:.2f}x | {versus_ensemble:.2f}x |")
         u, b = peak["unified"], peak["baseline"]
         ratio = u.requests_per_s / b.requests_per_s if b.requests_per_s else float("inf")
         ru, rb = recalls.get("unified", {}).get("all"), recalls.get("baseline", {}).get("all")
@@ -479,14 +482,18 @@ def markdown(args, info, workload: Workload, recalls: Dict[str, Dict[str, float]
     return "\n".join(lines)
 
 
-def _paired_ratios(all_rounds: List[dict], concurrency: int):
-    """Medians over rounds of unified / baseline: throughput, and throughput per server core."""
+def _paired_ratios(all_rounds: List[dict], concurrency: int, num: str = "unified",
+                   den: str = "baseline"):
+    """Medians over rounds of num / den, each pair measured back to back in the same round:
+    throughput, and throughput per server core (NaN when the run has no such pair)."""
     by_round: Dict[int, Dict[str, dict]] = {}
     for r in all_rounds:
         if r["concurrency"] == concurrency:
             by_round.setdefault(r["round"], {})[r["model"]] = r
-    pairs = [(x["unified"], x["baseline"]) for x in by_round.values()
-             if "unified" in x and "baseline" in x and x["baseline"]["requests_per_s"] > 0]
+    pairs = [(x[num], x[den]) for x in by_round.values()
+             if num in x and den in x and x[den]["requests_per_s"] > 0]
+    if not pairs:
+        return float("nan"), float("nan")
 
     def core(r):
         return r["requests_per_s"] / max(r["server_cores"], 1e-9)
@@ -542,7 +549,9 @@ def main(argv=None) -> int:
     p.add_argument("--recall-queries", type=int, default=50, help="per request kind")
     p.add_argument("--doc", type=Path, default=ROOT / "docs" / "performance.md")
     p.add_argument("--img", type=Path, default=ROOT / "docs" / "img")
-    p.add_argument("--no-docs", action="store_true", help="only runs/benchmark/results.json")
+    p.add_argument("--out", type=Path, default=OUT,
+                   help="results.json, the server log and (when this run builds) the repository")
+    p.add_argument("--no-docs", action="store_true", help="only <out>/results.json")
     p.add_argument("--no-match-recall", dest="match_recall", action="store_false",
                    help="serve the baseline at its built nprobe instead of the smallest nprobe "
                         "that reaches unified's recall (the default, when this run builds)")
@@ -562,9 +571,10 @@ def main(argv=None) -> int:
                   "`docker run --gpus all`", file=sys.stderr)
             return 2
     info = machine()
-    OUT.mkdir(parents=True, exist_ok=True)
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
     if args.repository is None:
-        repository, items_csv = OUT / "model_repository", OUT / "items.csv"
+        repository, items_csv = out / "model_repository", out / "items.csv"
         print(f"building {args.num_items:,} items into {repository} ...", flush=True)
         build(BuildConfig(world=WorldConfig(num_items=args.num_items), repository=repository,
                           items_csv=items_csv))
@@ -594,7 +604,7 @@ def main(argv=None) -> int:
 
     http, grpc, metrics_port = _free_ports(3)
     config = ServerConfig(repository=repository, http_port=http, grpc_port=grpc,
-                          metrics_port=metrics_port, log_path=OUT / "tritonserver.log")
+                          metrics_port=metrics_port, log_path=out / "tritonserver.log")
     points: List[Point] = []  # the median round of every (model, level)
     all_rounds: List[dict] = []
     recalls: Dict[str, Dict[str, float]] = {}
@@ -623,8 +633,8 @@ def main(argv=None) -> int:
     results = {"machine": info, "args": {k: str(v) for k, v in vars(args).items()},
                "recall": recalls, "baseline_recall_match": matched, "cpu_ms_per_query": costs,
                "points": [asdict(p) for p in points], "rounds": all_rounds}
-    (OUT / "results.json").write_text(json.dumps(results, indent=1))
-    print(f"wrote {OUT / 'results.json'}")
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    print(f"wrote {out / 'results.json'}")
     if args.no_docs:
         return 0
     images = plots(points, args.img, "-gpu" if args.gpu else "")

@@ -1,0 +1,51 @@
+"""benchmarks/serving.py end to end on the small build: it starts its own real server, drives
+the three models, and writes the performance section (tables, ratios, plots) and results.json.
+The numbers themselves are not checked (timings are not tests); that every model answered
+without failure, with recall measured against the exact reference, is."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.server
+def test_serving_benchmark_writes_its_section(small_build, tmp_path):
+    doc = tmp_path / "performance.md"
+    doc.write_text("# Performance\n\n## Another section\n\nkept\n")
+    cmd = [sys.executable, "-m", "benchmarks.serving",
+           "--repository", str(small_build.repository),
+           "--items-csv", str(small_build.config.items_csv),
+           "--concurrency", "2", "--rounds", "2", "--seconds", "1", "--warmup", "0.5",
+           "--recall-queries", "3", "--out", str(tmp_path / "out"),
+           "--doc", str(doc), "--img", str(tmp_path / "img")]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    models = {"unified", "retrieval", "baseline"}
+    assert {r["model"] for r in results["rounds"]} == models
+    assert all(r["failures"] == 0 and r["requests"] > 0 for r in results["rounds"])
+    for model in models:
+        assert 0.0 <= results["recall"][model]["all"] <= 1.0
+
+    text = doc.read_text()
+    assert "## Another section\n\nkept" in text  # other sections untouched
+    assert "## Serving: unified vs ensemble vs baseline" in text
+    for heading in ("### Recall@10 against exact search", "### Throughput and latency",
+                    "### Unified against the baseline and the ensemble (same run)"):
+        assert heading in text, heading
+    ratio_rows = [line for line in text.splitlines() if line.startswith("| 2 | ")]
+    assert len(ratio_rows) == 1 and ratio_rows[0].count("x |") == 3, ratio_rows
+    for image in ("serving_throughput.png", "serving_latency.png"):
+        assert (tmp_path / "img" / image).stat().st_size > 0
+        assert f"img/{image}" in text
+
+    # a second run replaces the generated block, it does not add another
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert doc.read_text().count("<!-- benchmarks/serving.py: begin -->") == 1
