@@ -14,6 +14,8 @@ RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorc
 COPY . .
 RUN pip install --no-cache-dir --no-deps -e . && python -m builder
 
-ENV TRITON_HOST=0.0.0.0
+# every TorchScript stage on the GPU when one is visible (serving/runners.py resolve_device);
+# the baseline's FAISS search stays on the CPU, as the service it stands for
+ENV TRITON_HOST=0.0.0.0 IAM_DEVICE=auto
 EXPOSE 8000 8001 8002
 CMD ["python", "-m", "serving.serve"]

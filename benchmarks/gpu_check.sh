@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The project's GPU check: every Triton-language kernel on CUDA against its torch path, with
-# timings. Run on a GPU host (the Dockerfile image, or a lent machine) from the repository root:
+# timings, then the served runners with their modules on CUDA against the CPU (gpu_serving). Run on a GPU host (the Dockerfile image, or a lent machine) from the repository root:
 #   bash benchmarks/gpu_check.sh            # full sizes (1M items / 1M slots)
 #   bash benchmarks/gpu_check.sh --small    # quick sizes
 # On a CPU-only machine: `SMOKE=1 bash benchmarks/gpu_check.sh` runs the same scripts under
@@ -22,4 +22,11 @@ for check in gpu_bloom gpu_ann gpu_zch; do
     status=1
   fi
 done
+serving_args=()
+[ "${SMOKE:-0}" = 1 ] && serving_args=(--device cpu --items 4000 --per-kind 4)
+echo "=== benchmarks/gpu_serving.py ${serving_args[*]:-}"
+if ! PYTHONUNBUFFERED=1 "$PY" benchmarks/gpu_serving.py "${serving_args[@]}"; then
+  echo "!!! gpu_serving failed"
+  status=1
+fi
 exit $status

@@ -32,8 +32,10 @@ class FreshView:
         schema: the catalog schema the model parses filters with; must be the store's.
     """
 
-    def __init__(self, directory: Path, module=None, schema: Optional[Schema] = None):
+    def __init__(self, directory: Path, module=None, schema: Optional[Schema] = None,
+                 device: torch.device = torch.device("cpu")):
         self.store = FreshStore(directory)
+        self._device = device  # the module's: live_main_words runs there
         header = self.store.header
         if schema is not None and schema.to_json() != header.feature_schema.to_json():
             raise RuntimeError(f"fresh store {directory} was made for another catalog schema; "
@@ -46,8 +48,8 @@ class FreshView:
         self._main_live = torch.zeros(0, dtype=torch.int64)
 
     @staticmethod
-    def for_model(version_dir: Path, module, schema: Optional[Schema] = None
-                  ) -> Optional[FreshView]:
+    def for_model(version_dir: Path, module, schema: Optional[Schema] = None,
+                  device: torch.device = torch.device("cpu")) -> Optional[FreshView]:
         """The view of the store next to the repository holding `version_dir`
         (<repository>/<model>/<version>) for a model whose forward takes `fresh`; None when
         there is no store or the model does not take fresh items (e.g. the baseline's)."""
@@ -57,7 +59,7 @@ class FreshView:
         if not (directory / LOG_NAME).exists():
             log.warning("no fresh-item store at %s: serving the main index only", directory)
             return None
-        return FreshView(directory, module, schema)
+        return FreshView(directory, module, schema, device)
 
     def current(self) -> Optional[FreshItems]:
         """The tables as of now (None: the store holds no update)."""
@@ -72,7 +74,8 @@ class FreshView:
         hidden = s.hidden_ids()
         if self._live_main_words is not None and (
                 self._hidden is None or not np.array_equal(hidden, self._hidden)):
-            self._main_live = self._live_main_words(torch.from_numpy(hidden))
+            self._main_live = self._live_main_words(
+                torch.from_numpy(hidden).to(self._device)).cpu()
             self._hidden = hidden
         # views of the store's arrays: refresh() updates them in place between batches
         self._items = FreshItems(torch.from_numpy(s.embeddings), torch.from_numpy(s.features),

@@ -97,7 +97,7 @@ class FaissAnnRunner(AnnRunner):
 
     def compute(self, prepared):
         users = torch.tensor([p[0] for p in prepared], dtype=torch.int64)
-        queries = np.ascontiguousarray(self.module(users).numpy(), dtype=np.float32)
+        queries = np.ascontiguousarray(self.forward(users).numpy(), dtype=np.float32)
         wanted = [self.oversample * p[2] for p in prepared]
         rows: List[np.ndarray] = [np.empty(0, np.int64)] * len(prepared)
         # Requests with the same filter (the unfiltered ones, above all) share one FAISS call.

@@ -12,6 +12,7 @@ Each runner declares its tensors (`INPUTS`, `OUTPUTS`); tests check them against
 from __future__ import annotations
 
 import logging
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from fresh.tables import FreshView
 from world.schema import Schema
 
 MAX_K = 1000  # largest k a request may ask for
+DEVICE_ENV = "IAM_DEVICE"  # where the modules run when the config does not say: cpu|cuda|auto
 NUM_TASKS = 3
 ARTIFACT = "model.pt"
 
@@ -148,7 +150,32 @@ def check_finite(name: str, values: np.ndarray) -> np.ndarray:
     return values
 
 
+def resolve_device(requested: Optional[str]) -> torch.device:
+    """The device the modules run on: the model config's `device` parameter, else the
+    IAM_DEVICE environment variable, else the CPU. `auto` is CUDA when torch sees a GPU."""
+    name = (requested or os.environ.get(DEVICE_ENV) or "cpu").strip().lower()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"device {name!r}: expected cpu, cuda, cuda:N or auto") from e
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r}: expected cpu, cuda, cuda:N or auto")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested ({DEVICE_ENV} or the config's `device` "
+                           "parameter) but torch sees no CUDA device")
+    return device
+
+
 class StageRunner(ABC):
+    """Args:
+        version_dir: <repository>/<model>/<version>, holding model.pt.
+        params: the model config's parameters; `device` (cpu, cuda, cuda:N, auto) places the
+            module (default: $IAM_DEVICE, else cpu). Requests arrive and leave as numpy
+            arrays on the host; a batch crosses to the device once and back once.
+    """
+
     STAGE = ""  # the model's name, in messages
     INPUTS: Sequence[TensorSpec] = ()
     OUTPUTS: Sequence[TensorSpec] = ()
@@ -156,13 +183,14 @@ class StageRunner(ABC):
     def __init__(self, version_dir: Path, params: Optional[Dict[str, str]] = None):
         self.version_dir = Path(version_dir)
         self.params = params or {}
+        self.device = resolve_device(self.params.get("device"))
         artifact = self.version_dir / ARTIFACT
         if not artifact.exists():
             raise FileNotFoundError(f"missing model artifact {artifact}: run `make build`")
         try:
             # TorchScript archives are read by torch's own restricted unpickler (tensors and
             # TorchScript types only), never by Python's pickle: no code runs from the file
-            self.module = torch.jit.load(str(artifact), map_location="cpu")
+            self.module = torch.jit.load(str(artifact), map_location=self.device)
         except Exception as e:  # a truncated or foreign file
             raise RuntimeError(f"cannot load model artifact {artifact}: {_summary(e)}") from e
         self.module.eval()
@@ -170,13 +198,32 @@ class StageRunner(ABC):
         # that parses filters checks that the store speaks its schema
         schema = _load_schema(self.version_dir) \
             if (self.version_dir / "schema.json").exists() else None
-        self.fresh = FreshView.for_model(self.version_dir, self.module, schema)
+        self.fresh = FreshView.for_model(self.version_dir, self.module, schema, self.device)
+        self._fresh_on_device: Tuple[object, object] = (None, None)
 
     def forward(self, *args):
-        """The module on one batch, with the fresh store's tables when it takes them."""
+        """The module on one batch (host tensors in, host tensors out), with the fresh store's
+        tables when it takes them."""
+        on_cpu = self.device.type == "cpu"
+        if not on_cpu:
+            args = tuple(a.to(self.device, non_blocking=True) for a in args)
         if self.fresh is None:
-            return self.module(*args)
-        return self.module(*args, self.fresh.current())
+            out = self.module(*args)
+        else:
+            out = self.module(*args, self._fresh_tables())
+        if on_cpu:
+            return out
+        return tuple(t.cpu() for t in out) if isinstance(out, tuple) else out.cpu()
+
+    def _fresh_tables(self):
+        tables = self.fresh.current()
+        if self.device.type == "cpu" or tables is None:
+            return tables
+        host, moved = self._fresh_on_device
+        if host is not tables:  # the store changed: copy its tables once, not per batch
+            moved = type(tables)(*(t.to(self.device) for t in tables))
+            self._fresh_on_device = (tables, moved)
+        return moved
 
     def run(self, requests: List[Arrays]) -> List[Result]:
         """One result per request: outputs, or the RequestError that answers it."""
@@ -333,7 +380,7 @@ class AggregatorRunner(StageRunner):
 
     def __init__(self, version_dir, params=None):
         super().__init__(version_dir, params)
-        self.default_weights = self.module.default_weights.numpy()
+        self.default_weights = self.module.default_weights.cpu().numpy()
 
     def prepare(self, row):
         k = check_k(row["k"])
@@ -372,7 +419,7 @@ class UnifiedRunner(StageRunner):
     def __init__(self, version_dir, params=None):
         super().__init__(version_dir, params)
         self.schema = _load_schema(self.version_dir)
-        self.default_weights = self.module.aggregator.default_weights.numpy()
+        self.default_weights = self.module.aggregator.default_weights.cpu().numpy()
 
     def prepare(self, row):
         k = check_k(row["k"])
