@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.data import time_split
+from training.data import holdout_split, per_user_time_split, time_split
 from training.movielens import MovieLensConfig, load_movielens
 
 ML_LATEST_SMALL = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-latest-small"
@@ -69,6 +69,35 @@ def test_loader_rejects_ratings_of_unknown_movies(tmp_path):
         load_movielens(tmp_path / "nowhere")
 
 
+def test_per_user_split_holds_out_each_users_latest(tmp_path):
+    (tmp_path / "movies.csv").write_text(MOVIES)
+    (tmp_path / "ratings.csv").write_text(RATINGS)
+    data = load_movielens(tmp_path, MovieLensConfig(negatives_per_rating=1))
+    assert data.split == "per_user" and not data.logged_impressions
+    train, held = holdout_split(data, 0.5)
+    assert not (train & held).any() and (train | held).all()
+    inter = data.interactions
+    for u in np.unique(inter.user_index):
+        mine = inter.user_index == u
+        n = int(mine.sum())
+        assert int((held & mine).sum()) == n // 2  # floor(0.5 * n) per user
+        assert inter.timestamp[held & mine].min() >= inter.timestamp[train & mine].max()
+
+
+def test_per_user_split_rounds_down_and_keeps_log_order_within_a_timestamp():
+    from world.synthetic import Interactions
+
+    users = np.array([0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2])
+    times = np.array([5, 1, 5, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 3])
+    inter = Interactions(users, np.arange(14), np.zeros((14, 1), np.float32), times)
+    train, held = per_user_time_split(inter, 0.3)
+    # user 0: floor(0.9) = 0 held; user 1: floor(3.0) = 3, its three latest; user 2: none
+    assert held.tolist() == [False] * 10 + [True] * 3 + [False]
+    _, held = per_user_time_split(inter, 0.5)
+    # user 0: 1 held: of its two interactions at time 5, the later in the log
+    assert held[:3].tolist() == [False, False, True]
+
+
 @pytest.mark.skipif(not ML_LATEST_SMALL.exists(), reason=f"{ML_LATEST_SMALL} absent")
 def test_ml_latest_small_loads_with_a_time_holdout():
     data = load_movielens(ML_LATEST_SMALL)
@@ -79,3 +108,13 @@ def test_ml_latest_small_loads_with_a_time_holdout():
     train, held = time_split(data.interactions, 0.1)
     assert not (train & held).any()
     assert data.interactions.timestamp[held].min() >= data.interactions.timestamp[train].max()
+
+
+@pytest.mark.skipif(not ML_LATEST_SMALL.exists(), reason=f"{ML_LATEST_SMALL} absent")
+def test_ml_latest_small_per_user_holdout_evaluates_most_users():
+    data = load_movielens(ML_LATEST_SMALL)
+    train, held = holdout_split(data, 0.1)
+    rated = data.interactions.labels[:, 0] > 0
+    users_with_heldout_ratings = np.unique(data.interactions.user_index[held & rated])
+    assert len(users_with_heldout_ratings) > 500  # a global cut leaves 74 of 610
+    assert abs(held.mean() - 0.1) < 0.01

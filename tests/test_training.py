@@ -13,7 +13,13 @@ from stages.scorer import OverArch, OverArchConfig, build_scorer_stage
 from stages.user import UserTower, build_user_tower
 from training.data import from_world, subset, time_split
 from training.evaluate import ndcg
-from training.over_arch import OverArchModel, OverArchTrainConfig, task_losses, train_over_arch
+from training.over_arch import (
+    OverArchModel,
+    OverArchTrainConfig,
+    retrieved_negatives,
+    task_losses,
+    train_over_arch,
+)
 from training.towers import (
     ClickHistory,
     ExampleQueries,
@@ -22,7 +28,14 @@ from training.towers import (
     in_batch_softmax_loss,
     train_two_tower,
 )
-from training.train import TrainConfig, load_or_train, rows_per_user, train, weights_path
+from training.train import (
+    TrainConfig,
+    load_or_train,
+    rows_per_user,
+    train,
+    training_config_for,
+    weights_path,
+)
 from training.weights import TrainedWeights
 from world.synthetic import WorldConfig, generate_world
 
@@ -255,3 +268,30 @@ def test_evaluation_pipelines_are_the_served_stages(weights):
             assert 0.0 <= result[p][metric][0] <= 1.0
     delta = result["delta"]["recall@50"][0]
     assert delta == pytest.approx(result["b"]["recall@50"][0] - result["a"]["recall@50"][0])
+
+
+def test_retrieved_negatives_are_unseen_items_from_the_users_top_pool():
+    g = torch.Generator().manual_seed(0)
+    users, items, dim, pool = 6, 300, 8, 20
+    query = torch.nn.functional.normalize(torch.randn(users, dim, generator=g), dim=1)
+    vectors = torch.nn.functional.normalize(torch.randn(items, dim, generator=g), dim=1)
+    top = torch.topk(query @ vectors.T, pool, dim=1).indices
+    # user u saw the first 5 of its pool items (clicked the first 2) and 3 random others
+    user_index = torch.arange(users).repeat_interleave(8)
+    item_index = torch.cat([torch.cat([top[u, :5], torch.randint(0, items, (3,), generator=g)])
+                            for u in range(users)])
+    positives = torch.zeros(len(user_index), dtype=torch.bool)
+    positives[torch.arange(users) * 8] = True
+    positives[torch.arange(users) * 8 + 1] = True
+    neg_users, neg_items = retrieved_negatives(query, vectors, user_index, item_index,
+                                               positives, 3, pool, g, chunk=4)
+    assert len(neg_users) == users * 2 * 3  # 3 per positive
+    for u, i in zip(neg_users.tolist(), neg_items.tolist()):
+        assert i in top[u].tolist(), "a negative outside the user's retrieval pool"
+        assert i not in item_index[user_index == u].tolist(), "a negative the user has seen"
+
+
+def test_only_sources_without_logged_impressions_get_retrieved_negatives():
+    assert training_config_for(DATA).over_arch.retrieved_negatives == 0
+    random_negatives = dataclasses.replace(DATA, logged_impressions=False)
+    assert training_config_for(random_negatives).over_arch.retrieved_negatives > 0

@@ -11,7 +11,13 @@ from pathlib import Path
 
 from builder.build import BuildConfig
 from training.data import from_world
-from training.train import WEIGHTS_DIR, TrainConfig, load_or_train, metrics_line, weights_path
+from training.train import (
+    WEIGHTS_DIR,
+    load_or_train,
+    metrics_line,
+    training_config_for,
+    weights_path,
+)
 from world.synthetic import WorldConfig, generate_world
 
 
@@ -33,7 +39,7 @@ def main() -> None:
     else:
         data = from_world(generate_world(WorldConfig(seed=a.seed, num_items=a.num_items,
                                                      num_users=a.num_users)))
-    config, holdout = TrainConfig(), BuildConfig.holdout_fraction
+    config, holdout = training_config_for(data), BuildConfig.holdout_fraction
     path = weights_path(data, holdout, config, a.weights_dir)
     reused = path.exists() and not a.retrain
     weights = load_or_train(data, holdout, config, a.weights_dir, progress=True,

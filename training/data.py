@@ -64,6 +64,7 @@ class LoggedData:
     interactions: logged impressions with one 0/1 label per task; `user_index` rows into
         `user_ids`, `item_index` into the catalog.
     world: the synthetic world when the source is one (ground truth for evaluation).
+    logged_impressions: see below.
     """
 
     name: str
@@ -76,6 +77,15 @@ class LoggedData:
     # identifies the source for weight caching (e.g. the world config)
     fingerprint: dict = field(default_factory=dict)
     world: Optional[World] = None
+    # whether the negatives in `interactions` are items a recommender showed (the synthetic
+    # world) rather than random unseen items (MovieLens): training_config_for() adds negatives
+    # from the retrieval itself when they are not
+    logged_impressions: bool = True
+    # how the holdout is cut (holdout_split): "global", the latest interactions of everyone
+    # (the synthetic world: its logs cover all users evenly in time), or "per_user", each
+    # user's own latest (MovieLens: users rate in bursts years apart, so a global cut would
+    # hold out only the few users active at the end; ml-latest-small: 74 of 610)
+    split: str = "global"
 
 
 # features of the synthetic catalog that feed the item tower; `creator` is left out: the world
@@ -109,6 +119,31 @@ def time_split(interactions: Interactions, fraction: float) -> Tuple[np.ndarray,
     ts = interactions.timestamp
     cut = np.quantile(ts, 1.0 - fraction)
     return ts < cut, ts >= cut
+
+
+def per_user_time_split(interactions: Interactions, fraction: float
+                        ) -> Tuple[np.ndarray, np.ndarray]:
+    """(train mask, holdout mask): each user's latest `fraction` of their interactions by time
+    (rounded down; ties in time keep log order) is held out."""
+    users, ts = interactions.user_index, interactions.timestamp
+    order = np.lexsort((np.arange(len(ts)), ts, users))  # by user, then time, then log order
+    sorted_users = users[order]
+    starts = np.searchsorted(sorted_users, sorted_users, side="left")
+    counts = np.bincount(users)[sorted_users]
+    rank = np.arange(len(order)) - starts  # position within the user's history
+    held_sorted = rank >= counts - np.floor(fraction * counts).astype(np.int64)
+    held = np.zeros(len(ts), dtype=bool)
+    held[order] = held_sorted
+    return ~held, held
+
+
+def holdout_split(data: LoggedData, fraction: float) -> Tuple[np.ndarray, np.ndarray]:
+    """(train mask, holdout mask) over data.interactions, cut as `data.split` says."""
+    if data.split == "per_user":
+        return per_user_time_split(data.interactions, fraction)
+    if data.split == "global":
+        return time_split(data.interactions, fraction)
+    raise ValueError(f"{data.name}: unknown split {data.split!r} (global, per_user)")
 
 
 def subset(interactions: Interactions, mask: np.ndarray) -> Interactions:

@@ -21,6 +21,7 @@ Metrics, averaged over evaluated users (R = the user's relevant items, L_k = the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass, field
@@ -34,8 +35,14 @@ from tqdm import tqdm
 from builder.build import retrieval_stages
 from stages.ann import AnnConfig
 from stages.bits import pack_bits
-from training.data import LoggedData, from_world, subset, time_split
-from training.train import WEIGHTS_DIR, TrainConfig, load_or_train, metrics_line
+from training.data import LoggedData, from_world, holdout_split, subset
+from training.train import (
+    WEIGHTS_DIR,
+    TrainConfig,
+    load_or_train,
+    metrics_line,
+    training_config_for,
+)
 from world.synthetic import WorldConfig, generate_world
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,7 +144,7 @@ def metric_names(config: EvalConfig) -> List[str]:
 
 def heldout_metrics(data: LoggedData, pipes: Pipelines, config: EvalConfig,
                     progress: bool = False) -> Dict[str, Dict]:
-    train_mask, holdout_mask = time_split(data.interactions, config.holdout_fraction)
+    train_mask, holdout_mask = holdout_split(data, config.holdout_fraction)
     train, held = subset(data.interactions, train_mask), subset(data.interactions, holdout_mask)
     positive = held.labels[:, 0] > 0
     users = np.unique(held.user_index[positive])
@@ -253,14 +260,20 @@ def main() -> None:
     p.add_argument("--movielens", type=Path, default=DEFAULT_MOVIELENS,
                    help="MovieLens-format directory (skipped when absent)")
     p.add_argument("--no-movielens", action="store_true")
+    p.add_argument("--no-synthetic", action="store_true",
+                   help="MovieLens only (e.g. for an ablation; do not --write the result)")
     p.add_argument("--max-users", type=int, default=EvalConfig.max_users)
     p.add_argument("--truth-users", type=int, default=EvalConfig.truth_users)
+    p.add_argument("--retrieved-negatives", type=int, default=None,
+                   help="OverArch negatives from the retrieval per positive (default: 4 for "
+                        "sources without logged impressions, MovieLens; 0 for the synthetic "
+                        "world); 0 turns them off")
     p.add_argument("--write", type=Path, default=None,
                    help="write the table and the command into this markdown file")
     a = p.parse_args()
     config = EvalConfig(max_users=a.max_users, truth_users=a.truth_users)
     train_config = TrainConfig()
-    sources = [lambda: from_world(generate_world(WorldConfig(
+    sources = [] if a.no_synthetic else [lambda: from_world(generate_world(WorldConfig(
         seed=a.seed, num_items=a.num_items, num_users=a.num_users)))]
     if not a.no_movielens:
         if a.movielens.exists():
@@ -271,7 +284,11 @@ def main() -> None:
     results = []
     for load in sources:
         data = load()
-        results.append(evaluate(data, config, train_config))
+        chosen = training_config_for(data, train_config)
+        if a.retrieved_negatives is not None:
+            chosen = dataclasses.replace(chosen, over_arch=dataclasses.replace(
+                chosen.over_arch, retrieved_negatives=a.retrieved_negatives))
+        results.append(evaluate(data, config, chosen))
         print(results[-1]["training"])
     text = table(results, config)
     print(text)

@@ -86,11 +86,12 @@ def load_movielens(path: Path, config: MovieLensConfig = MovieLensConfig()) -> L
         np.concatenate([timestamp, neg_times]))
     fingerprint = {"source": "movielens", "directory": path.resolve().name,
                    "ratings": int(len(stars)), "movies": int(len(item_ids)),
-                   "loader": vars(config)}
+                   "loader": vars(config), "split": "per_user"}
     return LoggedData("movielens", catalog,
                       FeatureColumns.from_features([genres], [len(vocabulary)]),
                       user_ids.astype(np.int64), FeatureColumns.empty(len(user_ids)),
-                      interactions, MOVIELENS_TASKS, fingerprint)
+                      interactions, MOVIELENS_TASKS, fingerprint, logged_impressions=False,
+                      split="per_user")
 
 
 def sample_negatives(user_index: np.ndarray, item_index: np.ndarray, timestamp: np.ndarray,

@@ -11,7 +11,7 @@ history of a user the model is asked about at serving.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,14 @@ class OverArchTrainConfig:
     cold_start_rate: float = 0.05
     # impressions the initial logistic fit of the labels on the dot product reads
     init_sample: int = 200_000
+    # Negatives the retrieval would have shown: per positive impression, this many unseen
+    # items drawn from the user's `negative_pool` nearest items under the trained towers.
+    # For sources without logged impressions (MovieLens: its negatives are random items,
+    # which the dot product already ranks low) the OverArch then learns what it is used for:
+    # reordering the ANN's candidates. 0 (the synthetic world's default: its impressions are
+    # what a recommender showed) adds none.
+    retrieved_negatives: int = 0
+    negative_pool: int = 200
 
 
 class OverArchModel(nn.Module):
@@ -132,3 +140,49 @@ def train_over_arch(model: OverArchModel, queries: ExampleQueries, item_vectors:
     bar.close()
     model.eval()
     return history
+
+
+def retrieved_negatives(query: torch.Tensor, item_vectors: torch.Tensor,
+                        user_index: torch.Tensor, item_index: torch.Tensor,
+                        positives: torch.Tensor, per_positive: int, pool: int,
+                        generator: torch.Generator, chunk: int = 1024
+                        ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Hard negatives for the OverArch: for every positive impression (user u), `per_positive`
+    items drawn uniformly from u's top `pool` items by query . item that u has no impression
+    of in the training log.
+
+    Args:
+        query: [U, D] every user's serving query vector (user_index rows into it).
+        item_vectors: [N, D]; user_index / item_index: int64 [E] training impressions;
+        positives: bool [E].
+    Returns:
+        (user_index, item_index) of the negatives, int64 [M] each.
+    """
+    num_items = item_vectors.shape[0]
+    pool = min(pool, num_items)
+    seen = torch.unique(user_index * num_items + item_index)
+    users, counts = torch.unique(user_index[positives], return_counts=True)
+    out_users, out_items = [], []
+    for start in range(0, len(users), chunk):
+        u = users[start: start + chunk]
+        top = torch.topk(query[u] @ item_vectors.T, pool, dim=1).indices  # [b, pool]
+        keys = u[:, None] * num_items + top
+        pos = torch.searchsorted(seen, keys).clamp(max=len(seen) - 1)
+        unseen = seen[pos] != keys
+        wanted = counts[start: start + chunk] * per_positive
+        # uniform over each user's unseen pool items: random keys, seen ones sorted last
+        noise = torch.rand(top.shape, generator=generator).masked_fill(~unseen, 2.0)
+        order = torch.argsort(noise, dim=1)
+        available = unseen.sum(1)
+        for i in range(len(u)):
+            n = int(available[i])
+            if n == 0:
+                continue
+            draws = int(wanted[i])
+            picks = order[i, torch.randint(0, n, (draws,), generator=generator)]
+            out_users.append(u[i].repeat(draws))
+            out_items.append(top[i, picks])
+    if not out_users:
+        empty = torch.zeros(0, dtype=torch.int64)
+        return empty, empty
+    return torch.cat(out_users), torch.cat(out_items)

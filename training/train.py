@@ -23,8 +23,14 @@ import torch
 
 from idmap.zero_collision import ZeroCollisionConfig, ZeroCollisionMap
 from stages.user import UserTower
-from training.data import LoggedData, subset, time_split
-from training.over_arch import OverArchModel, OverArchTrainConfig, task_losses, train_over_arch
+from training.data import LoggedData, holdout_split, subset
+from training.over_arch import (
+    OverArchModel,
+    OverArchTrainConfig,
+    retrieved_negatives,
+    task_losses,
+    train_over_arch,
+)
 from training.towers import ClickHistory, ExampleQueries, ItemTower, TwoTowerConfig, train_two_tower
 from training.weights import FORMAT_VERSION, TrainedWeights
 
@@ -123,13 +129,26 @@ def train(data: LoggedData, train_mask: np.ndarray, config: TrainConfig = TrainC
     model = OverArchModel(int(item_vectors.shape[1]), data.catalog.num_items, len(data.tasks),
                           config.over_arch.model)
     labels = torch.from_numpy(log.labels)
+    oa = config.over_arch
+    added_negatives = 0
+    if oa.retrieved_negatives > 0:
+        with torch.no_grad():
+            query = users(torch.from_numpy(data.user_ids))
+        neg_users, neg_items = retrieved_negatives(
+            query, item_vectors, user_index, item_index, labels[:, 0] > 0,
+            oa.retrieved_negatives, oa.negative_pool, generator)
+        added_negatives = int(neg_users.numel())
+        user_index = torch.cat([user_index, neg_users])
+        item_index = torch.cat([item_index, neg_items])
+        labels = torch.cat([labels, torch.zeros(added_negatives, labels.shape[1])])
     bce_history = train_over_arch(model, queries, item_vectors, user_index, item_index, labels,
-                                  config.over_arch, generator, progress)
+                                  oa, generator, progress)
 
     metrics: Dict = {"tower_loss": [round(x, 4) for x in tower_losses],
                      "overarch_bce": [[round(x, 4) for x in e] for e in bce_history],
                      "train_impressions": int(log.labels.shape[0]),
                      "train_clicks": int(clicks.sum()),
+                     "retrieved_negatives": added_negatives,
                      # training users the id map sent to the cold-start row (full windows)
                      "id_map_overflow": int((user_rows[torch.from_numpy(
                          np.unique(log.user_index))] == id_map.unknown_row).sum())}
@@ -179,10 +198,23 @@ def metrics_line(data: LoggedData, weights: TrainedWeights) -> str:
     return "; ".join(parts)
 
 
+def training_config_for(data: LoggedData, config: TrainConfig = TrainConfig()) -> TrainConfig:
+    """`config`, with retrieved negatives for the OverArch when the source's negatives are
+    random items rather than logged impressions (OverArchTrainConfig.retrieved_negatives)."""
+    if data.logged_impressions or config.over_arch.retrieved_negatives > 0:
+        return config
+    over_arch = dataclasses.replace(config.over_arch, retrieved_negatives=4)
+    return dataclasses.replace(config, over_arch=over_arch)
+
+
 def weights_path(data: LoggedData, holdout_fraction: float, config: TrainConfig,
                  weights_dir: Path) -> Path:
+    train = asdict(config)
+    if train["over_arch"]["retrieved_negatives"] == 0:
+        # weights trained before these knobs existed keep their key (same training)
+        del train["over_arch"]["retrieved_negatives"], train["over_arch"]["negative_pool"]
     key = json.dumps({"data": data.fingerprint, "holdout_fraction": holdout_fraction,
-                      "train": asdict(config), "format": FORMAT_VERSION},
+                      "train": train, "format": FORMAT_VERSION},
                      sort_keys=True, default=str)
     return Path(weights_dir) / f"{data.name}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt"
 
@@ -197,7 +229,7 @@ def load_or_train(data: LoggedData, holdout_fraction: float, config: TrainConfig
                                                          weights_dir)
     if path is not None and path.exists() and not retrain:
         return TrainedWeights.load(path)
-    train_mask, holdout_mask = time_split(data.interactions, holdout_fraction)
+    train_mask, holdout_mask = holdout_split(data, holdout_fraction)
     weights = train(data, train_mask, config, progress, holdout_mask)
     if path is not None:
         weights.save(path)
