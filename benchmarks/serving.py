@@ -38,7 +38,6 @@ import json  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
 import resource  # noqa: E402
-import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -57,7 +56,7 @@ from client import Retriever  # noqa: E402
 from loadtest import locustfile, metrics  # noqa: E402
 from loadtest.workload import Request, Workload  # noqa: E402
 from serving.baseline import InProcessChain, exact_reference  # noqa: E402
-from serving.launcher import ServerConfig, TritonServer  # noqa: E402
+from serving.launcher import ServerConfig, TritonServer, free_ports  # noqa: E402
 from world.synthetic import WorldConfig  # noqa: E402
 
 MODELS = ("unified", "retrieval", "baseline")
@@ -318,15 +317,6 @@ def machine() -> Dict[str, str]:
             "commit": commit + (" + uncommitted changes" if dirty else ""),
             "date": time.strftime("%Y-%m-%d %H:%M %Z")}
 
-
-def _free_ports(count: int) -> List[int]:
-    socks = [socket.socket() for _ in range(count)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 # --- report ------------------------------------------------------------------------------------
@@ -602,7 +592,7 @@ def main(argv=None) -> int:
         print(f"CPU ms/query {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in ms.items()),
               flush=True)
 
-    http, grpc, metrics_port = _free_ports(3)
+    http, grpc, metrics_port = free_ports(3)
     config = ServerConfig(repository=repository, http_port=http, grpc_port=grpc,
                           metrics_port=metrics_port, log_path=out / "tritonserver.log")
     points: List[Point] = []  # the median round of every (model, level)

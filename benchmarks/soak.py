@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -29,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from builder.build import BuildConfig, build, is_built  # noqa: E402
-from serving.launcher import SHM_DIR, ServerConfig, TritonServer  # noqa: E402
+from serving.launcher import SHM_DIR, ServerConfig, TritonServer, free_ports  # noqa: E402
 from serving.supervisor import Supervisor  # noqa: E402
 from world.synthetic import WorldConfig  # noqa: E402
 
@@ -37,15 +36,6 @@ OUT = ROOT / "runs" / "soak"
 SOAK_WORLD = WorldConfig(seed=11, num_items=20_000, num_users=4_000, num_creators=800,
                          impressions_per_user=30)
 
-
-def free_ports(count: int) -> List[int]:
-    socks = [socket.socket() for _ in range(count)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def memory_mb(server: TritonServer) -> Dict[str, float]:

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -42,6 +43,18 @@ class Stub:
     version: str
     pid: int
     shm_region: str  # its shared-memory region (a file in /dev/shm)
+
+
+def free_ports(count: int) -> List[int]:
+    """`count` distinct loopback ports free right now (the OS picks them), for servers that
+    tests and benchmarks start next to whatever else runs on the machine."""
+    socks = [socket.socket() for _ in range(count)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
 
 
 def _env_int(name: str, default: int) -> int:

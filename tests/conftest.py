@@ -2,28 +2,18 @@
 
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from builder.build import BuildConfig, build
-from serving.launcher import ServerConfig, TritonServer
+from serving.launcher import ServerConfig, TritonServer, free_ports
 from world.synthetic import World, WorldConfig
 
 SMALL_WORLD = WorldConfig(seed=7, num_items=6000, num_users=1500, num_creators=400,
                           impressions_per_user=30)
 
-
-def free_ports(count: int):
-    socks = [socket.socket() for _ in range(count)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 @dataclass
