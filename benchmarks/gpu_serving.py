@@ -38,6 +38,7 @@ def main() -> int:
     from benchmarks.fresh_items import fill
     from builder.build import BuildConfig, build
     from loadtest.workload import Workload
+    from serving.baseline import InProcessChain
     from serving.runners import RUNNERS, RequestError
     from world.synthetic import WorldConfig
 
@@ -60,31 +61,44 @@ def main() -> int:
                  "k": np.array([[q.k]], np.int32)} for q in queries]
     repo = cfg.repository
 
-    def runner(name, device):
-        return RUNNERS[name](repo / name / "1", {"device": device})
+    triples = [(q.user_id, q.filter, q.k) for q in queries]
 
     def batches(fn):
+        """fn(start, end) on every batch of the queries -> each query's outputs (no batch
+        row), and the median ms per batch."""
         out, times = [], []
-        for i in range(0, len(requests), args.batch):
+        for i in range(0, len(queries), args.batch):
             t0 = time.perf_counter()
-            got = fn(requests[i: i + args.batch])
+            got = fn(i, i + args.batch)
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
-            for r in got:
-                if isinstance(r, (RequestError, Exception)):
-                    raise RuntimeError(f"a request failed: {r}")
             out += got
         return out, 1000 * float(np.median(times))
 
-    cpu_unified, cpu_ms = batches(runner("unified", "cpu").run)
-    dev_unified_runner = runner("unified", args.device)
-    batches(dev_unified_runner.run)  # warm-up: kernels compile on first use
-    dev_unified, dev_ms = batches(dev_unified_runner.run)
-    chain = {name: runner(name, args.device) for name in ("filter", "ann", "scorer",
-                                                          "aggregator")}
-    batches(lambda reqs: run_chain(chain, reqs))
-    dev_chain, chain_ms = batches(lambda reqs: run_chain(chain, reqs))
+    def unified_on(device):
+        model = RUNNERS["unified"](repo / "unified" / "1", {"device": device})
+
+        def run(i, j):
+            results = model.run(requests[i:j])
+            for r in results:
+                if isinstance(r, RequestError):
+                    raise RuntimeError(f"a request failed: {r}")
+            return [{name: value[0] for name, value in r.items()} for r in results]
+        return run
+
+    cpu_unified, cpu_ms = batches(unified_on("cpu"))
+    dev_unified_run = unified_on(args.device)
+    batches(dev_unified_run)  # warm-up: kernels compile on first use
+    dev_unified, dev_ms = batches(dev_unified_run)
+    # the retrieval ensemble's four stages in process (InProcessChain.run raises on a failure)
+    chain = InProcessChain(repo, filter="filter", ann="ann", device=args.device)
+
+    def chain_run(i, j):
+        return chain.run(triples[i:j])
+
+    batches(chain_run)
+    dev_chain, chain_ms = batches(chain_run)
 
     failures = 0
     failures += compare("unified cpu vs " + args.device, cpu_unified, dev_unified, queries)
@@ -96,20 +110,11 @@ def main() -> int:
     return 0 if failures == 0 else 1
 
 
-def run_chain(chain, requests):
-    bits = chain["filter"].run([{"filter": r["filter"], "k": r["k"]} for r in requests])
-    found = chain["ann"].run([{"user_id": r["user_id"], "k": r["k"], **b}
-                              for r, b in zip(requests, bits)])
-    scored = chain["scorer"].run(found)
-    return chain["aggregator"].run([{"candidate_rows": f["candidate_rows"], "k": r["k"], **s}
-                                    for r, f, s in zip(requests, found, scored)])
-
-
 def compare(label, want, got, queries, rtol=1e-4, atol=1e-5) -> int:
     bad = 0
     for q, w, g in zip(queries, want, got):
-        wi, gi = w["item_ids"][0], g["item_ids"][0]
-        ws, gs = w["scores"][0], g["scores"][0]
+        wi, gi = w["item_ids"], g["item_ids"]
+        ws, gs = w["scores"], g["scores"]
         ok = len(wi) == len(gi) and np.allclose(ws, gs, rtol=rtol, atol=atol)
         if ok:  # equal ids up to the order within runs of tied values
             start = 0

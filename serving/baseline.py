@@ -139,18 +139,22 @@ class InProcessChain:
         repository: a built model repository.
         filter, ann: model names of the first two steps.
         ann_params: parameters for the ann runner (as config.pbtxt would give them).
+        device: every runner's `device` parameter (serving/runners.py resolve_device);
+            None: their default.
     """
 
     def __init__(self, repository: Path, filter: str = "baseline_filter",
-                 ann: str = "baseline_ann", ann_params: Optional[Dict[str, str]] = None):
+                 ann: str = "baseline_ann", ann_params: Optional[Dict[str, str]] = None,
+                 device: Optional[str] = None):
         from serving.runners import RUNNERS as STAGE_RUNNERS
 
         runners = {**STAGE_RUNNERS, **RUNNERS}
         repository = Path(repository)
-        self.filter = runners[filter](repository / filter / "1")
-        self.ann = runners[ann](repository / ann / "1", ann_params)
-        self.scorer = runners["scorer"](repository / "scorer" / "1")
-        self.aggregator = runners["aggregator"](repository / "aggregator" / "1")
+        common = {} if device is None else {"device": device}
+        self.filter = runners[filter](repository / filter / "1", common)
+        self.ann = runners[ann](repository / ann / "1", {**common, **(ann_params or {})})
+        self.scorer = runners["scorer"](repository / "scorer" / "1", common)
+        self.aggregator = runners["aggregator"](repository / "aggregator" / "1", common)
 
     def run(self, queries: Sequence[Tuple[int, str, int]],
             cpu_seconds: Optional[Dict[str, float]] = None) -> List[Dict[str, np.ndarray]]:
