@@ -180,8 +180,7 @@ def recall(server: TritonServer, model: str, queries: List[Request],
             if len(want) == 0:
                 continue
             got = r.query(q.user_id, q.filter, q.k).item_ids
-            hit = len(set(got.tolist()) & set(want.tolist())) / len(want)
-            per_kind.setdefault(q.kind, []).append(hit)
+            per_kind.setdefault(q.kind, []).append(query_recall(got, want))
     result = {kind: float(np.mean(v)) for kind, v in per_kind.items()}
     result["all"] = float(np.mean([x for v in per_kind.values() for x in v]))
     return result
@@ -201,10 +200,13 @@ def chain_results(chain: InProcessChain, queries: List[Request], chunk: int = 16
     return out
 
 
+def query_recall(got: np.ndarray, want: np.ndarray) -> float:
+    """|got & want| / |want| (want not empty)."""
+    return len(set(got.tolist()) & set(want.tolist())) / len(want)
+
+
 def mean_recall(got: List[np.ndarray], exact: List[np.ndarray]) -> float:
-    hits = [len(set(g.tolist()) & set(e.tolist())) / len(e) for g, e in zip(got, exact)
-            if len(e)]
-    return float(np.mean(hits))
+    return float(np.mean([query_recall(g, e) for g, e in zip(got, exact) if len(e)]))
 
 
 NPROBES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
