@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from filter_reference import anchor_syntax, satisfies
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -46,32 +47,6 @@ from stages.filter import (
 )
 from world.schema import FeatureSpec, Schema
 from world.synthetic import Catalog, WorldConfig, generate_world
-
-
-def satisfies(node, item, schema) -> bool:
-    """Plain evaluation over items.csv strings (the spelling a user sees)."""
-    if isinstance(node, All):
-        return True
-    if isinstance(node, Term):
-        spec = schema.features[node.feature_id]
-        return spec.spell(node.value_id) in item[spec.name]
-    if isinstance(node, Not):
-        return not satisfies(node.child, item, schema)
-    if isinstance(node, And):
-        return all(satisfies(c, item, schema) for c in node.children)
-    return any(satisfies(c, item, schema) for c in node.children)
-
-
-def anchor_syntax(node) -> str:
-    """The anchor system's numeric form: feature id : value id, & | ! (fully parenthesised)."""
-    if isinstance(node, All):
-        return ""
-    if isinstance(node, Term):
-        return f"{node.feature_id}:{node.value_id}"
-    if isinstance(node, Not):
-        return f"!({anchor_syntax(node.child)})"
-    joiner = " & " if isinstance(node, And) else " | "
-    return joiner.join(f"({anchor_syntax(c)})" for c in node.children)
 
 
 def random_catalog(seed: int, num_items: int) -> Catalog:

@@ -8,36 +8,17 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from filter_reference import anchor_syntax, satisfies
 from tritonclient.utils import InferenceServerException
 
 from client import Retriever
 from client.catalog import load_items
-from filtering.expression import All, And, Not, Term, parse, to_string
+from filtering.expression import parse, to_string
 from filtering.random_filters import random_expression
 
 pytestmark = pytest.mark.server
 
 
-def satisfies(node, item, schema) -> bool:
-    if isinstance(node, All):
-        return True
-    if isinstance(node, Term):
-        spec = schema.features[node.feature_id]
-        return spec.spell(node.value_id) in item[spec.name]
-    if isinstance(node, Not):
-        return not satisfies(node.child, item, schema)
-    if isinstance(node, And):
-        return all(satisfies(c, item, schema) for c in node.children)
-    return any(satisfies(c, item, schema) for c in node.children)
-
-
-def anchor_syntax(node) -> str:
-    if isinstance(node, Term):
-        return f"{node.feature_id}:{node.value_id}"
-    if isinstance(node, Not):
-        return f"!({anchor_syntax(node.child)})"
-    joiner = " & " if isinstance(node, And) else " | "
-    return joiner.join(f"({anchor_syntax(c)})" for c in node.children)
 
 
 @pytest.mark.parametrize("model, protocol", [("retrieval", "http"), ("unified", "grpc")])

@@ -6,11 +6,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from filter_reference import satisfies
 from tritonclient.utils import InferenceServerException
 
 from client import Retriever
 from client.catalog import load_items
-from filtering.expression import All, And, Not, Or, Term, parse
+from filtering.expression import parse
 from serving.runners import RUNNERS
 
 FILTERS = ["", "category:comedy AND NOT language:en", "(tags:funny OR tags:live) AND language:es",
@@ -33,20 +34,6 @@ def in_process(repo, user_id, filter, k, weights=None):
     out = runners["aggregator"].run([req])[0]
     return out["item_ids"][0], out["scores"][0], out["task_scores"][0]
 
-
-def satisfies(node, item, schema) -> bool:
-    """Plain evaluation over items.csv strings (the spelling a user sees)."""
-    if isinstance(node, All):
-        return True
-    if isinstance(node, Term):
-        spec = schema.features[node.feature_id]
-        return spec.spell(node.value_id) in item[spec.name]
-    if isinstance(node, Not):
-        return not satisfies(node.child, item, schema)
-    if isinstance(node, And):
-        return all(satisfies(c, item, schema) for c in node.children)
-    assert isinstance(node, Or)
-    return any(satisfies(c, item, schema) for c in node.children)
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
