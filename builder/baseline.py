@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Dict
 
 import numpy as np
 import torch
@@ -56,11 +56,11 @@ def _ivf_index(vectors: np.ndarray, config: BaselineConfig):
     return index
 
 
-def build_baseline(repository: Path, catalog: Catalog, item_vectors: np.ndarray,
+def build_baseline(out_dirs: Dict[str, Path], catalog: Catalog, item_vectors: np.ndarray,
                    user_tower: torch.nn.Module, schema: Schema, oversample: int,
-                   config: BaselineConfig, version: int = 1) -> None:
-    """Write the baseline models' artifacts under `repository`, in version folder `version`
-    (a rebuilt index is written next to the served one, builder/build.py).
+                   config: BaselineConfig) -> None:
+    """Write the baseline models' artifacts into `out_dirs[model]` (the version folders the
+    builder stages, builder/build.py).
 
     Args:
         catalog: in index row order (row r of every tensor is catalog row r).
@@ -70,21 +70,14 @@ def build_baseline(repository: Path, catalog: Catalog, item_vectors: np.ndarray,
     """
     import faiss
 
-    repository = Path(repository)
-    out = repository / "baseline_filter" / str(version)
-    out.mkdir(parents=True, exist_ok=True)
-    if version != 1:
-        shutil.copy2(repository / "baseline_filter" / "1" / "model.py", out / "model.py")
+    out = Path(out_dirs["baseline_filter"])
     matrix, column_start = feature_matrix(catalog)
     postings = build_postings(matrix.numpy(), column_start.numpy(), catalog.num_items)
     torch.jit.script(PostingListFilter(*postings, catalog.num_items).eval()).save(
         str(out / "model.pt"))
     (out / "schema.json").write_text(schema.to_json())
 
-    out = repository / "baseline_ann" / str(version)
-    out.mkdir(parents=True, exist_ok=True)
-    if version != 1:
-        shutil.copy2(repository / "baseline_ann" / "1" / "model.py", out / "model.py")
+    out = Path(out_dirs["baseline_ann"])
     torch.jit.script(user_tower.eval()).save(str(out / "model.pt"))
     vectors = np.ascontiguousarray(item_vectors, dtype=np.float32)
     if config.index == "ivf":

@@ -1,9 +1,13 @@
 """Catalog + trained weights -> a Triton model repository.
 
-Writes, for every stage, `<repository>/<stage>/1/model.pt` (TorchScript) next to the
-checked-in `config.pbtxt` and `model.py`, plus `filter/1/schema.json` (what the parser needs)
-and the indexed catalog as `items.csv` so that anyone can check results. When the target is not
-the checked-in `model_repository/`, the configs and model.py files are copied there first.
+Writes, for every stage, `<repository>/<stage>/<version>/model.pt` (TorchScript) next to the
+`config.pbtxt` and `model.py` of the checked-in template, plus `schema.json` (what the parser
+needs), the fresh store, and the indexed catalog as `items.csv` so that anyone can check
+results. The source is the synthetic world or a catalog directory (catalog/, docs/catalog.md).
+
+Nothing served is touched until the build is complete: version 1 is built in a sibling
+directory that then replaces the repository (and its files next to items.csv), version N in
+hidden folders renamed into place at the end.
 """
 
 from __future__ import annotations
@@ -11,48 +15,64 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import os
 import py_compile
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 import kernels  # noqa: F401  (ops must exist before modules that call them are scripted)
+from builder.baseline import MODELS as BASELINE_MODELS
 from builder.baseline import BaselineConfig, build_baseline
 from builder.baseline import is_built as baseline_is_built
-from fresh.store import create_store, fresh_dir_for, header_for
+from builder.inputs import BuildInput, RetrievalModel, fold_fresh, read_fresh
+from catalog import CatalogSource, read_catalog
+from fresh.store import LOG_NAME, FreshStore, create_store, fresh_dir_for, header_for
 from stages.aggregator import ValueModel
 from stages.ann import AnnConfig, build_ann_stage, index_order
 from stages.filter import FilterConfig, build_filter_stage
 from stages.fresh import FreshAnn, FreshFilter
-from stages.scorer import build_scorer_stage
 from stages.unified import UnifiedRetrieval
-from stages.user import build_user_tower
-from training.data import from_world, time_split
+from training.data import time_split
 from training.train import WEIGHTS_DIR, TrainConfig, load_or_train
-from training.weights import TrainedWeights
 from world.synthetic import Catalog, World, WorldConfig, generate_world
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "model_repository"
 STAGES = ("filter", "ann", "scorer", "aggregator", "unified")
+CATALOG_BUILDS = ROOT / "build" / "catalogs"
+TITLES_CSV = "item_titles.csv"  # item_id,title next to items.csv, when the catalog has titles
+TASK_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
+
+def catalog_build_dir(catalog_dir: Path) -> Path:
+    """Where `--catalog DIR` builds by default: build/catalogs/<DIR's name>/ holding
+    model_repository/, items.csv and the rest (the checked-in model_repository/ stays the
+    synthetic world's)."""
+    return CATALOG_BUILDS / Path(catalog_dir).resolve().name
 
 @dataclass
 class BuildConfig:
     world: WorldConfig = field(default_factory=WorldConfig)
+    # a catalog directory (docs/catalog.md) to build from instead of the synthetic world
+    catalog: Optional[Path] = None
+    # interactions naming items not in the catalog: "error" or "skip" (None: catalog.toml's)
+    unknown_items: Optional[str] = None
     repository: Path = TEMPLATE
     items_csv: Path = ROOT / "build" / "items.csv"
     filter: FilterConfig = field(default_factory=FilterConfig)
     ann: AnnConfig = field(default_factory=AnnConfig)
     training: TrainConfig = field(default_factory=TrainConfig)
-    # Value Model defaults: value = sum_t w_t * p_t over (click, like, share)
-    task_weights: tuple = (1.0, 2.0, 4.0)
+    # Value Model defaults, one per task (None: the source's: the synthetic world's
+    # click 1, like 2, share 4; a catalog's [tasks])
+    task_weights: Optional[tuple] = None
     holdout_fraction: float = 0.1  # latest interactions kept out of fitting, for evaluation
     # trained weights are reused from / saved to here (training/train.py load_or_train);
     # None = always train, save nothing
@@ -65,7 +85,9 @@ class BuildConfig:
     version: int = 1
     fresh_capacity: int = 4096  # rows of the fresh index: items added between rebuilds
     fresh_dir: Optional[Path] = None  # None: fresh_items/ next to the repository
-
+    # take the fresh store's items into the rebuilt index (and retired ones out of it), so
+    # that nothing acknowledged is lost; False discards them (a version-1 build only)
+    fold_fresh: bool = True
 
 def write_items_csv(catalog: Catalog, path: Path) -> None:
     """item_id plus one column per feature, each value spelled as a filter expression spells
@@ -86,6 +108,15 @@ def write_items_csv(catalog: Catalog, path: Path) -> None:
             out.writerow([item_id] + ["|".join(col[r]) for col in spelled])
 
 
+
+def write_titles_csv(catalog: Catalog, titles: np.ndarray, path: Path) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        out = csv.writer(fh)
+        out.writerow(["item_id", "title"])
+        out.writerows(zip(catalog.item_ids.tolist(), ["" if t is None else str(t)
+                                                      for t in titles]))
+
+
 def split_holdout(world: World, fraction: float):
     """(train mask, holdout mask) over interactions: the latest `fraction` by time."""
     return time_split(world.interactions, fraction)
@@ -103,37 +134,36 @@ def precompile_entry_points(repository: Path) -> None:
             py_compile.compile(str(source), cfile=str(cached), doraise=True)
 
 
-def export_modules(built: Built) -> Dict[str, torch.nn.Module]:
-    """What each model's model.pt holds: the stages, the filter and ANN layers wrapped to serve
-    the fresh rows too (stages/fresh.py), and `unified`."""
-    ids = torch.from_numpy(built.catalog.item_ids)
-    return dict(built.modules, filter=FreshFilter(built.modules["filter"], ids),
-                ann=FreshAnn(built.modules["ann"], built.catalog.num_items))
+def configure_tasks(config: str, tasks: Tuple[str, ...]) -> str:
+    """A config.pbtxt with T = len(tasks): `task_weights` dims [T], task score outputs
+    [-1, T], and the `tasks` parameter naming them (what runners and clients read)."""
+    t = len(tasks)
+    config = re.sub(r'(name: "task_weights"[^}]*dims: \[ )\d+( \])', rf"\g<1>{t}\2", config)
+    config = re.sub(r'(name: "(?:candidate_)?task_scores"[^}]*dims: \[ -1, )\d+( \])',
+                    rf"\g<1>{t}\2", config)
+    return re.sub(r'(key: "tasks" value: \{ string_value: ")[^"]*(")',
+                  rf"\g<1>{','.join(tasks)}\2", config)
 
 
-def write_fresh_store(built: Built, cfg: BuildConfig) -> Path:
-    """An empty fresh store for a new repository (version 1); a rebuilt version keeps the
-    store it serves with (same layout required: fresh/store.py create_store)."""
-    catalog = built.catalog
-    header = header_for(catalog.schema, catalog.embeddings.shape[1], cfg.fresh_capacity,
-                        [f.shape[1] for f in catalog.features])
-    directory = cfg.fresh_dir or fresh_dir_for(cfg.repository)
-    create_store(directory, header, replace=cfg.version == 1)
-    return directory
-
-
-def prepare_repository(target: Path) -> None:
-    target = Path(target)
-    if target.resolve() == TEMPLATE.resolve():
-        return
+def prepare_repository(target: Path, tasks: Tuple[str, ...]) -> None:
+    """The template's configs (for `tasks`) and entry points in a new repository `target`."""
     for model_dir in sorted(TEMPLATE.iterdir()):
         if not (model_dir / "config.pbtxt").exists():
             continue
         dst = target / model_dir.name
         (dst / "1").mkdir(parents=True, exist_ok=True)
-        shutil.copy2(model_dir / "config.pbtxt", dst / "config.pbtxt")
-        if (model_dir / "1" / "model.py").exists():
-            shutil.copy2(model_dir / "1" / "model.py", dst / "1" / "model.py")
+        (dst / "config.pbtxt").write_text(
+            configure_tasks((model_dir / "config.pbtxt").read_text(), tasks))
+        for entry in ("model.py", ".gitkeep"):
+            if (model_dir / "1" / entry).exists():
+                shutil.copy2(model_dir / "1" / entry, dst / "1" / entry)
+
+
+def served_tasks(repository: Path) -> Tuple[str, ...]:
+    """The tasks a built repository serves (its `retrieval` config's `tasks` parameter)."""
+    text = (Path(repository) / "retrieval" / "config.pbtxt").read_text()
+    m = re.search(r'key: "tasks" value: \{ string_value: "([^"]*)"', text)
+    return tuple(m.group(1).split(",")) if m else ("click", "like", "share")
 
 
 def is_built(repository: Path) -> bool:
@@ -146,37 +176,86 @@ def is_built(repository: Path) -> bool:
 class Built:
     modules: Dict[str, torch.nn.Module]
     catalog: Catalog  # in index row order: row r of every stage tensor is catalog row r
-    weights: TrainedWeights
+    model: RetrievalModel
+    tasks: Tuple[str, ...]
+    titles: Optional[np.ndarray] = None  # index row order
+    folded: str = ""  # what the fresh store contributed, for the summary
 
 
-def retrieval_stages(catalog: Catalog, weights: TrainedWeights, ann: AnnConfig,
+def retrieval_stages(catalog: Catalog, model: RetrievalModel, ann: AnnConfig,
                      task_weights: tuple) -> Tuple[Dict[str, torch.nn.Module], Catalog]:
-    """The ann, scorer and aggregator stages from trained weights, and the catalog they index.
+    """The ann, scorer and aggregator stages of `model`, and the catalog they index.
 
-    The ANN indexes the item tower's vectors (what the user tower's queries were trained
-    against), so they replace the catalog's embeddings before the index decides the row
-    order. Returns the stages and that catalog in index row order.
+    The ANN indexes the model's item vectors (the item tower's outputs, or the pretrained
+    vectors: what the user side's queries live with), so they replace the catalog's content
+    embeddings before the index decides the row order. Returns the stages and that catalog in
+    index row order.
     """
-    learned = replace(catalog, embeddings=weights.item_vectors.numpy())
+    if len(task_weights) != len(model.tasks):
+        raise ValueError(f"{len(task_weights)} task weights for the {len(model.tasks)} tasks "
+                         f"{', '.join(model.tasks)}")
+    learned = replace(catalog, embeddings=model.item_vectors)
     order = index_order(learned, ann)
     indexed = learned.take(order)
     stages = {
-        "ann": build_ann_stage(indexed, build_user_tower(weights), ann),
-        "scorer": build_scorer_stage(weights, order),
+        "ann": build_ann_stage(indexed, model.users, ann),
+        "scorer": model.scorer(order),
         "aggregator": ValueModel(torch.from_numpy(indexed.item_ids),
                                  torch.tensor(task_weights, dtype=torch.float32)),
     }
     return stages, indexed
 
 
-def build_modules(world: World, cfg: BuildConfig, progress: bool = False) -> Built:
-    weights = load_or_train(from_world(world), cfg.holdout_fraction, cfg.training,
-                            cfg.weights_dir, progress)
-    stages, catalog = retrieval_stages(world.catalog, weights, cfg.ann, cfg.task_weights)
-    modules = {"filter": build_filter_stage(catalog, cfg.filter), **stages}
+def load_model(source: BuildInput, cfg: BuildConfig, progress: bool = False
+               ) -> RetrievalModel:
+    """Trained (or cached) weights when the source has interactions, else its pretrained
+    vectors."""
+    if source.data is not None:
+        from training.train import training_config_for
+
+        return RetrievalModel.trained(load_or_train(
+            source.data, cfg.holdout_fraction, training_config_for(source.data, cfg.training),
+            cfg.weights_dir, progress))
+    return RetrievalModel.pretrained(source.user_ids, source.user_vectors,
+                                     source.catalog.embeddings)
+
+
+def build_modules(source, cfg: BuildConfig, progress: bool = False,
+                  store: Optional[FreshStore] = None) -> Built:
+    """Every stage module of `source` (a World or a BuildInput), with the items of the fresh
+    `store` folded in (fold_fresh) when one is given."""
+    if isinstance(source, World):
+        source = BuildInput.from_world(source)
+    model = load_model(source, cfg, progress)
+    catalog, titles, folded = source.catalog, source.titles, ""
+    if store is not None:
+        f = fold_fresh(catalog, model, titles, store)
+        catalog, model, titles = f.catalog, f.model, f.titles
+        folded = f"folded the fresh store: {f.added:,} items added, {f.dropped:,} retired or " \
+                 "replaced"
+    weights = cfg.task_weights or source.task_weights
+    stages, indexed = retrieval_stages(catalog, model, cfg.ann, tuple(weights))
+    modules = {"filter": build_filter_stage(indexed, cfg.filter), **stages}
     modules["unified"] = UnifiedRetrieval(modules["filter"], modules["ann"], modules["scorer"],
                                           modules["aggregator"])
-    return Built(modules, catalog, weights)
+    if titles is not None:
+        order = index_order_of(catalog, indexed)
+        titles = titles[order]
+    return Built(modules, indexed, model, tuple(model.tasks), titles, folded)
+
+
+def index_order_of(catalog: Catalog, indexed: Catalog) -> np.ndarray:
+    """Catalog row of each index row (the permutation `retrieval_stages` applied)."""
+    order = np.argsort(catalog.item_ids)
+    return order[np.searchsorted(catalog.item_ids[order], indexed.item_ids)]
+
+
+def export_modules(built: Built) -> Dict[str, torch.nn.Module]:
+    """What each model's model.pt holds: the stages, the filter and ANN layers wrapped to serve
+    the fresh rows too (stages/fresh.py), and `unified`."""
+    ids = torch.from_numpy(built.catalog.item_ids)
+    return dict(built.modules, filter=FreshFilter(built.modules["filter"], ids),
+                ann=FreshAnn(built.modules["ann"], built.catalog.num_items))
 
 
 def indexed_item_vectors(built: Built) -> np.ndarray:
@@ -185,55 +264,197 @@ def indexed_item_vectors(built: Built) -> np.ndarray:
     return built.catalog.embeddings
 
 
-def build(cfg: BuildConfig, world: World = None, progress: bool = True) -> World:
-    """Build the repository; returns the world it was built from."""
+class Staging:
+    """Where a build writes before anything served changes, and the moves that publish it.
+
+    Version 1: a sibling `<repository>.building/` (the template copied in) that replaces the
+    repository at `commit()`; version N: `<model>/.<N>.building/` folders renamed to `<N>/`.
+    Files next to items.csv are written as `<name>.building` and renamed. A failed build
+    removes what it wrote (`abort()`).
+    """
+
+    def __init__(self, repository: Path, version: int, tasks: Tuple[str, ...]):
+        self.repository = Path(repository)
+        self.version = version
+        self.moves: List[Tuple[Path, Path]] = []
+        if version == 1:
+            self.root = self.repository.with_name(self.repository.name + ".building")
+            shutil.rmtree(self.root, ignore_errors=True)
+            prepare_repository(self.root, tasks)
+        else:
+            if not (self.repository / "retrieval" / "config.pbtxt").exists():
+                raise ValueError(f"{self.repository}: version {version} goes next to a built "
+                                 "repository; build version 1 first")
+            served = served_tasks(self.repository)
+            if served != tuple(tasks):
+                raise ValueError(f"{self.repository} serves the tasks {', '.join(served)}; "
+                                 f"version {version} has {', '.join(tasks)}: a swap cannot "
+                                 "change the tasks (build version 1 instead)")
+            self.root = self.repository
+
+    def model_dir(self, model: str) -> Path:
+        """The folder to write `model`'s version into."""
+        if self.version == 1:
+            out = self.root / model / "1"
+        else:
+            out = self.root / model / f".{self.version}.building"
+            shutil.rmtree(out, ignore_errors=True)
+            final = self.root / model / str(self.version)
+            self.moves.append((out, final))
+        out.mkdir(parents=True, exist_ok=True)
+        if self.version != 1:  # the entry point of every version is the same one-liner
+            shutil.copy2(self.repository / model / "1" / "model.py", out / "model.py")
+        return out
+
+    def file(self, path: Path) -> Path:
+        """A temporary name for `path`, renamed onto it at commit."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".building")
+        self.moves.append((tmp, path))
+        return tmp
+
+    def commit(self) -> None:
+        if self.version == 1:
+            old = self.repository.with_name(self.repository.name + ".replaced")
+            shutil.rmtree(old, ignore_errors=True)
+            if self.repository.exists():
+                os.replace(self.repository, old)
+            os.replace(self.root, self.repository)
+            shutil.rmtree(old, ignore_errors=True)
+        for tmp, final in self.moves:
+            if tmp.is_dir() and final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        self.moves.clear()
+
+    def abort(self) -> None:
+        if self.version == 1:
+            shutil.rmtree(self.root, ignore_errors=True)
+        for tmp, _ in self.moves:
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+
+
+def write_fresh_store(built: Built, cfg: BuildConfig, staging: Staging) -> Path:
+    """Version 1: a new, empty store (the old one's items are in the index: fold_fresh),
+    published with the build. Version N: the served store is kept; its items stay in it (and
+    are also in N's index, where the same rows are hidden in favour of the fresh copies), so
+    the served version keeps serving them until the swap."""
+    catalog = built.catalog
+    header = header_for(catalog.schema, catalog.embeddings.shape[1], cfg.fresh_capacity,
+                        [f.shape[1] for f in catalog.features])
+    directory = Path(cfg.fresh_dir or fresh_dir_for(cfg.repository))
+    if cfg.version == 1:
+        tmp = staging.file(directory / LOG_NAME)
+        tmp.unlink(missing_ok=True)
+        scratch = directory.with_name(directory.name + ".building")
+        shutil.rmtree(scratch, ignore_errors=True)
+        create_store(scratch, header, replace=True)
+        os.replace(scratch / LOG_NAME, tmp)
+        shutil.rmtree(scratch, ignore_errors=True)
+        return directory
+    if (directory / LOG_NAME).exists():
+        existing = FreshStore(directory).header
+        if not existing.compatible_with(header):
+            raise ValueError(
+                f"{directory}: the served fresh store's layout (capacity {existing.capacity}, "
+                "features and values) differs from version "
+                f"{cfg.version}'s: a swap keeps the store, so the catalog's features, values "
+                "and --fresh-capacity must stay; build version 1 to change them")
+        return directory
+    create_store(directory, header)
+    return directory
+
+
+def read_source(cfg: BuildConfig, world: Optional[World] = None,
+                echo: Callable[[str], None] = lambda s: None):
+    """(BuildInput, the World or CatalogSource it came from) for `cfg`."""
+    if cfg.catalog is not None:
+        source = read_catalog(cfg.catalog, cfg.unknown_items, echo=echo)
+        for task in source.tasks:
+            if not TASK_NAME.match(task):
+                raise ValueError(f"task {task!r}: task names are letters, digits, '_', '.', "
+                                 "'-' (they name columns and config parameters)")
+        return BuildInput.from_catalog(source), source
+    world = world if world is not None else generate_world(cfg.world)
+    return BuildInput.from_world(world), world
+
+
+def build(cfg: BuildConfig, world: World = None, progress: bool = True):
+    """Build the repository; returns what it was built from (the World, or the
+    CatalogSource of `cfg.catalog`). Nothing served changes unless the build completes."""
     t0 = time.perf_counter()
     steps = tqdm(total=4 + len(STAGES), desc="build", disable=not progress, unit="step")
-    if world is None:
-        steps.set_postfix_str(f"synthetic world, {cfg.world.num_items:,} items")
-        world = generate_world(cfg.world)
+    steps.set_postfix_str(f"catalog {cfg.catalog}" if cfg.catalog
+                          else f"synthetic world, {cfg.world.num_items:,} items")
+    source, origin = read_source(cfg, world, echo=tqdm.write if progress else (lambda s: None))
+    if progress and isinstance(origin, CatalogSource):
+        tqdm.write(origin.summary())
     steps.update()
-    steps.set_postfix_str("training (or loading) weights")
-    built = build_modules(world, cfg, progress)
+    steps.set_postfix_str("training (or loading) weights" if source.data is not None
+                          else "pretrained vectors")
+    store = read_fresh(cfg.fresh_dir or fresh_dir_for(cfg.repository)) \
+        if cfg.fold_fresh else None
+    built = build_modules(source, cfg, progress, store)
+    if built.folded and progress:
+        tqdm.write(built.folded)
     steps.update()
-    repo = Path(cfg.repository)
-    if cfg.version == 1:
-        prepare_repository(repo)
-    elif not (repo / "retrieval" / "config.pbtxt").exists():
-        raise ValueError(f"{repo}: version {cfg.version} goes next to a built repository; "
-                         "build version 1 first")
-    version = str(cfg.version)
+    staging = Staging(cfg.repository, cfg.version, built.tasks)
+    try:
+        _write(built, source, cfg, staging, steps, t0)
+        staging.commit()
+    except BaseException:
+        staging.abort()
+        raise
+    precompile_entry_points(cfg.repository)
+    steps.close()
+    return origin
+
+
+def _write(built: Built, source: BuildInput, cfg: BuildConfig, staging: Staging, steps,
+           t0: float) -> None:
     exported = export_modules(built)
+    schema = built.catalog.schema.to_json()
     for name in STAGES:
         steps.set_postfix_str(f"scripting {name}")
-        out = repo / name / version
-        out.mkdir(parents=True, exist_ok=True)
-        if version != "1":  # the entry point of every version is the same one-liner
-            shutil.copy2(repo / name / "1" / "model.py", out / "model.py")
+        out = staging.model_dir(name)
         torch.jit.script(exported[name].eval()).save(str(out / "model.pt"))
+        if name in ("filter", "unified"):  # the models that parse filter expressions
+            (out / "schema.json").write_text(schema)
         steps.update()
-    for name in ("filter", "unified"):  # the models that parse filter expressions
-        (repo / name / version / "schema.json").write_text(world.catalog.schema.to_json())
-    write_fresh_store(built, cfg)
+    write_fresh_store(built, cfg, staging)
     # --- the baseline (builder/baseline.py): the service chain this project replaces, over the
     # same catalog rows, item vectors and user tower as the `ann` stage -----------------------
     steps.set_postfix_str("baseline (FAISS index)")
-    build_baseline(repo, built.catalog, indexed_item_vectors(built), built.modules["ann"].users,
-                   world.catalog.schema, cfg.ann.oversample, cfg.baseline, cfg.version)
+    baseline_dirs = {m: staging.model_dir(m) for m in BASELINE_MODELS}
+    build_baseline(baseline_dirs, built.catalog, indexed_item_vectors(built),
+                   built.modules["ann"].users, built.catalog.schema, cfg.ann.oversample,
+                   cfg.baseline)
     steps.update()
     # --- end of the baseline ----------------------------------------------------------------
     steps.set_postfix_str("items.csv")
-    precompile_entry_points(repo)
-    write_items_csv(built.catalog, Path(cfg.items_csv))
+    items_csv = Path(cfg.items_csv)
+    write_items_csv(built.catalog, staging.file(items_csv))
+    titles_csv = items_csv.with_name(TITLES_CSV)
+    if built.titles is not None:
+        write_titles_csv(built.catalog, built.titles, staging.file(titles_csv))
+    elif cfg.version == 1:
+        titles_csv.unlink(missing_ok=True)
     # the indexed vectors in items.csv order: `client update --embedding-from-item`
-    np.save(Path(cfg.items_csv).with_name("item_embeddings.npy"), built.catalog.embeddings)
-    with open(Path(cfg.items_csv).with_name("users.csv"), "w") as fh:
-        fh.write("user_id\n" + "\n".join(str(u) for u in world.user_ids.tolist()) + "\n")
-    info = {"world": asdict(cfg.world), "num_items": world.catalog.num_items,
-            "task_weights": list(cfg.task_weights), "config": asdict(cfg),
-            "items_csv": str(cfg.items_csv), "build_seconds": round(time.perf_counter() - t0, 1)}
-    Path(cfg.items_csv).with_name("build_info.json").write_text(
+    with open(staging.file(items_csv.with_name("item_embeddings.npy")), "wb") as fh:
+        np.save(fh, built.catalog.embeddings)
+    with open(staging.file(items_csv.with_name("users.csv")), "w") as fh:
+        fh.write("user_id\n" + "".join(f"{u}\n" for u in source.user_ids.tolist()))
+    info = {"source": source.info, "name": source.name, "num_items": built.catalog.num_items,
+            "tasks": list(built.tasks),
+            "task_weights": list(cfg.task_weights or source.task_weights),
+            "features": [f.name for f in built.catalog.schema.features],
+            "repository": str(Path(cfg.repository).resolve()), "version": cfg.version,
+            "fresh": built.folded, "config": asdict(cfg), "items_csv": str(items_csv),
+            "build_seconds": round(time.perf_counter() - t0, 1)}
+    staging.file(items_csv.with_name("build_info.json")).write_text(
         json.dumps(info, indent=1, default=str))
     steps.update()
-    steps.close()
-    return world

@@ -107,6 +107,31 @@ class OverArchScorer(nn.Module):
         return torch.sigmoid(self.over_arch(user_embedding, items, extra))
 
 
+class DotProductScorer(nn.Module):
+    """The scorer of a pretrained two-tower model without interactions to learn heads from:
+    one task, `similarity` = sigmoid(<u, v>), the retrieval score itself (monotone in it, so
+    the Value Model keeps the ANN's order; not a calibrated probability).
+
+    Args:
+        item_vectors: float32 [N, D] the indexed item vectors, index row order.
+    """
+
+    TASKS = ("similarity",)
+
+    def __init__(self, item_vectors: torch.Tensor):
+        super().__init__()
+        self.register_buffer("item_vectors", item_vectors.float().contiguous())
+
+    def forward(self, user_embedding: torch.Tensor, rows: torch.Tensor,
+                fresh: Optional[FreshItems] = None) -> torch.Tensor:
+        """user_embedding [B, D], rows int64 [B, C] (-1 = padding) -> task scores [B, C, 1]."""
+        if fresh is None:
+            items = self.item_vectors[rows.clamp(min=0)]
+        else:
+            items = gather_rows(self.item_vectors, fresh.embeddings, rows)
+        return torch.sigmoid(torch.einsum("bd,bcd->bc", user_embedding, items)).unsqueeze(-1)
+
+
 def build_over_arch(weights: TrainedWeights) -> OverArch:
     spec = weights.over_arch
     model = OverArch(int(weights.item_vectors.shape[1]), len(weights.tasks),

@@ -1,8 +1,8 @@
 """What training and evaluation read from a data source: a catalog, users and logged impressions.
 
-Two sources produce it: the synthetic world (`from_world`, with ground truth) and
-MovieLens-format files (`training/movielens.py`). Everything downstream (the two-tower model,
-the OverArch, evaluation) sees only `LoggedData`.
+Two sources produce it: the synthetic world (`from_world`, with ground truth) and a user's
+catalog directory (`from_catalog`: catalog/, MovieLens directories included). Everything
+downstream (the two-tower model, the OverArch, evaluation) sees only `LoggedData`.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from catalog import CatalogSource
 from world.synthetic import Catalog, Interactions, World
 
 
@@ -112,6 +113,83 @@ def from_world(world: World) -> LoggedData:
     return LoggedData("synthetic", catalog, items, world.user_ids, users, world.interactions,
                       tuple(world.tasks), {"source": "synthetic", "world": asdict(world.config)},
                       world)
+
+
+@dataclass(frozen=True)
+class NegativeSampling:
+    """Negatives for sources whose interactions are positives only (no logged impressions):
+    unrated items drawn uniformly, each stamped with the time of one of the user's
+    interactions so that a time split keeps the ratio."""
+
+    per_positive: int = 4
+    seed: int = 0
+
+
+def dense_codes(values: np.ndarray) -> Tuple[np.ndarray, int]:
+    """Value ids [R, M] (-1 padding) -> (codes 0..V-1 in value order, -1 kept; V): embedding
+    rows for features whose ids are sparse (int features such as a year or a brand id)."""
+    valid = values >= 0
+    distinct, codes = np.unique(values[valid], return_inverse=True)
+    out = np.full(values.shape, -1, dtype=np.int64)
+    out[valid] = codes
+    return out, int(len(distinct))
+
+
+def feature_columns(features: Sequence[np.ndarray], rows: int) -> FeatureColumns:
+    """Embedding-bag columns of categorical features (any value ids), or none."""
+    if not features:
+        return FeatureColumns.empty(rows)
+    coded = [dense_codes(f) for f in features]
+    return FeatureColumns.from_features([c for c, _ in coded], [max(n, 1) for _, n in coded])
+
+
+def from_catalog(source: CatalogSource, negatives: NegativeSampling = NegativeSampling()
+                 ) -> LoggedData:
+    """A catalog with interactions as logged data: every item feature and user feature feeds
+    its tower, the item vectors are the item tower's content input, the holdout is each
+    user's latest interactions, and sources without logged impressions get sampled
+    negatives (`negatives`)."""
+    if source.interactions is None:
+        raise ValueError(f"{source.name}: no interactions to train from")
+    catalog = source.catalog
+    log = source.interactions
+    fingerprint = dict(source.fingerprint)
+    if not source.logged_impressions:
+        users, items, times = sample_negatives(
+            log.user_index, log.item_index, log.timestamp, catalog.num_items,
+            negatives.per_positive, np.random.default_rng(negatives.seed))
+        log = Interactions(np.concatenate([log.user_index, users]).astype(np.int64),
+                           np.concatenate([log.item_index, items]).astype(np.int64),
+                           np.concatenate([log.labels, np.zeros((len(users), log.labels.shape[1]),
+                                                                np.float32)]),
+                           np.concatenate([log.timestamp, times]))
+        fingerprint["negatives"] = asdict(negatives)
+    return LoggedData(source.name, catalog, feature_columns(catalog.features, catalog.num_items),
+                      source.user_ids, feature_columns(source.user_features,
+                                                       len(source.user_ids)),
+                      log, tuple(source.tasks), fingerprint,
+                      logged_impressions=source.logged_impressions, split="per_user")
+
+
+def sample_negatives(user_index: np.ndarray, item_index: np.ndarray, timestamp: np.ndarray,
+                     num_items: int, per_rating: int, rng: np.random.Generator):
+    """`per_rating` items each user never interacted with per interaction, uniformly, with
+    that interaction's timestamp."""
+    n = len(user_index) * per_rating
+    users = np.repeat(user_index, per_rating)
+    times = np.repeat(timestamp, per_rating)
+    items = rng.integers(0, num_items, size=n)
+    # a (user, item) pair as one int64 key, for vectorised membership tests
+    seen = np.unique(user_index.astype(np.int64) * num_items + item_index)
+    redraw = np.arange(n)
+    for _ in range(1000):  # redraw the (few) draws that hit a seen item until none does
+        keys = users[redraw].astype(np.int64) * num_items + items[redraw]
+        pos = np.searchsorted(seen, keys).clip(max=len(seen) - 1)
+        redraw = redraw[seen[pos] == keys]
+        if redraw.size == 0:
+            break
+        items[redraw] = rng.integers(0, num_items, size=redraw.size)
+    return users, items, times
 
 
 def time_split(interactions: Interactions, fraction: float) -> Tuple[np.ndarray, np.ndarray]:

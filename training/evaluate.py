@@ -33,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 from builder.build import retrieval_stages
+from builder.inputs import RetrievalModel
 from stages.ann import AnnConfig
 from stages.bits import pack_bits
 from training.data import LoggedData, from_world, holdout_split, subset
@@ -69,7 +70,8 @@ class Pipelines:
     """The served stages of one data set, run in-process on batches of users."""
 
     def __init__(self, data: LoggedData, weights, config: EvalConfig):
-        stages, indexed = retrieval_stages(data.catalog, weights, config.ann, config.task_weights)
+        stages, indexed = retrieval_stages(data.catalog, RetrievalModel.trained(weights),
+                                           config.ann, config.task_weights)
         self.ann, self.scorer, self.aggregator = (stages[n].eval() for n in
                                                   ("ann", "scorer", "aggregator"))
         order = np.argsort(data.catalog.item_ids)
