@@ -25,6 +25,7 @@ from tqdm import tqdm
 import kernels  # noqa: F401  (ops must exist before modules that call them are scripted)
 from builder.baseline import BaselineConfig, build_baseline
 from builder.baseline import is_built as baseline_is_built
+from filtering.spelling import join_values
 from fresh.store import create_store, fresh_dir_for, header_for
 from stages.aggregator import ValueModel
 from stages.ann import AnnConfig, build_ann_stage, index_order
@@ -69,7 +70,7 @@ class BuildConfig:
 
 def write_items_csv(catalog: Catalog, path: Path) -> None:
     """item_id plus one column per feature, each value spelled as a filter expression spells
-    it; multi-valued features joined by '|'."""
+    it (bare `comedy` or quoted `"Science Fiction"`), several joined by '|' (join_values)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     specs = catalog.schema.features
     spelled = []
@@ -83,7 +84,7 @@ def write_items_csv(catalog: Catalog, path: Path) -> None:
         out = csv.writer(fh)
         out.writerow(["item_id"] + [s.name for s in specs])
         for r, item_id in enumerate(catalog.item_ids.tolist()):
-            out.writerow([item_id] + ["|".join(col[r]) for col in spelled])
+            out.writerow([item_id] + [join_values(col[r]) for col in spelled])
 
 
 def split_holdout(world: World, fraction: float):

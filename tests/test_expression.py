@@ -1,9 +1,14 @@
 """Filter expression parser: syntax, precedence, round trips, errors, limits."""
 
+import csv
+
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from builder.build import write_items_csv
+from client.catalog import load_items, spell_item_features
 from filtering.expression import (
     MAX_NESTING,
     OP_AND,
@@ -25,8 +30,9 @@ from filtering.expression import (
     to_string,
     unspell_value,
 )
+from fresh.items import parse_features
 from world.schema import FeatureSpec, Schema
-from world.synthetic import WorldConfig, make_schema
+from world.synthetic import Catalog, WorldConfig, make_schema
 
 SCHEMA = make_schema(WorldConfig())
 COMEDY = Term(0, SCHEMA.features[0].value_id("comedy"))
@@ -234,3 +240,32 @@ def test_split_values_quote_aware():
         split_values("two words")
     assert "at position 4: expected '|' after the value at position 0, found 'w'" in str(e.value)
 
+
+def test_items_csv_round_trips_awkward_values(tmp_path):
+    """write_items_csv spells values as filters do; client.catalog reads the same values."""
+    rows = [[0, 3, -1], [5, 4, 15], [-1, -1, -1], [16, 17, 11]]  # -1 pads
+    schema = Schema([FeatureSpec("genres", "str", True, AWKWARD),
+                     FeatureSpec("brand", "str", False, AWKWARD),
+                     FeatureSpec("creator", "int")])
+    catalog = Catalog(np.array([10, 20, 30, 40], dtype=np.int64),
+                      np.ones((4, 2), np.float32), schema,
+                      [np.array(rows, dtype=np.int64), np.array([[2], [7], [11], [1]]),
+                       np.array([[7], [0], [42], [3]])])
+    path = tmp_path / "items.csv"
+    write_items_csv(catalog, path)
+    items = load_items(path)
+    for r, item_id in enumerate([10, 20, 30, 40]):
+        assert items[item_id]["genres"] == [AWKWARD[v] for v in rows[r] if v >= 0]
+        assert items[item_id]["brand"] == [AWKWARD[catalog.features[1][r, 0]]]
+        assert items[item_id]["creator"] == [str(catalog.features[2][r, 0])]
+    with open(path, newline="") as fh:
+        cells = {int(row["item_id"]): row for row in csv.DictReader(fh)}
+    assert cells[20]["genres"] == '"a|b"|back\\slash|"\\""'
+    assert cells[30]["genres"] == "" and cells[30]["brand"] == '""'
+    # what a cell holds between its '|'s is what a user types after `feature:`
+    node = parse('genres:"a|b" AND genres:back\\slash AND genres:"\\""', schema)
+    assert node == And((Term(0, 5), Term(0, 4), Term(0, 15)))
+    # and an update copying an item's features (client update --features-from-item) reads back
+    update = spell_item_features(20, path)
+    assert update == 'genres="a|b"|back\\slash|"\\"",brand="!",creator=0'
+    assert parse_features(update, schema) == {"genres": [5, 4, 15], "brand": [7], "creator": [0]}
