@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from client import format_features
 from client.catalog import embeddings_path, load_items
 from fresh.store import FreshStore, fresh_dir_for
 
@@ -35,12 +36,12 @@ def fill(repository: Path, items_csv: Path, count: int, seed: int = 0) -> FreshS
     updates = []
     for i in range(count):
         row = int(rng.integers(len(ids)))
-        spelled = ",".join(f"{k}=" + "|".join(v) for k, v in items[ids[row]].items())
+        spelled = format_features(items[ids[row]])
         noisy = vectors[row] + 0.05 * rng.normal(size=vectors.shape[1]).astype(np.float32)
         updates.append(header.upsert(FIRST_NEW_ID + i, noisy / np.linalg.norm(noisy), spelled))
         if i % 10 == 9:  # replace an indexed item by a fresh row of its own
             other = int(rng.integers(len(ids)))
-            spelled = ",".join(f"{k}=" + "|".join(v) for k, v in items[ids[other]].items())
+            spelled = format_features(items[ids[other]])
             updates.append(header.upsert(ids[other], vectors[other], spelled))
         if i % 20 == 19:
             updates.append(header.retire(ids[int(rng.integers(len(ids)))]))

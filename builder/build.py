@@ -34,6 +34,7 @@ from builder.baseline import BaselineConfig, build_baseline
 from builder.baseline import is_built as baseline_is_built
 from builder.inputs import BuildInput, RetrievalModel, fold_fresh, read_fresh
 from catalog import CatalogSource, read_catalog
+from filtering.spelling import join_values
 from fresh.store import LOG_NAME, FreshStore, create_store, fresh_dir_for, header_for
 from stages.aggregator import ValueModel
 from stages.ann import AnnConfig, build_ann_stage, index_order
@@ -57,6 +58,7 @@ def catalog_build_dir(catalog_dir: Path) -> Path:
     model_repository/, items.csv and the rest (the checked-in model_repository/ stays the
     synthetic world's)."""
     return CATALOG_BUILDS / Path(catalog_dir).resolve().name
+
 
 @dataclass
 class BuildConfig:
@@ -91,7 +93,7 @@ class BuildConfig:
 
 def write_items_csv(catalog: Catalog, path: Path) -> None:
     """item_id plus one column per feature, each value spelled as a filter expression spells
-    it; multi-valued features joined by '|'."""
+    it (bare `comedy` or quoted `"Science Fiction"`), several joined by '|' (join_values)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     specs = catalog.schema.features
     spelled = []
@@ -105,7 +107,7 @@ def write_items_csv(catalog: Catalog, path: Path) -> None:
         out = csv.writer(fh)
         out.writerow(["item_id"] + [s.name for s in specs])
         for r, item_id in enumerate(catalog.item_ids.tolist()):
-            out.writerow([item_id] + ["|".join(col[r]) for col in spelled])
+            out.writerow([item_id] + [join_values(col[r]) for col in spelled])
 
 
 

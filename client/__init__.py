@@ -21,6 +21,8 @@ from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from filtering.spelling import join_values
+
 TASKS = ("click", "like", "share")
 DEFAULT_MODEL = "retrieval"
 UPDATE_MODEL = "item_updates"
@@ -68,7 +70,7 @@ def format_features(features: Union[str, Mapping[str, Union[str, int, Sequence]]
     parts = []
     for name, value in features.items():
         values = [value] if isinstance(value, (str, int)) else list(value)
-        parts.append(f"{name}=" + "|".join(str(v) for v in values))
+        parts.append(f"{name}=" + join_values([str(v) for v in values]))
     return ",".join(parts)
 
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from client import DEFAULT_MODEL, TASKS, Retriever
 from client.catalog import DEFAULT_ITEMS_CSV, item_embedding, load_items, spell_item_features
+from filtering.spelling import join_values
 
 
 def _add_connection_flags(p: argparse.ArgumentParser) -> None:
@@ -51,7 +52,7 @@ def print_results(result, user_id: int, filter: str, items_csv: Path, title: str
             zip(result.item_ids, result.scores, result.task_scores), 1):
         row = items.get(int(item), {})
         table.add_row(str(rank), str(item), f"{score:.4f}", *(f"{p:.3f}" for p in tasks),
-                      *("|".join(row.get(f, [])) for f in features))
+                      *(join_values(row.get(f, [])) for f in features))
     console = Console()
     if not console.is_terminal:  # piped or logged: do not squeeze the table into 80 columns
         console = Console(width=160)
@@ -124,7 +125,9 @@ def main(argv=None) -> int:
     q = sub.add_parser("query", help="top-k items for a user, optionally filtered")
     _add_connection_flags(q)
     q.add_argument("--user-id", type=int, required=True)
-    q.add_argument("--filter", default="", help='e.g. "category:comedy AND NOT language:en"')
+    q.add_argument("--filter", default="",
+                   help='e.g. "category:comedy AND NOT language:en"; quote values with '
+                        'spaces or operators: \'genres:"Science Fiction"\'')
     q.add_argument("-k", type=int, default=10)
     q.add_argument("--weights", default=None, help="task weights click,like,share e.g. 1,2,4")
     q.add_argument("--items-csv", type=Path, default=DEFAULT_ITEMS_CSV,

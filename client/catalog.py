@@ -6,17 +6,19 @@ import csv
 from pathlib import Path
 from typing import Dict, List
 
+from filtering.spelling import join_values, split_values
+
 DEFAULT_ITEMS_CSV = Path(__file__).resolve().parents[1] / "build" / "items.csv"
 
 
 def load_items(path: Path = DEFAULT_ITEMS_CSV) -> Dict[int, Dict[str, List[str]]]:
-    """item_id -> {feature name: list of values as spelled in filter expressions}."""
+    """item_id -> {feature name: list of values}: the values themselves, read from their
+    spelling in the cells (`"Science Fiction"` is the value `Science Fiction`)."""
     items = {}
     with open(path, newline="") as fh:
         for row in csv.DictReader(fh):
             item_id = int(row.pop("item_id"))
-            items[item_id] = {name: (value.split("|") if value else [])
-                              for name, value in row.items()}
+            items[item_id] = {name: split_values(cell) for name, cell in row.items()}
     return items
 
 
@@ -43,4 +45,4 @@ def spell_item_features(item_id: int, items_csv: Path = DEFAULT_ITEMS_CSV) -> st
     features = load_items(items_csv).get(item_id)
     if features is None:
         raise KeyError(f"item {item_id} is not in {items_csv}")
-    return ",".join(f"{name}=" + "|".join(values) for name, values in features.items())
+    return ",".join(f"{name}=" + join_values(values) for name, values in features.items())

@@ -8,12 +8,17 @@ Grammar (the anchor system's, so its queries work unchanged, plus named features
     unary      = ("NOT" | "!") unary | primary ;
     primary    = "(" expression ")" | term ;
     term       = feature ":" value [ ":" weight ] ;
+    value      = bare | '"' { character | '\\"' | '\\\\' } '"' ;
 
 Precedence NOT > AND > OR; keywords are case-insensitive; an empty (or blank) expression
-matches every item. `feature` is a schema name (`category`) or a numeric feature id (`0`);
-`value` is spelled as in items.csv (`comedy`, `42`), or a numeric value id when the feature is
-given by id. The optional `:weight` of the anchor syntax is accepted and ignored (filtering is
-boolean).
+matches every item. `feature` is a schema name (`category`), always written bare, or a numeric
+feature id (`0`); `value` is spelled as in items.csv (`comedy`, `42`), or a numeric value id
+when the feature is given by id. A bare value runs up to whitespace, `( ) & | !` or `:`; any
+value can be written in double quotes, where `\\"` and `\\\\` are the only escapes and
+keywords are plain text: `genres:"(no genres listed)"`, `brand:"Procter & Gamble"`,
+`tags:"NOT"`. `spell_value` (filtering/spelling.py) writes a value the canonical way. The
+optional `:weight` of the anchor syntax (also after a quoted value) is accepted and ignored
+(filtering is boolean).
 
 Parsing happens once per request, on the CPU, into a postfix *plan*: int64 [L, 3] rows of
 (opcode, feature_id, value_id). The model layer evaluates plans, never strings.
@@ -23,10 +28,19 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Union
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
+from filtering.spelling import (  # noqa: F401  (re-exported: the parser's value spelling)
+    TERM_STOPS,
+    SpellingError,
+    join_values,
+    read_value,
+    spell_value,
+    split_values,
+    unspell_value,
+)
 from world.schema import Schema
 
 MAX_EXPRESSION_BYTES = 4096
@@ -80,33 +94,64 @@ class All:
 
 Node = Union[Term, Not, And, Or, All]
 
-_TOKEN = re.compile(
-    r"\s*(?:(?P<lp>\()|(?P<rp>\))|(?P<and>&|AND\b)|(?P<or>\||OR\b)|(?P<not>!|NOT\b)"
-    r"|(?P<term>[^\s()&|!]+))",
+_OPERATOR = re.compile(
+    r"(?P<lp>\()|(?P<rp>\))|(?P<and>&|AND\b)|(?P<or>\||OR\b)|(?P<not>!|NOT\b)",
     re.IGNORECASE,
 )
+
+
+class _Part(NamedTuple):
+    """One ':'-separated part of a term: feature, value or weight."""
+
+    text: str  # quotes and escapes removed
+    pos: int  # its first character (the opening quote of a quoted part)
+    quoted: bool
 
 
 @dataclass
 class _Tok:
     kind: str
-    text: str
+    text: str  # as written
     pos: int
+    parts: Tuple[_Part, ...] = ()  # terms only
 
 
 def _tokenize(text: str) -> List[_Tok]:
-    toks, pos = [], 0
-    while pos < len(text):
-        m = _TOKEN.match(text, pos)
-        if m is None or m.end() == pos:  # only trailing whitespace is left
-            if text[pos:].strip():
-                raise FilterError(pos, f"unexpected character {text[pos]!r}")
+    toks, pos, n = [], 0, len(text)
+    while True:
+        while pos < n and text[pos].isspace():
+            pos += 1
+        if pos >= n:
             break
-        kind = m.lastgroup
-        toks.append(_Tok(kind, m.group(kind), m.start(kind)))
-        pos = m.end()
-    toks.append(_Tok("end", "", len(text)))
+        m = _OPERATOR.match(text, pos)
+        if m is not None:
+            toks.append(_Tok(m.lastgroup, m.group(), pos))
+            pos = m.end()
+        else:
+            toks.append(_read_term(text, pos))
+            pos = toks[-1].pos + len(toks[-1].text)
+    toks.append(_Tok("end", "", n))
     return toks
+
+
+def _read_term(text: str, start: int) -> _Tok:
+    """The term starting at `text[start]` (not whitespace, not an operator): ':'-separated
+    parts, each bare or quoted, up to whitespace, an operator or the end."""
+    parts, pos, n = [], start, len(text)
+    while True:
+        try:
+            value = read_value(text, pos, TERM_STOPS)
+        except SpellingError as e:
+            raise FilterError(e.position, e.problem) from None
+        parts.append(_Part(value.text, pos, value.quoted))
+        pos = value.end
+        if pos < n and text[pos] == ":":
+            pos += 1
+            continue
+        if value.quoted and pos < n and not (text[pos].isspace() or text[pos] in TERM_STOPS):
+            raise FilterError(pos, f"unexpected {text[pos]!r} after the quoted value at "
+                                   f"position {parts[-1].pos} (only ':weight' may follow it)")
+        return _Tok("term", text[start:pos], start, tuple(parts))
 
 
 class _Parser:
@@ -174,16 +219,24 @@ class _Parser:
             raise FilterError(tok.pos, f"expression nested deeper than {MAX_NESTING} levels")
 
     def term(self, tok: _Tok) -> Term:
-        parts = tok.text.split(":")
-        if len(parts) not in (2, 3) or not parts[0] or not parts[1]:
+        parts = tok.parts
+        if parts[0].quoted:
+            raise FilterError(tok.pos, "feature names are written bare, without quotes "
+                                       f"(got {tok.text!r})")
+        if (len(parts) not in (2, 3) or not parts[0].text
+                or not (parts[1].text or parts[1].quoted)):
             raise FilterError(tok.pos, f"expected a term like 'feature:value', got {tok.text!r}")
-        fname, value = parts[0], parts[1]
+        fname, value, value_pos = parts[0].text, parts[1].text, parts[1].pos
         if len(parts) == 3:
+            weight = parts[2]
             try:
-                float(parts[2])
+                if weight.quoted:
+                    raise ValueError
+                float(weight.text)
             except ValueError:
-                raise FilterError(tok.pos + len(fname) + len(value) + 2,
-                                  f"term weight must be a number, got {parts[2]!r}") from None
+                written = tok.text[weight.pos - tok.pos:]
+                raise FilterError(weight.pos,
+                                  f"term weight must be a number, got {written!r}") from None
         feats = self.schema.features
         if fname.lstrip("-").isdigit():  # anchor syntax: numeric feature id and value id
             fid = int(fname)
@@ -192,11 +245,11 @@ class _Parser:
             try:
                 vid = int(value)
             except ValueError:
-                raise FilterError(tok.pos + len(fname) + 1, f"feature id {fid} needs a "
-                                  f"numeric value id, got {value!r}") from None
+                raise FilterError(value_pos, f"feature id {fid} needs a numeric value id, got "
+                                  f"{spell_value(value)}") from None
             spec = feats[fid]
             if spec.kind == "str" and not 0 <= vid < len(spec.vocabulary):
-                raise FilterError(tok.pos + len(fname) + 1,
+                raise FilterError(value_pos,
                                   f"feature {spec.name!r} has no value id {vid} "
                                   f"(ids 0..{len(spec.vocabulary) - 1})")
             return Term(fid, vid)
@@ -206,9 +259,9 @@ class _Parser:
             names = ", ".join(f.name for f in feats)
             raise FilterError(tok.pos, f"unknown feature {fname!r} (features: {names})") from None
         try:
-            vid = feats[fid].value_id(value)
+            vid = feats[fid].value_id(value, spell=spell_value)
         except ValueError as e:
-            raise FilterError(tok.pos + len(fname) + 1, str(e)) from None
+            raise FilterError(value_pos, str(e)) from None
         return Term(fid, vid)
 
 
@@ -247,7 +300,7 @@ def to_string(node: Node, schema: Schema) -> str:
         return ""
     if isinstance(node, Term):
         spec = schema.features[node.feature_id]
-        return f"{spec.name}:{spec.spell(node.value_id)}"
+        return f"{spec.name}:{spell_value(spec.spell(node.value_id))}"
     if isinstance(node, Not):
         inner = to_string(node.child, schema)
         return f"NOT {inner}" if isinstance(node.child, (Term, Not)) else f"NOT ({inner})"

@@ -1,9 +1,10 @@
 """Item updates and their validation: what may enter the fresh index.
 
 An upsert carries a raw item id, an embedding in the catalog's space and the item's filter
-features, spelled as filter expressions spell them:
+features, spelled as filter expressions spell them (filtering/spelling.py; a quoted value may
+hold `,` and `|`):
 
-    category=comedy,language=en,creator=7,tags=funny|live
+    category=comedy,language=en,creator=7,tags=funny|live|"Science Fiction"
 
 Every single-valued feature of the schema is required (exactly one value); multi-valued
 features take 0 up to the store's width values. A retire carries only the raw item id.
@@ -17,6 +18,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from filtering.spelling import SpellingError, join_values, read_values, spell_value
 from world.schema import Schema
 
 
@@ -60,13 +62,22 @@ def parse_features(text: str, schema: Schema) -> Dict[str, List[int]]:
     """`name=value|value,...` -> {feature name: value ids}, checked against `schema`."""
     values: Dict[str, List[int]] = {}
     names = [f.name for f in schema.features]
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
+    pos = 0
+    while pos < len(text):
+        comma, sep = text.find(",", pos), text.find("=", pos)
+        if sep < 0 or 0 <= comma < sep:  # a part without '=' (or an empty one)
+            end = len(text) if comma < 0 else comma
+            part, pos = text[pos:end].strip(), end + 1
+            if part:
+                raise UpdateError(f"features: expected name=value, got {part!r}")
             continue
-        name, sep, spelled = part.partition("=")
-        name = name.strip()
-        if not sep:
-            raise UpdateError(f"features: expected name=value, got {part!r}")
+        name = text[pos:sep].strip()
+        try:
+            spelled, end = read_values(text, sep + 1, stop=",")
+        except SpellingError as e:
+            raise UpdateError(f"features: {name}: {e.problem} (at position {e.position})"
+                              ) from None
+        pos = end + 1
         if name not in names:
             raise UpdateError(f"features: unknown feature {name!r} (features: "
                               f"{', '.join(names)})")
@@ -74,11 +85,9 @@ def parse_features(text: str, schema: Schema) -> Dict[str, List[int]]:
             raise UpdateError(f"features: {name!r} given twice")
         spec = schema.features[names.index(name)]
         ids = []
-        for token in (t.strip() for t in spelled.split("|")):
-            if not token:
-                continue
+        for value in spelled:
             try:
-                value_id = spec.value_id(token)
+                value_id = spec.value_id(value, spell=spell_value)
             except ValueError as e:
                 raise UpdateError(f"features: {e}") from None
             if value_id < 0:
@@ -113,6 +122,6 @@ def spell_features(row: np.ndarray, schema: Schema, widths: Sequence[int]) -> st
     parts, start = [], 0
     for spec, width in zip(schema.features, widths):
         ids = [int(v) for v in row[start: start + width] if v >= 0]
-        parts.append(f"{spec.name}=" + "|".join(spec.spell(v) for v in ids))
+        parts.append(f"{spec.name}=" + join_values([spec.spell(v) for v in ids]))
         start += width
     return ",".join(parts)

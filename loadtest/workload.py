@@ -27,6 +27,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from client.catalog import DEFAULT_ITEMS_CSV
+from filtering.spelling import spell_value, split_values
 
 KINDS = ("unfiltered", "broad", "selective", "one_creator")
 # match-fraction range of each kind (inclusive); one_creator is defined by construction
@@ -90,7 +91,7 @@ class Catalog:
             for row in csv.DictReader(fh):
                 for name, value in row.items():
                     if name != "item_id":
-                        columns.setdefault(name, []).append(value.split("|") if value else [])
+                        columns.setdefault(name, []).append(split_values(value))
         self.num_items = len(next(iter(columns.values())))
         self.masks: Dict[Tuple[str, str], np.ndarray] = {}
         for name in FEATURES:
@@ -132,13 +133,14 @@ class Catalog:
         for creator, count in sorted(self.creator_counts.items(), key=lambda c: int(c[0])):
             if lo <= count <= hi:
                 candidates["one_creator"].append(
-                    FilterCase("one_creator", f"{CREATOR}:{creator}", count))
+                    FilterCase("one_creator", _term((CREATOR, creator)), count))
         return {kind: rng.sample(cases, min(per_kind, len(cases)))
                 for kind, cases in candidates.items()}
 
 
 def _term(key: Tuple[str, str]) -> str:
-    return f"{key[0]}:{key[1]}"
+    """(feature name, value) as a filter term."""
+    return f"{key[0]}:{spell_value(key[1])}"
 
 
 def read_users(items_csv: Path = DEFAULT_ITEMS_CSV) -> List[int]:

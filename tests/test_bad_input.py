@@ -129,7 +129,7 @@ CASES = [
     Case("unknown feature", lambda: tensors(filter="colour:red"),
          ["filter: filter error at position 0", "unknown feature 'colour'"]),
     Case("unknown value", lambda: tensors(filter="category:nosuch"),
-         ["filter: filter error at position 9", "no value 'nosuch'"]),
+         ["filter: filter error at position 9", "has no value nosuch"]),
     Case("unknown feature id", lambda: tensors(filter="99:1"), ["unknown feature id 99"]),
     Case("binary garbage", lambda: tensors(filter=raw_filter(b"\xff\xfe\x00\x80garbage")),
          ["filter: filter error at position 0", "not valid UTF-8"]),

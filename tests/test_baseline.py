@@ -11,7 +11,7 @@ from tritonclient.utils import InferenceServerException
 
 from client import Retriever
 from client.catalog import load_items
-from filtering.expression import batch_plans, parse, parse_plan
+from filtering.expression import batch_plans, parse, parse_plan, spell_value
 from serving.baseline import InProcessChain, exact_reference, exact_top, passing_rows
 from stages.bits import pack_bits
 from stages.filter import ExactFeatureFilter, feature_matrix
@@ -47,7 +47,7 @@ def _random_expression(rng, schema, catalog, depth=0):
         present = catalog.features[f][catalog.features[f] >= 0]
         value = int(rng.choice(present)) if rng.random() < 0.85 else (
             10**9 if spec.kind == "int" else int(rng.integers(len(spec.vocabulary))))
-        return f"{spec.name}:{spec.spell(value)}"
+        return f"{spec.name}:{spell_value(spec.spell(value))}"
     kind = rng.choice(["NOT", "AND", "OR"])
     if kind == "NOT":
         return f"NOT ({_random_expression(rng, schema, catalog, depth + 1)})"

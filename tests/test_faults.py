@@ -24,7 +24,7 @@ import torch
 from conftest import start_server
 from tritonclient.utils import InferenceServerException
 
-from client import Retriever
+from client import Retriever, format_features
 from client.catalog import load_items
 from fresh.store import FreshStore, create_store, fresh_dir_for
 from serving.launcher import ServerError
@@ -287,7 +287,7 @@ def test_killed_update_stub_leaves_no_half_written_state(supervised, small_build
 
     def features(i: int) -> str:
         spelled = dict(template, creator=[str(base_creator + i)])
-        return ",".join(f"{k}=" + "|".join(v) for k, v in spelled.items())
+        return format_features(spelled)
 
     def writer(first: int) -> None:
         i = first

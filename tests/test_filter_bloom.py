@@ -31,6 +31,7 @@ from filtering.expression import (
     evaluate,
     parse,
     parse_plan,
+    spell_value,
     to_string,
 )
 from filtering.random_filters import random_expression
@@ -219,7 +220,7 @@ def test_parse_once_evaluate_plans_with_padding_and_empty_batch():
                                                BloomIndexConfig(exact_max_values=0)))
     schema = catalog.schema
     name = schema.features[0].name
-    short, long = f"NOT {name}:{schema.features[0].spell(0)}", ""
+    short, long = f"NOT {name}:{spell_value(schema.features[0].spell(0))}", ""
     node = parse(short, schema)
     plans = batch_plans([parse_plan(short, schema), parse_plan(long, schema)], length=9)
     bits = unpack_bits(layer(plans), catalog.num_items)

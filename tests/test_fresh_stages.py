@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from builder.build import BuildConfig, build_modules, export_modules
-from filtering.expression import batch_plans, evaluate, parse, parse_plan
+from filtering.expression import batch_plans, evaluate, join_values, parse, parse_plan
 from fresh.store import FreshStore, create_store, header_for
 from fresh.tables import FreshView
 from stages.ann import AnnConfig
@@ -42,8 +42,8 @@ def spell(catalog, row):
     """The features of main row `row` as an update spells them."""
     parts = []
     for spec, values in zip(SCHEMA.features, catalog.features):
-        parts.append(f"{spec.name}=" + "|".join(spec.spell(int(v)) for v in values[row]
-                                                 if v >= 0))
+        parts.append(f"{spec.name}=" + join_values([spec.spell(int(v)) for v in values[row]
+                                                    if v >= 0]))
     return ",".join(parts)
 
 

@@ -12,9 +12,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fresh.items import UpdateError, spell_features
+from fresh.items import UpdateError, feature_row, parse_features, spell_features
 from fresh.log import MAX_GROUP_BYTES, CorruptLog, encode_group
 from fresh.store import LOG_NAME, FreshFull, FreshStore, create_store, header_for
+from world.schema import FeatureSpec, Schema
 from world.synthetic import WorldConfig, make_schema
 
 SCHEMA = make_schema(WorldConfig())
@@ -203,7 +204,7 @@ def test_reader_notices_a_new_store_created_over_the_old_one(store_dir):
 
 
 @pytest.mark.parametrize("text, words", [
-    ("category=comdy,language=en,creator=1", "has no value 'comdy'"),
+    ("category=comdy,language=en,creator=1", "has no value comdy"),
     ("language=en,creator=1", "'category' takes exactly one value, got 0"),
     ("category=comedy,language=en", "'creator' takes exactly one value"),
     ("colour=red", "unknown feature 'colour'"),
@@ -236,6 +237,26 @@ def test_features_spell_back():
     for text in FEATURES:
         row = h.upsert(1, np.ones(DIM), text).features
         assert spell_features(row, SCHEMA, h.widths) == text
+
+
+def test_quoted_values_in_features():
+    """Values are spelled as filter expressions spell them: quoted ones may hold ',' '|' '='."""
+    vocabulary = ["Science Fiction", "a|b", "x,y=z", 'say "hi"', "plain", "AND"]
+    schema = Schema([FeatureSpec("genres", "str", True, vocabulary),
+                     FeatureSpec("brand", "str", False, vocabulary)])
+    text = 'genres="Science Fiction"|"a|b"|"x,y=z"|"say \\"hi\\"",brand="AND"'
+    values = parse_features(text, schema)
+    assert values == {"genres": [0, 1, 2, 3], "brand": [5]}
+    row = feature_row(values, schema, [4, 1])
+    assert spell_features(row, schema, [4, 1]) == text
+    assert parse_features(" genres = plain | \"a|b\" , brand=plain,", schema) == {
+        "genres": [4, 1], "brand": [4]}
+    for bad, words in [('genres="Science Fiction,brand=plain', "is not closed"),
+                       ("genres=Science Fiction", "expected '|' after the value"),
+                       ('brand="nope"', 'has no value nope (values: "Science Fiction", "a|b"')]:
+        with pytest.raises(UpdateError) as e:
+            parse_features(bad, schema)
+        assert words in str(e.value)
 
 
 @settings(max_examples=25, deadline=None)

@@ -26,8 +26,10 @@ from filtering.expression import (
     evaluate,
     parse,
     parse_plan,
+    spell_value,
     to_string,
 )
+from filtering.spelling import quote_value
 from serving.runners import RUNNERS, RequestError
 from world.synthetic import WorldConfig, make_schema
 
@@ -39,15 +41,18 @@ FUZZ = settings(max_examples=300, deadline=None, derandomize=True,
 
 
 def _terms():
-    """Valid terms, by name or by numeric id (the anchor syntax), some with a weight."""
+    """Valid terms, by name or by numeric id (the anchor syntax), some with a weight, values
+    bare or quoted."""
     options = []
     for fid, spec in enumerate(SCHEMA.features):
         values = spec.vocabulary[:6] if spec.kind == "str" else ["0", "7", "42", "-3"]
         for v in values:
-            options.append(f"{spec.name}:{v}")
+            options.append(f"{spec.name}:{spell_value(v)}")
+            options.append(f"{spec.name}:{quote_value(v)}")
             vid = spec.value_id(v)
             options.append(f"{fid}:{vid}")
-            options.append(f"{spec.name}:{v}:1.5")
+            options.append(f"{spec.name}:{spell_value(v)}:1.5")
+            options.append(f"{spec.name}:{quote_value(v)}:1.5")
     return st.sampled_from(options)
 
 
@@ -69,7 +74,8 @@ def _expressions():
 
 TOKENS = st.sampled_from(["(", ")", " ", "AND", "OR", "NOT", "&", "|", "!", ":", "category",
                           "comedy", "language:en", "creator:7", "0:1", "9:9", "tags:", "::",
-                          "\t", "\n", "\x00", "é", "\u202e", "😀"])
+                          "\t", "\n", "\x00", "é", "\u202e", "😀", '"', "\\", '\\"',
+                          '"a b"', 'category:"comedy"', 'tags:"AND"', '"x\\\\"'])
 
 
 def _assert_plan_or_filter_error(raw) -> None:
@@ -113,7 +119,7 @@ def test_mutated_expressions_give_a_plan_or_a_filter_error(text, data):
         elif what == "duplicate" and i < len(chars):
             chars.insert(i, chars[i])
         else:
-            chars.insert(i, data.draw(st.sampled_from("()&|!: aZ9")))
+            chars.insert(i, data.draw(st.sampled_from('()&|!: aZ9"\\')))
     _assert_plan_or_filter_error("".join(chars))
 
 

@@ -3,14 +3,15 @@
 Filter expressions name a feature either by name (`category:comedy`) or, in the anchor
 system's numeric syntax, by its id (`0:3` = feature 0, value id 3). Every value has an integer
 value id: for `int` features the integer itself, for `str` features its index in the
-vocabulary. `items.csv` spells each value exactly as an expression spells it.
+vocabulary. `items.csv` spells each value exactly as an expression spells it
+(filtering/spelling.py: bare `comedy`, or quoted `"Science Fiction"`).
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 
 @dataclass
@@ -26,24 +27,28 @@ class FeatureSpec:
                 f"feature {self.name!r}: kind must be 'str' or 'int', not {self.kind!r}")
         self._index: Optional[Dict[str, int]] = None
 
-    def value_id(self, token: str) -> int:
-        """Value id of `token` as written in an expression; raises ValueError naming the problem."""
+    def value_id(self, value: str, spell: Callable[[str], str] = repr) -> int:
+        """Value id of `value` (the text itself, quotes and escapes removed); raises ValueError
+        naming the problem, with values written by `spell` (the parser passes
+        filtering.spelling.spell_value, so that messages write values as expressions do)."""
         if self.kind == "int":
             try:
-                return int(token)
+                return int(value)
             except ValueError:
                 raise ValueError(
-                    f"feature {self.name!r} takes integer values, got {token!r}"
+                    f"feature {self.name!r} takes integer values, got {spell(value)}"
                 ) from None
         if self._index is None:
             self._index = {v: i for i, v in enumerate(self.vocabulary)}
-        if token not in self._index:
-            known = ", ".join(self.vocabulary[:8]) + (", ..." if len(self.vocabulary) > 8 else "")
-            raise ValueError(f"feature {self.name!r} has no value {token!r} (values: {known})")
-        return self._index[token]
+        if value not in self._index:
+            known = ", ".join(spell(v) for v in self.vocabulary[:8])
+            known += ", ..." if len(self.vocabulary) > 8 else ""
+            raise ValueError(f"feature {self.name!r} has no value {spell(value)} "
+                             f"(values: {known})")
+        return self._index[value]
 
     def spell(self, value_id: int) -> str:
-        """The value as an expression (and items.csv) spells it."""
+        """The value's text (an expression or items.csv writes it with spell_value)."""
         return str(value_id) if self.kind == "int" else self.vocabulary[value_id]
 
 
