@@ -21,8 +21,10 @@ train: setup  ## train the two-tower model, OverArch and task heads -> build/wei
 build: setup  ## (re)build model_repository/ from the synthetic catalog
 	$(PY) -m builder
 
+# `make demo CATALOG=DIR` demos your catalog (docs/catalog.md) or a MovieLens directory instead
+CATALOG ?=
 demo: setup  ## build if needed, start Triton, query, measure, stop
-	$(PY) -m serving.demo
+	$(PY) -m serving.demo $(if $(CATALOG),--catalog "$(CATALOG)")
 
 serve: setup  ## build if needed, run Triton in the foreground (Ctrl-C stops)
 	$(PY) -m serving.serve

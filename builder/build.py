@@ -103,7 +103,7 @@ def write_items_csv(catalog: Catalog, path: Path) -> None:
         else:
             vocab = spec.vocabulary
             spelled.append([[vocab[v] for v in row if v >= 0] for row in values.tolist()])
-    with open(path, "w", newline="") as fh:
+    with open(path, "w", newline="", encoding="utf-8") as fh:
         out = csv.writer(fh)
         out.writerow(["item_id"] + [s.name for s in specs])
         for r, item_id in enumerate(catalog.item_ids.tolist()):

@@ -23,7 +23,7 @@ import numpy as np
 
 from filtering.spelling import join_values
 
-TASKS = ("click", "like", "share")
+TASKS = ("click", "like", "share")  # the synthetic world's; a catalog has its own
 DEFAULT_MODEL = "retrieval"
 UPDATE_MODEL = "item_updates"
 MAX_ROWS_PER_UPDATE = 64  # the update model's max_batch_size
@@ -174,6 +174,18 @@ class Retriever:
                 **kwargs)
             rows.append(response.as_numpy("fresh_row").reshape(-1))
         return np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+
+    def tasks(self) -> tuple:
+        """The served Value Model's task names, in the order of `task_weights` and the
+        columns of `task_scores` (the model config's `tasks` parameter)."""
+        if self.protocol == "http":
+            params = self.client.get_model_config(self.model).get("parameters", {})
+            text = params.get("tasks", {}).get("string_value", "")
+        else:
+            config = self.client.get_model_config(self.model).config
+            text = config.parameters["tasks"].string_value if "tasks" in config.parameters \
+                else ""
+        return tuple(t for t in text.split(",") if t) or TASKS
 
     def is_ready(self) -> bool:
         try:

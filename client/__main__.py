@@ -33,25 +33,46 @@ def _url(a) -> str:
     return a.url or ("127.0.0.1:8001" if a.protocol == "grpc" else "127.0.0.1:8000")
 
 
-def print_results(result, user_id: int, filter: str, items_csv: Path, title: str = "") -> None:
+def load_titles(items_csv: Path) -> dict:
+    """item_id -> title from item_titles.csv next to items.csv (catalogs with titles)."""
+    import csv
+
+    path = Path(items_csv).with_name("item_titles.csv") if items_csv else None
+    if path is None or not path.exists():
+        return {}
+    with open(path, newline="", encoding="utf-8") as fh:
+        return {int(r["item_id"]): r["title"] for r in csv.DictReader(fh)}
+
+
+def print_results(result, user_id: int, filter: str, items_csv: Path, title: str = "",
+                  tasks=TASKS, items=None, titles=None) -> None:
+    """A table of results: rank, id, title (when the catalog has titles), score, one column
+    per task, the item's features as filters spell them. `items` / `titles` may be passed
+    already loaded (load_items, load_titles)."""
     from rich.console import Console
     from rich.table import Table
 
-    items = load_items(items_csv) if items_csv and Path(items_csv).exists() else {}
+    if items is None:
+        items = load_items(items_csv) if items_csv and Path(items_csv).exists() else {}
+    if titles is None:
+        titles = load_titles(items_csv)
     table = Table(title=title or f"user {user_id}  filter {filter!r}  ({len(result.item_ids)} "
                                  "results)", title_justify="left")
     table.add_column("#", justify="right")
     table.add_column("item_id", justify="right")
+    if titles:
+        table.add_column("title", max_width=40)
     table.add_column("score", justify="right")
-    for t in TASKS:
+    for t in tasks:
         table.add_column(f"p({t})", justify="right")
     features = list(next(iter(items.values())).keys()) if items else []
     for f in features:
         table.add_column(f)
-    for rank, (item, score, tasks) in enumerate(
+    for rank, (item, score, probs) in enumerate(
             zip(result.item_ids, result.scores, result.task_scores), 1):
         row = items.get(int(item), {})
-        table.add_row(str(rank), str(item), f"{score:.4f}", *(f"{p:.3f}" for p in tasks),
+        table.add_row(str(rank), str(item), *([titles.get(int(item), "")] if titles else []),
+                      f"{score:.4f}", *(f"{p:.3f}" for p in probs),
                       *(join_values(row.get(f, [])) for f in features))
     console = Console()
     if not console.is_terminal:  # piped or logged: do not squeeze the table into 80 columns
@@ -120,7 +141,8 @@ def _update(a, parser) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m client")
+    parser = argparse.ArgumentParser(prog="python -m client", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     q = sub.add_parser("query", help="top-k items for a user, optionally filtered")
     _add_connection_flags(q)
@@ -129,7 +151,9 @@ def main(argv=None) -> int:
                    help='e.g. "category:comedy AND NOT language:en"; quote values with '
                         'spaces or operators: \'genres:"Science Fiction"\'')
     q.add_argument("-k", type=int, default=10)
-    q.add_argument("--weights", default=None, help="task weights click,like,share e.g. 1,2,4")
+    q.add_argument("--weights", default=None,
+                   help="Value Model weights, one per served task in order (the synthetic "
+                        "world's click,like,share e.g. 1,2,4; MovieLens rated,liked,loved)")
     q.add_argument("--items-csv", type=Path, default=DEFAULT_ITEMS_CSV,
                    help="catalog used to show the items' features")
     _add_update_parser(sub)
@@ -143,13 +167,14 @@ def main(argv=None) -> int:
     try:
         with Retriever(_url(a), a.protocol, a.model, a.client_timeout, a.verbose) as r:
             result = r.query(a.user_id, a.filter, a.k, weights)
+            tasks = r.tasks()
     except InferenceServerException as e:
         print(f"error: {e.message() if hasattr(e, 'message') else e}", file=sys.stderr)
         return 2
     except ConnectionError as e:
         print(f"error: cannot reach the server at {_url(a)}: {e}", file=sys.stderr)
         return 2
-    print_results(result, a.user_id, a.filter, a.items_csv)
+    print_results(result, a.user_id, a.filter, a.items_csv, tasks=tasks)
     return 0
 
 

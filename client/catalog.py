@@ -15,7 +15,7 @@ def load_items(path: Path = DEFAULT_ITEMS_CSV) -> Dict[int, Dict[str, List[str]]
     """item_id -> {feature name: list of values}: the values themselves, read from their
     spelling in the cells (`"Science Fiction"` is the value `Science Fiction`)."""
     items = {}
-    with open(path, newline="") as fh:
+    with open(path, newline="", encoding="utf-8") as fh:
         for row in csv.DictReader(fh):
             item_id = int(row.pop("item_id"))
             items[item_id] = {name: split_values(cell) for name, cell in row.items()}
@@ -33,7 +33,7 @@ def item_embedding(item_id: int, items_csv: Path = DEFAULT_ITEMS_CSV):
     --embedding-from-item`)."""
     import numpy as np
 
-    with open(items_csv, newline="") as fh:
+    with open(items_csv, newline="", encoding="utf-8") as fh:
         for row, record in enumerate(csv.DictReader(fh)):
             if int(record["item_id"]) == item_id:
                 return np.load(embeddings_path(items_csv), mmap_mode="r")[row].copy()

@@ -87,7 +87,7 @@ class Catalog:
     def __init__(self, items_csv: Path = DEFAULT_ITEMS_CSV):
         self.items_csv = Path(items_csv)
         columns: Dict[str, List[List[str]]] = {}
-        with open(self.items_csv, newline="") as fh:
+        with open(self.items_csv, newline="", encoding="utf-8") as fh:
             for row in csv.DictReader(fh):
                 for name, value in row.items():
                     if name != "item_id":

@@ -28,7 +28,10 @@ from world.schema import Schema
 
 MAX_K = 1000  # largest k a request may ask for
 DEVICE_ENV = "IAM_DEVICE"  # where the modules run when the config does not say: cpu|cuda|auto
-NUM_TASKS = 3
+# The Value Model's tasks come from the config's `tasks` parameter (the builder writes a
+# catalog's tasks there); a TensorSpec dimension TASKS_DIM stands for their number.
+DEFAULT_TASKS = ("click", "like", "share")
+TASKS_DIM = -2
 ARTIFACT = "model.pt"
 
 log = logging.getLogger(__name__)
@@ -63,6 +66,19 @@ Result = Union[Arrays, RequestError]
 
 NUMPY_DTYPES = {"INT64": np.dtype(np.int64), "INT32": np.dtype(np.int32),
                 "FP32": np.dtype(np.float32), "BOOL": np.dtype(np.bool_)}
+
+
+def config_tasks(params: Dict[str, str]) -> Tuple[str, ...]:
+    """The task names of a model config's `tasks` parameter (comma-separated)."""
+    text = params.get("tasks", "")
+    return tuple(t for t in text.split(",") if t) or DEFAULT_TASKS
+
+
+def resolve_specs(specs: Sequence[TensorSpec], num_tasks: int) -> Tuple[TensorSpec, ...]:
+    """`specs` with every TASKS_DIM dimension set to `num_tasks`."""
+    return tuple(TensorSpec(s.name, s.dtype, tuple(num_tasks if d == TASKS_DIM else d
+                                                   for d in s.dims), s.optional)
+                 for s in specs)
 
 
 def _wire_name(dtype: str) -> str:
@@ -183,6 +199,10 @@ class StageRunner(ABC):
     def __init__(self, version_dir: Path, params: Optional[Dict[str, str]] = None):
         self.version_dir = Path(version_dir)
         self.params = params or {}
+        self.tasks = config_tasks(self.params)
+        # this model's tensors, the task dimension resolved (the class keeps the template)
+        self.INPUTS = resolve_specs(type(self).INPUTS, len(self.tasks))
+        self.OUTPUTS = resolve_specs(type(self).OUTPUTS, len(self.tasks))
         self.device = resolve_device(self.params.get("device"))
         artifact = self.version_dir / ARTIFACT
         if not artifact.exists():
@@ -323,7 +343,7 @@ class RetrievalFilterRunner(FilterRunner):
 
     INPUTS = FilterRunner.INPUTS + (
         TensorSpec("k", "INT32", (1,), optional=True),
-        TensorSpec("task_weights", "FP32", (NUM_TASKS,), optional=True))
+        TensorSpec("task_weights", "FP32", (TASKS_DIM,), optional=True))
 
     def prepare(self, row):
         if "k" in row:
@@ -355,7 +375,7 @@ class ScorerRunner(StageRunner):
     STAGE = "scorer"
     INPUTS = (TensorSpec("user_embedding", "FP32", (-1,)),
               TensorSpec("candidate_rows", "INT64", (-1,)))
-    OUTPUTS = (TensorSpec("candidate_task_scores", "FP32", (-1, NUM_TASKS)),)
+    OUTPUTS = (TensorSpec("candidate_task_scores", "FP32", (-1, TASKS_DIM)),)
 
     def prepare(self, row):
         return (check_finite("user_embedding", row["user_embedding"]),
@@ -372,15 +392,15 @@ class ScorerRunner(StageRunner):
 class AggregatorRunner(StageRunner):
     STAGE = "aggregator"
     INPUTS = (TensorSpec("candidate_rows", "INT64", (-1,)),
-              TensorSpec("candidate_task_scores", "FP32", (-1, NUM_TASKS)),
+              TensorSpec("candidate_task_scores", "FP32", (-1, TASKS_DIM)),
               TensorSpec("k", "INT32", (1,)),
-              TensorSpec("task_weights", "FP32", (NUM_TASKS,), optional=True))
+              TensorSpec("task_weights", "FP32", (TASKS_DIM,), optional=True))
     OUTPUTS = (TensorSpec("item_ids", "INT64", (-1,)), TensorSpec("scores", "FP32", (-1,)),
-               TensorSpec("task_scores", "FP32", (-1, NUM_TASKS)))
+               TensorSpec("task_scores", "FP32", (-1, TASKS_DIM)))
 
     def __init__(self, version_dir, params=None):
         super().__init__(version_dir, params)
-        self.default_weights = self.module.default_weights.cpu().numpy()
+        self.default_weights = default_weights(self.module, self.tasks, self.version_dir)
 
     def prepare(self, row):
         k = check_k(row["k"])
@@ -394,7 +414,7 @@ class AggregatorRunner(StageRunner):
 
     def compute(self, prepared):
         rows = pad_rows([p[0] for p in prepared])
-        tasks = torch.zeros(rows.shape + (NUM_TASKS,), dtype=torch.float32)
+        tasks = torch.zeros(rows.shape + (len(self.tasks),), dtype=torch.float32)
         for i, p in enumerate(prepared):
             tasks[i, : len(p[0])] = torch.from_numpy(p[1])
         counts = torch.tensor([len(p[0]) for p in prepared], dtype=torch.int64)
@@ -413,13 +433,14 @@ class UnifiedRunner(StageRunner):
     STAGE = "unified"
     INPUTS = (TensorSpec("user_id", "INT64", (1,)), TensorSpec("filter", "STRING", (1,)),
               TensorSpec("k", "INT32", (1,)),
-              TensorSpec("task_weights", "FP32", (NUM_TASKS,), optional=True))
+              TensorSpec("task_weights", "FP32", (TASKS_DIM,), optional=True))
     OUTPUTS = AggregatorRunner.OUTPUTS
 
     def __init__(self, version_dir, params=None):
         super().__init__(version_dir, params)
         self.schema = _load_schema(self.version_dir)
-        self.default_weights = self.module.aggregator.default_weights.cpu().numpy()
+        self.default_weights = default_weights(self.module.aggregator, self.tasks,
+                                               self.version_dir)
 
     def prepare(self, row):
         k = check_k(row["k"])
@@ -437,6 +458,16 @@ class UnifiedRunner(StageRunner):
             plans, users, ks, weights))
         return [{"item_ids": ids[i: i + 1, : n[i]], "scores": values[i: i + 1, : n[i]],
                  "task_scores": task_scores[i: i + 1, : n[i]]} for i in range(len(prepared))]
+
+
+def default_weights(aggregator, tasks: Tuple[str, ...], version_dir: Path) -> np.ndarray:
+    """The Value Model's built-in weights, one per task of the config."""
+    weights = aggregator.default_weights.cpu().numpy()
+    if weights.shape != (len(tasks),):
+        raise RuntimeError(f"{version_dir}: the model has {weights.shape[0]} task weights, its "
+                           f"config names {len(tasks)} tasks ({', '.join(tasks)}): rebuild "
+                           "the repository")
+    return weights
 
 
 def pad_rows(rows: List[np.ndarray]) -> torch.Tensor:

@@ -7,8 +7,9 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+from builder.build import configure_tasks
 from serving.baseline import RUNNERS as BASELINE_RUNNERS
-from serving.runners import RUNNERS
+from serving.runners import RUNNERS, config_tasks, resolve_specs
 
 REPO = Path(__file__).resolve().parents[1] / "model_repository"
 NP = {"INT64": np.int64, "INT32": np.int32, "FP32": np.float32, "STRING": np.object_}
@@ -34,9 +35,11 @@ def test_stage_config_matches_runner(stage):
     runner = ALL_RUNNERS[stage]
     assert config.name == stage and config.backend == "python"
     assert config.max_batch_size > 0 and config.HasField("dynamic_batching")
-    assert tensors(config.input) == {s.name: (s.dtype, s.dims, s.optional) for s in runner.INPUTS}
-    assert tensors(config.output) == {s.name: (s.dtype, s.dims, s.optional)
-                                      for s in runner.OUTPUTS}
+    params = {k: v.string_value for k, v in config.parameters.items()}
+    num_tasks = len(config_tasks(params))
+    inputs, outputs = (resolve_specs(s, num_tasks) for s in (runner.INPUTS, runner.OUTPUTS))
+    assert tensors(config.input) == {s.name: (s.dtype, s.dims, s.optional) for s in inputs}
+    assert tensors(config.output) == {s.name: (s.dtype, s.dims, s.optional) for s in outputs}
     assert (REPO / stage / "1" / "model.py").exists()
 
 
@@ -92,3 +95,26 @@ def test_runner_outputs_match_config_on_a_real_build(small_build):
 def test_model_has_the_ensemble_contract(model):
     assert tensors(load_config(model).input) == tensors(load_config("retrieval").input)
     assert tensors(load_config(model).output) == tensors(load_config("retrieval").output)
+
+
+@pytest.mark.parametrize("tasks", [("rated", "liked", "loved"), ("similarity",),
+                                   ("click", "add_to_cart", "buy", "share", "like")])
+def test_configs_for_other_tasks_match_runners(tasks):
+    """The builder's configs for a catalog's tasks: every task dimension is T, the `tasks`
+    parameter names them, and the runners resolve the same shapes from it."""
+    for stage in ("filter", "scorer", "aggregator", "unified"):
+        text = configure_tasks((REPO / stage / "config.pbtxt").read_text(), tasks)
+        config = text_format.Parse(text, model_config_pb2.ModelConfig())
+        params = {k: v.string_value for k, v in config.parameters.items()}
+        assert config_tasks(params) == tasks
+        runner = RUNNERS[stage]
+        inputs, outputs = (resolve_specs(s, len(tasks)) for s in (runner.INPUTS, runner.OUTPUTS))
+        assert tensors(config.input) == {s.name: (s.dtype, s.dims, s.optional) for s in inputs}
+        assert tensors(config.output) == {s.name: (s.dtype, s.dims, s.optional)
+                                          for s in outputs}
+    for ensemble in ("retrieval", "baseline"):
+        text = configure_tasks((REPO / ensemble / "config.pbtxt").read_text(), tasks)
+        config = text_format.Parse(text, model_config_pb2.ModelConfig())
+        dims = {t.name: tuple(t.dims) for t in list(config.input) + list(config.output)}
+        assert dims["task_weights"] == (len(tasks),)
+        assert dims["task_scores"] == (-1, len(tasks))
