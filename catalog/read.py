@@ -245,7 +245,7 @@ def _vectors(decl: TableDecl, table, ids: np.ndarray, directory: Path, path: Pat
     if vectors.ndim != 2 or vectors.dtype.kind not in "fiu":
         raise CatalogError(f"{npy}: expected a 2-D array of floats [rows, width], got "
                            f"{vectors.dtype} of shape {list(vectors.shape)}")
-    vectors = np.asarray(vectors, dtype=np.float32)
+    vectors = np.array(vectors, dtype=np.float32)  # a copy: the file is mapped read-only
     if not decl.vector_ids:
         if len(vectors) != len(ids):
             raise CatalogError(f"{npy}: {len(vectors):,} vectors for {len(ids):,} {what}s of "

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from training.data import holdout_split, per_user_time_split, time_split
-from training.movielens import MovieLensConfig, load_movielens
+from catalog import CatalogError
+from training.data import NegativeSampling
+from training.movielens import load_movielens
 
 ML_LATEST_SMALL = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-latest-small"
 
@@ -30,14 +32,17 @@ RATINGS = """userId,movieId,rating,timestamp
 def test_loader_labels_negatives_and_genres(tmp_path):
     (tmp_path / "movies.csv").write_text(MOVIES)
     (tmp_path / "ratings.csv").write_text(RATINGS)
-    data = load_movielens(tmp_path, MovieLensConfig(negatives_per_rating=2, seed=3))
+    data = load_movielens(tmp_path, NegativeSampling(per_positive=2, seed=3))
     assert data.catalog.item_ids.tolist() == [1, 2, 5, 7, 11]
     assert data.user_ids.tolist() == [3, 9]
     assert data.catalog.embeddings.shape == (5, 0)
     genres = data.catalog.schema.features[0]
     spelled = [[genres.vocabulary[v] for v in row if v >= 0]
                for row in data.catalog.features[0].tolist()]
-    assert spelled[1] == ["Comedy", "Drama", "Romance"] and spelled[3] == []
+    assert spelled[1] == ["Comedy", "Drama", "Romance"]
+    assert spelled[3] == ["(no genres listed)"]  # a value: genres:"(no genres listed)" finds it
+    years = data.catalog.features[1][:, 0].tolist()
+    assert years == [1995, 1995, 1995, -1, 1997]  # "Untitled" has no year
     log = data.interactions
     assert log.labels.shape == (5 * 3, 3)
     rated = log.labels[:, 0] > 0
@@ -63,7 +68,8 @@ def test_loader_labels_negatives_and_genres(tmp_path):
 def test_loader_rejects_ratings_of_unknown_movies(tmp_path):
     (tmp_path / "movies.csv").write_text(MOVIES)
     (tmp_path / "ratings.csv").write_text(RATINGS + "9,404,3.0,400\n")
-    with pytest.raises(ValueError, match="missing from movies.csv"):
+    with pytest.raises(CatalogError, match=r"ratings.csv: row 6, column 'movieId': movie 404 "
+                                           r"is not in movies.csv \(1 ratings"):
         load_movielens(tmp_path)
     with pytest.raises(FileNotFoundError, match="MovieLens-format"):
         load_movielens(tmp_path / "nowhere")
@@ -72,7 +78,7 @@ def test_loader_rejects_ratings_of_unknown_movies(tmp_path):
 def test_per_user_split_holds_out_each_users_latest(tmp_path):
     (tmp_path / "movies.csv").write_text(MOVIES)
     (tmp_path / "ratings.csv").write_text(RATINGS)
-    data = load_movielens(tmp_path, MovieLensConfig(negatives_per_rating=1))
+    data = load_movielens(tmp_path, NegativeSampling(per_positive=1))
     assert data.split == "per_user" and not data.logged_impressions
     train, held = holdout_split(data, 0.5)
     assert not (train & held).any() and (train | held).all()
@@ -104,7 +110,7 @@ def test_ml_latest_small_loads_with_a_time_holdout():
     assert data.catalog.num_items == 9742 and len(data.user_ids) == 610
     rated = data.interactions.labels[:, 0] > 0
     assert int(rated.sum()) == 100836
-    assert len(data.catalog.schema.features[0].vocabulary) == 19
+    assert len(data.catalog.schema.features[0].vocabulary) == 20  # (no genres listed) too
     train, held = time_split(data.interactions, 0.1)
     assert not (train & held).any()
     assert data.interactions.timestamp[held].min() >= data.interactions.timestamp[train].max()
