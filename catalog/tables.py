@@ -159,7 +159,7 @@ def int_column(table: pa.Table, name: str, path: Path, allow_null: bool = False)
             raise
     else:
         raise CatalogError(f"{path}: column {name!r} has type {t}, expected int64 integers")
-    return values.astype(np.int64, copy=False)
+    return np.array(values, dtype=np.int64)  # writable (arrow's buffers are read-only)
 
 
 def value_lists(table: pa.Table, name: str, kind: str, multi: bool, path: Path
@@ -269,7 +269,7 @@ def vector_column(table: pa.Table, name: str, path: Path) -> np.ndarray:
     if flat.null_count:
         r = int(np.asarray(pc.list_parent_indices(col))[_first(np.asarray(flat.is_null()))])
         raise CatalogError(f"{path}: row {r + 1}, column {name!r}: null inside the vector")
-    vectors = np.asarray(flat, dtype=np.float32).reshape(len(col), width)
+    vectors = np.array(flat, dtype=np.float32).reshape(len(col), width)  # writable copy
     check_vectors(vectors, f"{path}: column {name!r}", row_names="row")
     return vectors
 
