@@ -18,7 +18,7 @@ from torch import nn
 
 import kernels  # noqa: F401  (registers torch.ops.iam.ivf_int8_search)
 from ann.ivf import IVFIndex, quantize_int8
-from stages.bits import popcount
+from filtering.bits import popcount
 
 # the planner estimates a filter's pass rate from every SAMPLE_STRIDE-th filter word: a full
 # popcount of a [64, 15625] bitmap costs more than the whole search on the 2-core benchmark

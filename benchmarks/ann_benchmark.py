@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from ann.evaluation import exact_filtered_topk, recall, sample_queries  # noqa: E402
 from ann.ivf import IVFConfig, build_ivf_index  # noqa: E402
 from ann.search import IVFInt8Search  # noqa: E402
-from stages.bits import pack_bits  # noqa: E402
+from filtering.bits import pack_bits  # noqa: E402
 from world.synthetic import WorldConfig, generate_world  # noqa: E402
 
 

@@ -31,11 +31,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from filtering.bits import popcount  # noqa: E402
 from filtering.bloom_index import BloomIndexConfig, build_bloom_index  # noqa: E402
 from filtering.expression import batch_plans, parse_plan, to_string  # noqa: E402
 from filtering.random_filters import random_expression  # noqa: E402
 from kernels.bloom_search import bloom_search_torch  # noqa: E402
-from stages.bits import popcount  # noqa: E402
 from stages.filter import (  # noqa: E402
     BloomFilterLayer,
     ExactFeatureFilter,

@@ -52,8 +52,8 @@ def main() -> None:
 
     from ann.evaluation import sample_queries
     from ann.ivf import IVFConfig, build_ivf_index, quantize_int8
+    from filtering.bits import pack_bits
     from kernels import ivf_int8_search as op
-    from stages.bits import pack_bits
 
     if args.interpret:
         device = torch.device("cpu")

@@ -51,6 +51,7 @@ def main() -> None:
 
     import torch
 
+    from filtering.bits import popcount
     from filtering.expression import OP_TERM, batch_plans, parse_plan, to_string
     from filtering.random_filters import random_expression
     from kernels._library import triton_available
@@ -60,7 +61,6 @@ def main() -> None:
         bloom_search_triton,
         launch_kernel,
     )
-    from stages.bits import popcount
     from stages.filter import (
         ExactFeatureFilter,
         FilterConfig,

@@ -19,13 +19,14 @@ from typing import Dict
 import numpy as np
 import torch
 
-from serving.baseline import INDEX_FILE, SETTINGS_FILE
 from stages.filter import feature_matrix
 from stages.posting_filter import PostingListFilter, build_postings
 from world.schema import Schema
 from world.synthetic import Catalog
 
 MODELS = ("baseline_filter", "baseline_ann")
+INDEX_FILE = "index.faiss"  # the FAISS index of baseline_ann (read by serving/baseline.py)
+SETTINGS_FILE = "faiss.json"  # its build settings
 
 
 @dataclass

@@ -20,7 +20,7 @@ import py_compile
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -32,17 +32,17 @@ import kernels  # noqa: F401  (ops must exist before modules that call them are 
 from builder.baseline import MODELS as BASELINE_MODELS
 from builder.baseline import BaselineConfig, build_baseline
 from builder.baseline import is_built as baseline_is_built
-from builder.inputs import BuildInput, RetrievalModel, fold_fresh, read_fresh
+from builder.inputs import BuildInput, fold_fresh, read_fresh
 from catalog import CatalogSource, read_catalog
 from filtering.spelling import join_values
 from fresh.store import LOG_NAME, FreshStore, create_store, fresh_dir_for, header_for
-from stages.aggregator import ValueModel
-from stages.ann import AnnConfig, build_ann_stage, index_order
+from stages.ann import AnnConfig
 from stages.filter import FilterConfig, build_filter_stage
 from stages.fresh import FreshAnn, FreshFilter
 from stages.unified import UnifiedRetrieval
 from training.data import time_split
-from training.train import WEIGHTS_DIR, TrainConfig, load_or_train
+from training.retrieval import RetrievalModel, retrieval_stages
+from training.train import HOLDOUT_FRACTION, WEIGHTS_DIR, TrainConfig, load_or_train
 from world.synthetic import Catalog, World, WorldConfig, generate_world
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,7 +75,7 @@ class BuildConfig:
     # Value Model defaults, one per task (None: the source's: the synthetic world's
     # click 1, like 2, share 4; a catalog's [tasks])
     task_weights: Optional[tuple] = None
-    holdout_fraction: float = 0.1  # latest interactions kept out of fitting, for evaluation
+    holdout_fraction: float = HOLDOUT_FRACTION  # latest interactions kept out of fitting
     # trained weights are reused from / saved to here (training/train.py load_or_train);
     # None = always train, save nothing
     weights_dir: Optional[Path] = WEIGHTS_DIR
@@ -182,30 +182,6 @@ class Built:
     tasks: Tuple[str, ...]
     titles: Optional[np.ndarray] = None  # index row order
     folded: str = ""  # what the fresh store contributed, for the summary
-
-
-def retrieval_stages(catalog: Catalog, model: RetrievalModel, ann: AnnConfig,
-                     task_weights: tuple) -> Tuple[Dict[str, torch.nn.Module], Catalog]:
-    """The ann, scorer and aggregator stages of `model`, and the catalog they index.
-
-    The ANN indexes the model's item vectors (the item tower's outputs, or the pretrained
-    vectors: what the user side's queries live with), so they replace the catalog's content
-    embeddings before the index decides the row order. Returns the stages and that catalog in
-    index row order.
-    """
-    if len(task_weights) != len(model.tasks):
-        raise ValueError(f"{len(task_weights)} task weights for the {len(model.tasks)} tasks "
-                         f"{', '.join(model.tasks)}")
-    learned = replace(catalog, embeddings=model.item_vectors)
-    order = index_order(learned, ann)
-    indexed = learned.take(order)
-    stages = {
-        "ann": build_ann_stage(indexed, model.users, ann),
-        "scorer": model.scorer(order),
-        "aggregator": ValueModel(torch.from_numpy(indexed.item_ids),
-                                 torch.tensor(task_weights, dtype=torch.float32)),
-    }
-    return stages, indexed
 
 
 def load_model(source: BuildInput, cfg: BuildConfig, progress: bool = False

@@ -1,9 +1,7 @@
-"""What a build is made from: the items to index (`BuildInput`), the retrieval model over them
-(`RetrievalModel`), and the fresh store's items folded into a rebuild (`fold_fresh`).
-
-Two sources give a BuildInput: the synthetic world, and a catalog directory (catalog/). A
-RetrievalModel is either trained from the source's interactions (two-tower + OverArch + task
-heads) or made of pretrained vectors (a user table and a dot-product scorer).
+"""What a build is made from: the items to index (`BuildInput`: the synthetic world or a
+catalog directory, catalog/), and the fresh store's items folded into a rebuild
+(`fold_fresh`). The retrieval model over them is training/retrieval.py's `RetrievalModel`:
+trained from the source's interactions, or made of its pretrained vectors.
 """
 
 from __future__ import annotations
@@ -13,15 +11,12 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
-import torch
-from torch import nn
 
 from catalog import CatalogSource
 from fresh.store import LOG_NAME, FreshStore
-from stages.scorer import DotProductScorer, OverArchScorer, build_over_arch
-from stages.user import UserTable, build_user_tower
+from stages.scorer import DotProductScorer
 from training.data import LoggedData, from_catalog, from_world
-from training.weights import TrainedWeights
+from training.retrieval import RetrievalModel
 from world.schema import FeatureSpec, Schema
 from world.synthetic import Catalog, World
 
@@ -65,58 +60,6 @@ class BuildInput:
         # pretrained two-tower, no interactions: one task, the dot product
         return replace(base, tasks=DotProductScorer.TASKS, task_weights=(1.0,),
                        user_vectors=source.user_vectors)
-
-
-@dataclass
-class RetrievalModel:
-    """The model the ann, scorer and aggregator stages are made of.
-
-    users: raw user id int64 [B] -> query vector [B, D] (the ANN's queries).
-    item_vectors: float32 [N, D] what the ANN indexes, catalog order.
-    item_extra / over_arch: the trained OverArch and its per-item vectors [N, E]; None for a
-        pretrained model (dot-product scorer).
-    """
-
-    tasks: Tuple[str, ...]
-    users: nn.Module
-    item_vectors: np.ndarray
-    item_extra: Optional[np.ndarray] = None
-    over_arch: Optional[nn.Module] = None
-
-    @staticmethod
-    def trained(weights: TrainedWeights) -> RetrievalModel:
-        return RetrievalModel(tuple(weights.tasks), build_user_tower(weights),
-                              weights.item_vectors.numpy(), weights.item_extra.numpy(),
-                              build_over_arch(weights))
-
-    @staticmethod
-    def pretrained(user_ids: np.ndarray, user_vectors: np.ndarray, item_vectors: np.ndarray
-                   ) -> RetrievalModel:
-        """Exact user-id lookup of the given vectors; unknown users get the mean user vector."""
-        users = torch.from_numpy(np.ascontiguousarray(user_vectors, dtype=np.float32))
-        table = UserTable(torch.from_numpy(user_ids), users, users.mean(0))
-        return RetrievalModel(DotProductScorer.TASKS, table.eval(),
-                              np.ascontiguousarray(item_vectors, dtype=np.float32))
-
-    def scorer(self, order: np.ndarray) -> nn.Module:
-        """The scorer stage with its per-item tensors in index row order (`order[r]` = the
-        catalog row at index row r)."""
-        rows = torch.from_numpy(np.asarray(order, dtype=np.int64))
-        vectors = torch.from_numpy(self.item_vectors)[rows]
-        if self.over_arch is None:
-            return DotProductScorer(vectors)
-        return OverArchScorer(vectors, torch.from_numpy(self.item_extra)[rows], self.over_arch)
-
-    def with_items(self, rows: np.ndarray, new_vectors: np.ndarray) -> RetrievalModel:
-        """The model over catalog rows `rows` followed by new items with `new_vectors` (in the
-        index's space; the OverArch gives them the mean per-item vector, as fresh items)."""
-        vectors = np.concatenate([self.item_vectors[rows], new_vectors.astype(np.float32)])
-        extra = None
-        if self.item_extra is not None:
-            mean = self.item_extra.mean(0, keepdims=True)
-            extra = np.concatenate([self.item_extra[rows],
-                                    np.repeat(mean, len(new_vectors), 0)]).astype(np.float32)
-        return replace(self, item_vectors=vectors, item_extra=extra)
 
 
 @dataclass

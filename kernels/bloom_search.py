@@ -14,7 +14,7 @@ Args:
     num_items: N.
 
 Returns:
-    definite, uncertain: int64 [B, W] packed bitmaps (stages/bits.py), disjoint, bits >= N
+    definite, uncertain: int64 [B, W] packed bitmaps (filtering/bits.py), disjoint, bits >= N
     zero. `definite` holds items that satisfy the expression for sure; every item that
     satisfies it is in `definite | uncertain`. Without Bloom terms `uncertain` is empty and
     `definite` is the exact answer.

@@ -32,14 +32,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from builder.baseline import INDEX_FILE, SETTINGS_FILE
 from serving.runners import AnnRunner, FilterRunner
-
-INDEX_FILE = "index.faiss"
-SETTINGS_FILE = "faiss.json"
 
 
 def passing_rows(filter_bits: np.ndarray, num_items: int) -> np.ndarray:
-    """Rows whose bit is set in one packed bitmap (stages/bits.py layout): int64 [matches]."""
+    """Rows whose bit is set in one packed bitmap (filtering/bits.py layout): int64 [matches]."""
     bits = np.unpackbits(filter_bits.view(np.uint8), bitorder="little")[:num_items]
     return np.flatnonzero(bits)
 

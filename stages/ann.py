@@ -10,7 +10,7 @@ The IVF index decides the row order of every stage: items are stored contiguous 
 """
 
 from dataclasses import dataclass, field
-from typing import Dict, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ from torch import nn
 
 from ann.ivf import IVFConfig, IVFIndex, build_ivf_index
 from ann.search import IVFInt8Search, IVFSearchConfig
-from stages.bits import unpack_bits
+from filtering.bits import unpack_bits
 from world.synthetic import Catalog
 
 
@@ -32,38 +32,42 @@ class AnnConfig:
     ivf: IVFConfig = field(default_factory=IVFConfig)
     ivf_search: IVFSearchConfig = field(default_factory=IVFSearchConfig)
 
+    def __post_init__(self) -> None:
+        if self.search not in ("ivf_int8", "exact"):
+            raise ValueError(f"AnnConfig.search must be 'ivf_int8' or 'exact', got "
+                             f"{self.search!r}")
+        if self.oversample < 1:
+            raise ValueError(f"AnnConfig.oversample must be >= 1, got {self.oversample}")
 
-# index_order() builds the IVF index (k-means decides the row order); build_ann_stage() receives
-# the reordered catalog and reuses that index instead of clustering again. Keyed by the reordered
-# item ids, which build_ann_stage checks, so a different catalog can never pick up a stale index.
-_BUILT: Dict[str, Tuple[np.ndarray, IVFIndex]] = {}
+
+class IndexLayout(NamedTuple):
+    """Where every item goes in the index: `order[r]` is the catalog row stored at index row r
+    (every per-item tensor of every stage is stored in this order), and the IVF index built
+    for it (None for exact search)."""
+
+    order: np.ndarray
+    ivf: Optional[IVFIndex]
 
 
-def index_order(catalog: Catalog, config: AnnConfig) -> np.ndarray:
-    """Row order of the index (a permutation of catalog rows); every per-item tensor of every
-    stage is stored in this order."""
+def index_layout(catalog: Catalog, config: AnnConfig) -> IndexLayout:
+    """Clusters the catalog's vectors (IVF: items stored contiguous by list) and returns the
+    row order with the index; `build_ann_stage` takes both."""
     if config.search == "exact":
-        return np.arange(catalog.num_items)
+        return IndexLayout(np.arange(catalog.num_items), None)
     index = build_ivf_index(torch.from_numpy(catalog.embeddings), config.ivf)
-    order = index.permutation.numpy()
-    _BUILT["last"] = (catalog.item_ids[order], index)
-    return order
+    return IndexLayout(index.permutation.numpy(), index)
 
 
-def build_ann_stage(catalog: Catalog, users: nn.Module, config: AnnConfig) -> "AnnStage":
-    """The ANN layer over `catalog` (already in index_order)."""
-    embeddings = torch.from_numpy(catalog.embeddings)
-    if config.search == "exact":
-        return AnnStage(users, ExactSearch(embeddings), config.oversample)
-    if config.search != "ivf_int8":
-        raise ValueError(f"AnnConfig.search must be 'ivf_int8' or 'exact', got {config.search!r}")
-    ids, index = _BUILT.get("last", (None, None))
-    if ids is None or not np.array_equal(ids, catalog.item_ids):
-        # not reordered by index_order() here: index it now, and insist it is already in order
-        index = build_ivf_index(embeddings, config.ivf)
-        if not torch.equal(index.permutation, torch.arange(catalog.num_items)):
-            raise ValueError("build_ann_stage needs the catalog reordered by index_order()")
-    return AnnStage(users, IVFInt8Search(index, config.ivf_search), config.oversample)
+def build_ann_stage(indexed: Catalog, users: nn.Module, layout: IndexLayout,
+                    config: AnnConfig) -> "AnnStage":
+    """The ANN layer over `indexed` (the catalog already reordered by `layout.order`)."""
+    if layout.ivf is None:
+        return AnnStage(users, ExactSearch(torch.from_numpy(indexed.embeddings)),
+                        config.oversample)
+    if layout.ivf.num_items != indexed.num_items:
+        raise ValueError(f"the index holds {layout.ivf.num_items} items, the catalog "
+                         f"{indexed.num_items}")
+    return AnnStage(users, IVFInt8Search(layout.ivf, config.ivf_search), config.oversample)
 
 
 class ExactSearch(nn.Module):

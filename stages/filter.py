@@ -1,7 +1,7 @@
 """The `filter` stage: evaluates compiled filter plans over the catalog's item features.
 
 Input is a batch of postfix plans (filtering/expression.py) and output one packed bitmap per
-query (stages/bits.py) of exactly the items that satisfy the expression.
+query (filtering/bits.py) of exactly the items that satisfy the expression.
 
 `BloomFilterLayer` is the served layer: the index of filtering/bloom_index.py searched by
 `torch.ops.iam.bloom_search` (kernels/bloom_search.py), then an exact check of the items the
@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import kernels  # noqa: F401  (registers torch.ops.iam.bloom_search)
+from filtering.bits import pack_bits
 from filtering.bloom_index import (
     MODE_EXACT,
     TERM_BLOOM,
@@ -27,8 +28,8 @@ from filtering.bloom_index import (
     bloom_positions,
     build_bloom_index,
 )
-from filtering.expression import OP_ALL, OP_AND, OP_NOT, OP_OR, OP_PAD, OP_TERM
-from stages.bits import pack_bits
+from filtering.expression import OP_TERM
+from stages.plan import PostfixPlan
 from world.synthetic import Catalog
 
 
@@ -51,36 +52,6 @@ def build_filter_stage(catalog: Catalog, config: FilterConfig) -> nn.Module:
     return BloomFilterLayer(build_bloom_index(catalog.schema, catalog.features, config.index))
 
 
-def evaluate_postfix(steps: List[List[int]], terms: List[torch.Tensor], size: int,
-                     device: torch.device) -> torch.Tensor:
-    """Exact truth (bool [size]) of one postfix plan (rows starting with the opcode) whose
-    i-th TERM step has the truth `terms[i]`. Opcodes are literals because TorchScript reads
-    no module globals; the assert below keeps them equal to filtering/expression.py's."""
-    stack: List[torch.Tensor] = []
-    next_term = 0
-    for row in steps:
-        op = row[0]
-        if op == 1:  # OP_TERM
-            stack.append(terms[next_term])
-            next_term += 1
-        elif op == 5:  # OP_ALL
-            stack.append(torch.ones(size, dtype=torch.bool, device=device))
-        elif op == 4:  # OP_NOT
-            stack.append(~stack.pop())
-        elif op == 2:  # OP_AND
-            b = stack.pop()
-            stack.append(stack.pop() & b)
-        elif op == 3:  # OP_OR
-            b = stack.pop()
-            stack.append(stack.pop() | b)
-    if len(stack) != 1:
-        raise RuntimeError("malformed filter plan: stack holds " + str(len(stack)))
-    return stack[0]
-
-
-assert (OP_PAD, OP_TERM, OP_AND, OP_OR, OP_NOT, OP_ALL) == (0, 1, 2, 3, 4, 5)
-
-
 class ExactFeatureFilter(nn.Module):
     """Exact evaluation over a dense feature matrix: a term is `(column == value).any()` over
     the feature's columns. It is the reference the indexed filter is checked against.
@@ -96,7 +67,7 @@ class ExactFeatureFilter(nn.Module):
         self.register_buffer("feature_matrix", feature_matrix.to(torch.int64).contiguous())
         self.register_buffer("column_start", column_start.to(torch.int64))
         self.num_items = int(feature_matrix.shape[0])
-        self.op_term = OP_TERM  # an attribute: TorchScript cannot read module-level globals
+        self.plan = PostfixPlan()
 
     def term(self, feature_id: int, value_id: int) -> torch.Tensor:
         lo = int(self.column_start[feature_id])
@@ -106,11 +77,10 @@ class ExactFeatureFilter(nn.Module):
     def evaluate(self, plan: torch.Tensor) -> torch.Tensor:
         """plan int64 [L, 3] -> bool [N]."""
         steps: List[List[int]] = plan.tolist()
-        terms: List[torch.Tensor] = []
-        for row in steps:
-            if row[0] == self.op_term:
-                terms.append(self.term(row[1], row[2]))
-        return evaluate_postfix(steps, terms, self.num_items, self.feature_matrix.device)
+        truths = [self.term(row[1], row[2]) for row in self.plan.terms(steps)]
+        everything = torch.ones(self.num_items, dtype=torch.bool,
+                                device=self.feature_matrix.device)
+        return self.plan(steps, truths, everything)
 
     def forward(self, plans: torch.Tensor) -> torch.Tensor:
         """plans int64 [B, L, 3] -> filter bits int64 [B, W]."""
@@ -174,7 +144,7 @@ class BloomFilterLayer(nn.Module):
        exactly. Every term of a pair's query is evaluated for the pair's item at once for the
        batch (the item's bit in the term's exact bitmap, or the item's own values for a Bloom
        feature, held in the module), then each query's plan combines its terms' truths over
-       its pairs (`evaluate_postfix`, shared with the reference); passing pairs join
+       its pairs (stages/plan.py `PostfixPlan`, shared with the reference); passing pairs join
        `definite`.
 
     Output: int64 [B, W] packed bitmaps of exactly the items satisfying each plan.
@@ -200,6 +170,7 @@ class BloomFilterLayer(nn.Module):
         self.register_buffer("bit_table", lowest_bit_table())
         # constants as attributes: TorchScript cannot read module-level globals
         self.op_term = OP_TERM
+        self.plan = PostfixPlan()
         self.mode_exact = MODE_EXACT
         self.term_empty, self.term_exact, self.term_bloom = TERM_EMPTY, TERM_EXACT, TERM_BLOOM
 
@@ -297,7 +268,8 @@ class BloomFilterLayer(nn.Module):
             block = truth[start: start + pairs_per_query[q]]
             start += pairs_per_query[q]
             columns = [block[:, c] for c in range(terms[q])]
-            passed.append(evaluate_postfix(steps[q], columns, pairs_per_query[q], items.device))
+            everything = torch.ones(pairs_per_query[q], dtype=torch.bool, device=items.device)
+            passed.append(self.plan(steps[q], columns, everything))
         keep = torch.cat(passed)
         items, rows = items[keep], queries[pair_query[keep]]
         definite.view(-1).index_add_(0, rows * num_words + (items >> 6),

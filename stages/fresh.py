@@ -21,8 +21,8 @@ from typing import List, NamedTuple, Optional, Tuple
 import torch
 from torch import nn
 
-from filtering.expression import OP_ALL, OP_AND, OP_NOT, OP_OR, OP_TERM
-from stages.bits import num_words, pack_bits, unpack_bits
+from filtering.bits import num_words, pack_bits, unpack_bits
+from stages.plan import PostfixPlan
 
 
 class FreshItems(NamedTuple):
@@ -85,9 +85,7 @@ class FreshFilter(nn.Module):
         super().__init__()
         self.main = main
         self.register_buffer("item_ids", item_ids.to(torch.int64).contiguous())
-        # opcodes as attributes: TorchScript does not read module-level globals
-        self.op_term, self.op_all, self.op_not = OP_TERM, OP_ALL, OP_NOT
-        self.op_and, self.op_or = OP_AND, OP_OR
+        self.plan = PostfixPlan()
 
     @torch.jit.export
     def live_main_words(self, hidden_ids: torch.Tensor) -> torch.Tensor:
@@ -99,28 +97,14 @@ class FreshFilter(nn.Module):
     def evaluate_fresh(self, plan: torch.Tensor, features: torch.Tensor,
                        column_start: torch.Tensor) -> torch.Tensor:
         """Exact evaluation of one postfix plan [L, 3] over the fresh rows -> bool [C]."""
-        stack: List[torch.Tensor] = []
         steps: List[List[int]] = plan.tolist()
-        c = features.shape[0]
-        for row in steps:
-            op = row[0]
-            if op == self.op_term:
-                lo = int(column_start[row[1]])
-                hi = int(column_start[row[1] + 1])
-                stack.append((features[:, lo:hi] == row[2]).any(dim=1))
-            elif op == self.op_all:
-                stack.append(torch.ones(c, dtype=torch.bool, device=features.device))
-            elif op == self.op_not:
-                stack.append(~stack.pop())
-            elif op == self.op_and:
-                b = stack.pop()
-                stack.append(stack.pop() & b)
-            elif op == self.op_or:
-                b = stack.pop()
-                stack.append(stack.pop() | b)
-        if len(stack) != 1:
-            raise RuntimeError("malformed filter plan: stack holds " + str(len(stack)))
-        return stack[0]
+        truths: List[torch.Tensor] = []
+        for row in self.plan.terms(steps):
+            lo = int(column_start[row[1]])
+            hi = int(column_start[row[1] + 1])
+            truths.append((features[:, lo:hi] == row[2]).any(dim=1))
+        everything = torch.ones(features.shape[0], dtype=torch.bool, device=features.device)
+        return self.plan(steps, truths, everything)
 
     def forward(self, plans: torch.Tensor, fresh: Optional[FreshItems] = None) -> torch.Tensor:
         """plans int64 [B, L, 3] -> int64 [B, W] (no fresh) or [B, W + num_words(C)]."""

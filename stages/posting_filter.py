@@ -2,7 +2,7 @@
 
 A feature-filter service of the pre-SilverTorch architecture (Lucene / Elasticsearch style)
 keeps, for every (feature, value), the items having it, and combines those sets per query. This
-layer stores each posting list already in the packed-bitmap layout of stages/bits.py, as the
+layer stores each posting list already in the packed-bitmap layout of filtering/bits.py, as the
 nonzero words only: (word index, word bits) pairs, so a term costs min(matches, N/64) writes
 and AND / OR / NOT are word-wise over N/64 int64 words. The result is exact (no false
 positives or negatives) and equals `ExactFeatureFilter` (stages/filter.py), which scans the
@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from filtering.expression import OP_ALL, OP_AND, OP_NOT, OP_OR, OP_TERM
-from stages.bits import num_words
+from filtering.bits import num_words
+from stages.plan import PostfixPlan
 
 VALUE_RANGE = 1 << 40  # key = feature_id * VALUE_RANGE + value_id; larger value ids match nothing
 
@@ -80,9 +80,7 @@ class PostingListFilter(nn.Module):
             everything[-1] = (1 << tail) - 1
         self.register_buffer("everything", everything)
         self.value_range = VALUE_RANGE
-        # opcodes as attributes: TorchScript cannot read module-level globals
-        self.op_term, self.op_all, self.op_not = OP_TERM, OP_ALL, OP_NOT
-        self.op_and, self.op_or = OP_AND, OP_OR
+        self.plan = PostfixPlan()
 
     def term(self, feature_id: int, value_id: int) -> torch.Tensor:
         out = torch.zeros(self.num_words, dtype=torch.int64)
@@ -97,25 +95,9 @@ class PostingListFilter(nn.Module):
 
     def evaluate(self, plan: torch.Tensor) -> torch.Tensor:
         """plan int64 [L, 3] -> int64 [W]; padding rows (other opcodes) are skipped."""
-        stack: List[torch.Tensor] = []
         steps: List[List[int]] = plan.tolist()
-        for row in steps:
-            op = row[0]
-            if op == self.op_term:
-                stack.append(self.term(row[1], row[2]))
-            elif op == self.op_all:
-                stack.append(self.everything.clone())
-            elif op == self.op_not:
-                stack.append(~stack.pop() & self.everything)
-            elif op == self.op_and:
-                b = stack.pop()
-                stack.append(stack.pop() & b)
-            elif op == self.op_or:
-                b = stack.pop()
-                stack.append(stack.pop() | b)
-        if len(stack) != 1:
-            raise RuntimeError("malformed filter plan: stack holds " + str(len(stack)))
-        return stack[0]
+        truths = [self.term(row[1], row[2]) for row in self.plan.terms(steps)]
+        return self.plan(steps, truths, self.everything)
 
     def forward(self, plans: torch.Tensor) -> torch.Tensor:
         """plans int64 [B, L, 3] -> filter bits int64 [B, W]."""

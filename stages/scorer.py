@@ -15,12 +15,10 @@ request ([B, D]) and no per-candidate copy of user data crosses a stage boundary
 from dataclasses import dataclass
 from typing import Optional
 
-import numpy as np
 import torch
 from torch import nn
 
 from stages.fresh import FreshItems, gather_rows
-from training.weights import TrainedWeights
 
 
 @dataclass
@@ -130,19 +128,3 @@ class DotProductScorer(nn.Module):
         else:
             items = gather_rows(self.item_vectors, fresh.embeddings, rows)
         return torch.sigmoid(torch.einsum("bd,bcd->bc", user_embedding, items)).unsqueeze(-1)
-
-
-def build_over_arch(weights: TrainedWeights) -> OverArch:
-    spec = weights.over_arch
-    model = OverArch(int(weights.item_vectors.shape[1]), len(weights.tasks),
-                     OverArchConfig(**spec["config"]))
-    model.load_state_dict(spec["state"])
-    return model.requires_grad_(False).eval()
-
-
-def build_scorer_stage(weights: TrainedWeights, order: np.ndarray) -> OverArchScorer:
-    """The trained scorer with its per-item tensors in index row order (`order[r]` is the
-    catalog row stored at index row r, `stages.ann.index_order`)."""
-    rows = torch.from_numpy(np.asarray(order, dtype=np.int64))
-    return OverArchScorer(weights.item_vectors[rows], weights.item_extra[rows],
-                          build_over_arch(weights))

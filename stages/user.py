@@ -14,9 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from idmap.zero_collision import ZeroCollisionConfig, ZeroCollisionMap
 from stages.features import FeatureBag
-from training.weights import TrainedWeights
 
 
 @dataclass
@@ -86,17 +84,6 @@ class UserTower(nn.Module):
                        self.features(self.feature_values[rows], self.feature_weights[rows]),
                        history], -1)
         return F.normalize(history + self.mlp(x), dim=-1)
-
-
-def build_user_tower(weights: TrainedWeights) -> UserTower:
-    """The trained user tower (serving: the id map is only read)."""
-    spec = weights.user_tower
-    tower = UserTower(ZeroCollisionMap(ZeroCollisionConfig(**spec["id_map"])),
-                      spec["feature_values"],
-                      spec["feature_weights"], spec["num_feature_values"], spec["history"],
-                      UserTowerConfig(**spec["config"]))
-    tower.load_state_dict(spec["state"])
-    return tower.requires_grad_(False).eval()
 
 
 class UserTable(nn.Module):

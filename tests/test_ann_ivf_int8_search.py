@@ -12,9 +12,9 @@ import kernels  # noqa: F401
 from ann.evaluation import exact_filtered_topk, recall, sample_queries
 from ann.ivf import IVFConfig, build_ivf_index, quantize_int8
 from ann.search import IVFInt8Search, IVFSearchConfig
+from filtering.bits import pack_bits, unpack_bits
 from kernels import ivf_int8_search as op_module
 from kernels._library import triton_available
-from stages.bits import pack_bits, unpack_bits
 
 # (batch, items, dim, lists, probes, k): N not a multiple of 64, D not a power of two, k larger
 # than what some queries can find, a single list

@@ -11,9 +11,9 @@ from tritonclient.utils import InferenceServerException
 
 from client import Retriever
 from client.catalog import load_items
+from filtering.bits import pack_bits
 from filtering.expression import batch_plans, parse, parse_plan, spell_value
 from serving.baseline import InProcessChain, exact_reference, exact_top, passing_rows
-from stages.bits import pack_bits
 from stages.filter import ExactFeatureFilter, feature_matrix
 from stages.posting_filter import PostingListFilter, build_postings
 

@@ -12,7 +12,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from catalogs import (
-    BRANDS,
     csv_shop,
     movielens_dir,
     parquet_shop,

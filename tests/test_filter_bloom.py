@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from builder.build import write_items_csv
 from client.catalog import load_items
+from filtering.bits import popcount, unpack_bits
 from filtering.bloom_index import (
     MODE_BLOOM,
     MODE_EXACT,
@@ -36,7 +37,6 @@ from filtering.expression import (
 )
 from filtering.random_filters import random_expression
 from kernels.bloom_search import bloom_search_torch
-from stages.bits import popcount, unpack_bits
 from stages.filter import (
     BloomFilterLayer,
     ExactFeatureFilter,

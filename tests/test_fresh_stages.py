@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from builder.build import BuildConfig, build_modules, export_modules
+from filtering.bits import unpack_bits
 from filtering.expression import batch_plans, evaluate, join_values, parse, parse_plan
 from fresh.store import FreshStore, create_store, header_for
 from fresh.tables import FreshView
 from stages.ann import AnnConfig
-from stages.bits import unpack_bits
 from stages.fresh import fresh_row_offset, gather_rows
 from world.synthetic import WorldConfig, generate_world
 

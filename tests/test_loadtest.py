@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
+from filtering.bits import popcount
 from loadtest import metrics
 from loadtest.workload import BROAD, KINDS, SELECTIVE, Workload, parse_mix
 from serving.runners import RUNNERS
-from stages.bits import popcount
 
 ROOT = Path(__file__).resolve().parents[1]
 

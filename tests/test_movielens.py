@@ -6,9 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.data import holdout_split, per_user_time_split, time_split
 from catalog import CatalogError
-from training.data import NegativeSampling
+from training.data import NegativeSampling, holdout_split, per_user_time_split, time_split
 from training.movielens import load_movielens
 
 ML_LATEST_SMALL = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-latest-small"

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from builder.build import BuildConfig, build_modules
+from filtering.bits import pack_bits, popcount, unpack_bits
 from filtering.expression import batch_plans, evaluate, parse, parse_plan
 from stages.aggregator import ValueModel
-from stages.bits import pack_bits, popcount, unpack_bits
 from stages.filter import feature_matrix
 from stages.user import UserTable
 from world.synthetic import WorldConfig, generate_world

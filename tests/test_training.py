@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from stages.aggregator import ValueModel
-from stages.scorer import OverArch, OverArchConfig, build_scorer_stage
-from stages.user import UserTower, build_user_tower
+from stages.scorer import OverArch, OverArchConfig
+from stages.user import UserTower
 from training.data import from_world, subset, time_split
 from training.evaluate import ndcg
 from training.over_arch import (
@@ -20,6 +20,7 @@ from training.over_arch import (
     task_losses,
     train_over_arch,
 )
+from training.retrieval import RetrievalModel, build_user_tower
 from training.towers import (
     ClickHistory,
     ExampleQueries,
@@ -160,7 +161,7 @@ def test_item_tower_scripts_and_matches_eager():
 
 def test_scorer_scripts_matches_eager_and_is_request_only(weights):
     order = np.random.default_rng(0).permutation(DATA.catalog.num_items)
-    scorer = build_scorer_stage(weights, order)
+    scorer = RetrievalModel.trained(weights).scorer(order)
     scripted = torch.jit.script(scorer)
     user = build_user_tower(weights)(torch.from_numpy(WORLD.user_ids[:3].copy()))
     rows = torch.tensor([[0, 4, 7, 899, 3], [12, 13, -1, -1, -1], [5, 5, 6, 1, 2]])
@@ -182,7 +183,7 @@ def test_scorer_scripts_matches_eager_and_is_request_only(weights):
 
 
 def test_value_model_order_follows_the_task_weights(weights):
-    scorer = build_scorer_stage(weights, np.arange(DATA.catalog.num_items))
+    scorer = RetrievalModel.trained(weights).scorer(np.arange(DATA.catalog.num_items))
     value_model = ValueModel(torch.from_numpy(DATA.catalog.item_ids),
                              torch.tensor([1.0, 2.0, 4.0]))
     user = build_user_tower(weights)(torch.from_numpy(WORLD.user_ids[:1].copy()))
@@ -215,8 +216,9 @@ def test_weights_file_round_trip_and_reuse(weights, tmp_path, monkeypatch):
     rows = torch.tensor([[1, 2, 3]])
     q = build_user_tower(weights)(ids[:1])
     order = np.arange(DATA.catalog.num_items)
-    torch.testing.assert_close(build_scorer_stage(loaded, order)(q, rows),
-                               build_scorer_stage(weights, order)(q, rows), rtol=0, atol=0)
+    loaded_scorer, scorer = (RetrievalModel.trained(w).scorer(order) for w in (loaded, weights))
+    torch.testing.assert_close(loaded_scorer(q, rows),
+                               scorer(q, rows), rtol=0, atol=0)
     # load_or_train: trains and saves once, then reuses the file for the same data and config
     config = TrainConfig(two_tower=TwoTowerConfig(epochs=1),
                          over_arch=OverArchTrainConfig(epochs=1))

@@ -9,9 +9,9 @@ from the same data and config are reused unless --retrain is given.
 import argparse
 from pathlib import Path
 
-from builder.build import BuildConfig
 from training.data import from_world
 from training.train import (
+    HOLDOUT_FRACTION,
     WEIGHTS_DIR,
     load_or_train,
     metrics_line,
@@ -39,7 +39,7 @@ def main() -> None:
     else:
         data = from_world(generate_world(WorldConfig(seed=a.seed, num_items=a.num_items,
                                                      num_users=a.num_users)))
-    config, holdout = training_config_for(data), BuildConfig.holdout_fraction
+    config, holdout = training_config_for(data), HOLDOUT_FRACTION
     path = weights_path(data, holdout, config, a.weights_dir)
     reused = path.exists() and not a.retrain
     weights = load_or_train(data, holdout, config, a.weights_dir, progress=True,

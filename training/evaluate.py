@@ -32,12 +32,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from builder.build import retrieval_stages
-from builder.inputs import RetrievalModel
+from filtering.bits import pack_bits
 from stages.ann import AnnConfig
-from stages.bits import pack_bits
 from training.data import LoggedData, from_world, holdout_split, subset
+from training.retrieval import RetrievalModel, retrieval_stages
 from training.train import (
+    HOLDOUT_FRACTION,
     WEIGHTS_DIR,
     TrainConfig,
     load_or_train,
@@ -60,7 +60,7 @@ class EvalConfig:
     max_users: int = 20_000  # held-out users evaluated at most (a seeded sample beyond that)
     truth_users: int = 2_000  # synthetic world: users compared against ground truth
     batch_size: int = 256  # users per batched request
-    holdout_fraction: float = 0.1  # the latest interactions, as the builder holds them out
+    holdout_fraction: float = HOLDOUT_FRACTION  # as the builder holds them out
     task_weights: tuple = (1.0, 2.0, 4.0)  # Value Model weights (the builder's defaults)
     seed: int = 0
     ann: AnnConfig = field(default_factory=AnnConfig)

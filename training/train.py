@@ -35,6 +35,9 @@ from training.towers import ClickHistory, ExampleQueries, ItemTower, TwoTowerCon
 from training.weights import FORMAT_VERSION, TrainedWeights
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "build" / "weights"
+# the latest interactions kept out of training (each user's latest, or everyone's: the
+# source's split), for evaluation; the builder and `python -m training` use the same
+HOLDOUT_FRACTION = 0.1
 # OverArch negatives from the retrieval per positive, for sources whose logged negatives are
 # random items (docs/quality.md: MovieLens recall@10 gain +0.0065 without, +0.0125 with 4)
 RETRIEVED_NEGATIVES_WITHOUT_IMPRESSIONS = 4

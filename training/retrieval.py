@@ -1,0 +1,119 @@
+"""The retrieval model as stage modules: trained weights (training/train.py) or pretrained
+vectors -> the user side (raw id -> query vector), the item vectors the ANN indexes and the
+scorer; and `retrieval_stages`, the ann, scorer and aggregator stages over a catalog.
+
+The builder exports these stages; training/evaluate.py runs the same ones in-process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from idmap.zero_collision import ZeroCollisionConfig, ZeroCollisionMap
+from stages.aggregator import ValueModel
+from stages.ann import AnnConfig, build_ann_stage, index_layout
+from stages.scorer import DotProductScorer, OverArch, OverArchConfig, OverArchScorer
+from stages.user import UserTable, UserTower, UserTowerConfig
+from training.weights import TrainedWeights
+from world.synthetic import Catalog
+
+
+def build_user_tower(weights: TrainedWeights) -> UserTower:
+    """The trained user tower (serving: the id map is only read)."""
+    spec = weights.user_tower
+    tower = UserTower(ZeroCollisionMap(ZeroCollisionConfig(**spec["id_map"])),
+                      spec["feature_values"],
+                      spec["feature_weights"], spec["num_feature_values"], spec["history"],
+                      UserTowerConfig(**spec["config"]))
+    tower.load_state_dict(spec["state"])
+    return tower.requires_grad_(False).eval()
+
+
+def build_over_arch(weights: TrainedWeights) -> OverArch:
+    spec = weights.over_arch
+    model = OverArch(int(weights.item_vectors.shape[1]), len(weights.tasks),
+                     OverArchConfig(**spec["config"]))
+    model.load_state_dict(spec["state"])
+    return model.requires_grad_(False).eval()
+
+
+@dataclass
+class RetrievalModel:
+    """The model the ann, scorer and aggregator stages are made of.
+
+    users: raw user id int64 [B] -> query vector [B, D] (the ANN's queries).
+    item_vectors: float32 [N, D] what the ANN indexes, catalog order.
+    item_extra / over_arch: the trained OverArch and its per-item vectors [N, E]; None for a
+        pretrained model (dot-product scorer).
+    """
+
+    tasks: Tuple[str, ...]
+    users: nn.Module
+    item_vectors: np.ndarray
+    item_extra: Optional[np.ndarray] = None
+    over_arch: Optional[nn.Module] = None
+
+    @staticmethod
+    def trained(weights: TrainedWeights) -> RetrievalModel:
+        return RetrievalModel(tuple(weights.tasks), build_user_tower(weights),
+                              weights.item_vectors.numpy(), weights.item_extra.numpy(),
+                              build_over_arch(weights))
+
+    @staticmethod
+    def pretrained(user_ids: np.ndarray, user_vectors: np.ndarray, item_vectors: np.ndarray
+                   ) -> RetrievalModel:
+        """Exact user-id lookup of the given vectors; unknown users get the mean user vector."""
+        users = torch.from_numpy(np.ascontiguousarray(user_vectors, dtype=np.float32))
+        table = UserTable(torch.from_numpy(user_ids), users, users.mean(0))
+        return RetrievalModel(DotProductScorer.TASKS, table.eval(),
+                              np.ascontiguousarray(item_vectors, dtype=np.float32))
+
+    def scorer(self, order: np.ndarray) -> nn.Module:
+        """The scorer stage with its per-item tensors in index row order (`order[r]` = the
+        catalog row at index row r)."""
+        rows = torch.from_numpy(np.asarray(order, dtype=np.int64))
+        vectors = torch.from_numpy(self.item_vectors)[rows]
+        if self.over_arch is None:
+            return DotProductScorer(vectors)
+        return OverArchScorer(vectors, torch.from_numpy(self.item_extra)[rows], self.over_arch)
+
+    def with_items(self, rows: np.ndarray, new_vectors: np.ndarray) -> RetrievalModel:
+        """The model over catalog rows `rows` followed by new items with `new_vectors` (in the
+        index's space; the OverArch gives them the mean per-item vector, as fresh items)."""
+        vectors = np.concatenate([self.item_vectors[rows], new_vectors.astype(np.float32)])
+        extra = None
+        if self.item_extra is not None:
+            mean = self.item_extra.mean(0, keepdims=True)
+            extra = np.concatenate([self.item_extra[rows],
+                                    np.repeat(mean, len(new_vectors), 0)]).astype(np.float32)
+        return replace(self, item_vectors=vectors, item_extra=extra)
+
+
+def retrieval_stages(catalog: Catalog, model: RetrievalModel, ann: AnnConfig,
+                     task_weights: tuple) -> Tuple[Dict[str, torch.nn.Module], Catalog]:
+    """The ann, scorer and aggregator stages of `model`, and the catalog they index.
+
+    The ANN indexes the model's item vectors (the item tower's outputs, or the pretrained
+    vectors: what the user side's queries live with), so they replace the catalog's content
+    embeddings before the index decides the row order. Returns the stages and that catalog in
+    index row order.
+    """
+    if len(task_weights) != len(model.tasks):
+        raise ValueError(f"{len(task_weights)} task weights for the {len(model.tasks)} tasks "
+                         f"{', '.join(model.tasks)}")
+    learned = replace(catalog, embeddings=model.item_vectors)
+    layout = index_layout(learned, ann)
+    order = layout.order
+    indexed = learned.take(order)
+    stages = {
+        "ann": build_ann_stage(indexed, model.users, layout, ann),
+        "scorer": model.scorer(order),
+        "aggregator": ValueModel(torch.from_numpy(indexed.item_ids),
+                                 torch.tensor(task_weights, dtype=torch.float32)),
+    }
+    return stages, indexed
