@@ -38,7 +38,7 @@ def main() -> int:
     from benchmarks.fresh_items import fill
     from builder.build import BuildConfig, build
     from loadtest.workload import Workload
-    from serving.baseline import InProcessChain
+    from serving.inprocess import InProcessChain
     from serving.runners import RUNNERS, RequestError
     from world.synthetic import WorldConfig
 

@@ -23,7 +23,7 @@ Definitions.
   recall@k     mean over evaluation queries of |returned ∩ exact| / |exact|, where `exact` is
                the top k of the same scorer + aggregator over the exact fp32 top
                (oversample x k) inner-product candidates among the items passing the filter
-               (serving/baseline.py exact_reference); queries no item matches are skipped
+               (serving/inprocess.py exact_reference); queries no item matches are skipped
   avg batch    delta nv_inference_count / delta nv_inference_exec_count per member model
   CPU          cores busy on average: the server (tritonserver and its Python-backend stubs),
                this process (the load generator), and everything else on the machine
@@ -55,7 +55,7 @@ from builder.build import ROOT, BuildConfig, build, is_built  # noqa: E402
 from client import Retriever  # noqa: E402
 from loadtest import locustfile, metrics  # noqa: E402
 from loadtest.workload import Request, Workload  # noqa: E402
-from serving.baseline import InProcessChain, exact_reference  # noqa: E402
+from serving.inprocess import InProcessChain, exact_reference  # noqa: E402
 from serving.launcher import ServerConfig, TritonServer, free_ports  # noqa: E402
 from world.synthetic import WorldConfig  # noqa: E402
 

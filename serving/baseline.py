@@ -25,9 +25,7 @@ Artifacts (written by builder/baseline.py): `model.pt` is the user tower (the sa
 from __future__ import annotations
 
 import json
-import time
-from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List
 
 import numpy as np
 import torch
@@ -125,63 +123,3 @@ class FaissAnnRunner(AnnRunner):
 
 
 RUNNERS = {"baseline_filter": FilterRunner, "baseline_ann": FaissAnnRunner}
-
-
-class InProcessChain:
-    """filter -> ann -> scorer -> aggregator runners in this process, on a built repository.
-
-    `InProcessChain(repo)` is the baseline ensemble without Triton; `exact_reference(repo)`
-    is the ground truth the benchmarks measure recall against.
-
-    Args:
-        repository: a built model repository.
-        filter, ann: model names of the first two steps.
-        ann_params: parameters for the ann runner (as config.pbtxt would give them).
-        device: every runner's `device` parameter (serving/runners.py resolve_device);
-            None: their default.
-    """
-
-    def __init__(self, repository: Path, filter: str = "baseline_filter",
-                 ann: str = "baseline_ann", ann_params: Optional[Dict[str, str]] = None,
-                 device: Optional[str] = None):
-        from serving.runners import RUNNERS as STAGE_RUNNERS
-
-        runners = {**STAGE_RUNNERS, **RUNNERS}
-        repository = Path(repository)
-        common = {} if device is None else {"device": device}
-        self.filter = runners[filter](repository / filter / "1", common)
-        self.ann = runners[ann](repository / ann / "1", {**common, **(ann_params or {})})
-        self.scorer = runners["scorer"](repository / "scorer" / "1", common)
-        self.aggregator = runners["aggregator"](repository / "aggregator" / "1", common)
-
-    def run(self, queries: Sequence[Tuple[int, str, int]],
-            cpu_seconds: Optional[Dict[str, float]] = None) -> List[Dict[str, np.ndarray]]:
-        """(user_id, filter, k) per query, run as one batch -> the model outputs of each query
-        (item_ids, scores, task_scores without the batch row). Raises on a bad query.
-        `cpu_seconds`, when given, accumulates this process's CPU time per step."""
-        def step(name, runner, requests):
-            start = time.process_time()
-            results = runner.run(requests)
-            if cpu_seconds is not None:
-                cpu_seconds[name] = cpu_seconds.get(name, 0.0) + time.process_time() - start
-            for r in results:
-                if isinstance(r, Exception):
-                    raise r
-            return results
-
-        bits = step("filter", self.filter, [{"filter": np.array([[f.encode()]], object)}
-                                            for _, f, _ in queries])
-        ks = [np.array([[k]], dtype=np.int32) for _, _, k in queries]
-        found = step("ann", self.ann, [{"user_id": np.array([[u]], np.int64), "k": k, **b}
-                                       for (u, _, _), k, b in zip(queries, ks, bits)])
-        scored = step("scorer", self.scorer, found)
-        out = step("aggregator", self.aggregator, [
-            {"candidate_rows": f["candidate_rows"], "k": k, **s}
-            for f, k, s in zip(found, ks, scored)])
-        return [{name: value[0] for name, value in o.items()} for o in out]
-
-
-def exact_reference(repository: Path) -> InProcessChain:
-    """Exact filter, exact fp32 inner-product top-(oversample x k) of the matching items, then
-    the repository's own scorer and aggregator: what every model's results are compared to."""
-    return InProcessChain(repository, ann_params={"search": "exact"})

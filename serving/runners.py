@@ -85,12 +85,16 @@ def _wire_name(dtype: str) -> str:
     return "BYTES" if dtype == "STRING" else dtype  # the name clients send
 
 
-def decode(request: Arrays, specs: Sequence[TensorSpec]) -> Arrays:
+def decode(request: Arrays, specs: Sequence[TensorSpec], max_rows: int = 1) -> Arrays:
     """The one row of each input of `specs`, checked: present unless optional, the declared data
     type, shape [1, *dims] (one query per request; -1 = any length), BYTES elements that are
     bytes. Triton checks type and rank for its clients; this also guards direct callers of the
-    runners, so that a malformed tensor never reaches a batched module."""
+    runners, so that a malformed tensor never reaches a batched module.
+
+    With `max_rows` > 1 (a model whose request carries several rows, `item_updates`), every
+    input has the same 1..max_rows rows and the whole arrays are returned."""
     rows = {}
+    count = None
     for spec in specs:
         value = request.get(spec.name)
         if value is None:
@@ -105,15 +109,22 @@ def decode(request: Arrays, specs: Sequence[TensorSpec]) -> Arrays:
                 raise RequestError(f"{spec.name}: expected BYTES data, got {value.dtype}")
         elif value.dtype != NUMPY_DTYPES[spec.dtype]:
             raise RequestError(f"{spec.name}: expected {spec.dtype} data, got {value.dtype}")
-        want = "[1, " + ", ".join("n" if d < 0 else str(d) for d in spec.dims) + "]"
+        lead = "1" if max_rows == 1 else "rows"
+        want = f"[{lead}, " + ", ".join("n" if d < 0 else str(d) for d in spec.dims) + "]"
         if value.ndim != 1 + len(spec.dims) or any(
                 d >= 0 and got != d for got, d in zip(value.shape[1:], spec.dims)):
-            raise RequestError(f"{spec.name}: expected shape {want} (one query per request), "
-                               f"got {list(value.shape)}")
+            raise RequestError(f"{spec.name}: expected shape {want}"
+                               + (" (one query per request)" if max_rows == 1 else "")
+                               + f", got {list(value.shape)}")
         if value.shape[0] == 0:
             raise RequestError(f"{spec.name}: empty batch (shape {list(value.shape)}); send "
                                "exactly one query per request")
-        if value.shape[0] != 1:
+        if max_rows > 1:
+            if value.shape[0] > max_rows or (count is not None and value.shape[0] != count):
+                raise RequestError(f"{spec.name}: {value.shape[0]} rows; every input of a "
+                                   f"request has the same number of rows, at most {max_rows}")
+            count = value.shape[0]
+        elif value.shape[0] != 1:
             raise RequestError(f"{spec.name}: batch of {value.shape[0]} rows in one request; "
                                "send one query per request (Triton's dynamic batcher batches "
                                "requests)")
@@ -122,7 +133,7 @@ def decode(request: Arrays, specs: Sequence[TensorSpec]) -> Arrays:
                 if not isinstance(x, (bytes, str)):
                     raise RequestError(f"{spec.name}: expected BYTES elements, got "
                                        f"{type(x).__name__}")
-        rows[spec.name] = value[0]
+        rows[spec.name] = value[0] if max_rows == 1 else value
     return rows
 
 

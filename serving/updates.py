@@ -22,9 +22,10 @@ import numpy as np
 
 from fresh.items import ItemUpdate, UpdateError
 from fresh.store import FreshFull, FreshStore, fresh_dir_for
-from serving.runners import Arrays, RequestError, Result, TensorSpec
+from serving.runners import Arrays, RequestError, Result, TensorSpec, decode
 
 MODEL = "item_updates"
+MAX_ROWS = 64  # rows per request: the config's max_batch_size
 
 
 class ItemUpdateRunner:
@@ -39,6 +40,7 @@ class ItemUpdateRunner:
         self.store = FreshStore(fresh_dir_for(repository), writable=True)
 
     def prepare(self, request: Arrays) -> List[ItemUpdate]:
+        request = decode(request, self.INPUTS, max_rows=MAX_ROWS)
         ids = request["item_id"].reshape(-1)
         n = ids.shape[0]
         retire = request.get("retire")

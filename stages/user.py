@@ -31,8 +31,8 @@ class UserTower(nn.Module):
     row = id_map(raw id).
 
     The MLP is a residual on the history vector and starts at zero: an untrained tower queries
-    with the user's mean engaged-item vector (the closed-form baseline of
-    training/fit_heads.py) and training learns what to add to it.
+    with the user's mean engaged-item vector (a closed-form baseline) and training learns what
+    to add to it.
 
     Args:
         id_map: raw ids -> rows of the id embedding (idmap/zero_collision.py: insert mode in
@@ -88,7 +88,7 @@ class UserTower(nn.Module):
 
 class UserTable(nn.Module):
     """Exact raw-id lookup into a table of user embeddings; unknown ids get the cold-start row
-    (the closed-form baseline of training/fit_heads.py as a module).
+    (the user side of a pretrained two-tower model: training/retrieval.py).
 
     Args:
         raw_ids: int64 [U] known user ids (any order, distinct).

@@ -13,7 +13,8 @@ from client import Retriever
 from client.catalog import load_items
 from filtering.bits import pack_bits
 from filtering.expression import batch_plans, parse, parse_plan, spell_value
-from serving.baseline import InProcessChain, exact_reference, exact_top, passing_rows
+from serving.baseline import exact_top, passing_rows
+from serving.inprocess import InProcessChain, exact_reference
 from stages.filter import ExactFeatureFilter, feature_matrix
 from stages.posting_filter import PostingListFilter, build_postings
 

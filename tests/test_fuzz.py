@@ -356,3 +356,84 @@ def test_a_request_the_module_fails_on_fails_alone(stages, stage, name, value):
     assert f"{stage}: the model failed on this request" in str(results[1])
     _same(results[0], alone[stage][0])
     _same(results[2], alone[stage][1])
+
+
+# --- item_updates ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def updates(small_build, tmp_path_factory):
+    """An item_updates runner over a store of its own (the small build's layout), and good
+    requests: an upsert of a new item, a replacement, a retire."""
+    from catalog.write import feature_column
+    from fresh.store import create_store, header_for
+    from serving.updates import ItemUpdateRunner
+
+    root = tmp_path_factory.mktemp("updates")
+    catalog = small_build.world.catalog
+    header = header_for(catalog.schema, catalog.embeddings.shape[1], 256,
+                        [f.shape[1] for f in catalog.features])
+    create_store(root / "fresh_items", header)
+    runner = ItemUpdateRunner(root / "repo" / "item_updates" / "1")
+    spelled = ",".join(
+        f"{spec.name}=" + "|".join(quote_value(str(v)) for v in (
+            column if isinstance(column, list) else [column]))
+        for spec, column in zip(catalog.schema.features,
+                                (feature_column(s, f[:1])[0] for s, f in
+                                 zip(catalog.schema.features, catalog.features))))
+    features = np.array([[spelled.encode()]], dtype=object)
+    emb = catalog.embeddings[:1].astype(np.float32)
+    good = [{"item_id": np.array([[990_000_000_001]], np.int64), "embedding": emb,
+             "features": features},
+            {"item_id": np.array([[int(catalog.item_ids[5])]], np.int64), "embedding": emb,
+             "features": features},
+            {"item_id": np.array([[int(catalog.item_ids[9])]], np.int64),
+             "retire": np.array([[True]])}]
+    return runner, good
+
+
+def test_item_updates_any_input_gives_a_row_or_an_error_and_writes_only_good_requests(updates):
+    runner, good = updates
+
+    @settings(max_examples=200, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(st.data())
+    def check(data):
+        batch, is_good = [], []
+        for _ in range(data.draw(st.integers(1, 4))):
+            g = good[data.draw(st.integers(0, len(good) - 1))]
+            if data.draw(st.booleans()):
+                batch.append(g)
+                is_good.append(True)
+            else:
+                batch.append(data.draw(mutations(g)))
+                is_good.append(False)
+        before = runner.store.updates
+        results = runner.run(batch)
+        assert len(results) == len(batch)
+        for result, ok in zip(results, is_good):
+            assert isinstance(result, (dict, RequestError)), result
+            if ok:
+                assert isinstance(result, dict), f"good update failed: {result}"
+                assert result["fresh_row"].shape == (1, 1)
+            if isinstance(result, RequestError):
+                assert str(result).strip()
+        answered = any(isinstance(r, dict) for r in results)
+        # one commit group per batch with any accepted request, none otherwise
+        assert runner.store.updates == before + int(answered)
+
+    check()
+
+
+def test_item_updates_check_dtype_and_shape(updates):
+    runner, good = updates
+    cases = [
+        ({**good[0], "embedding": good[0]["embedding"].astype(np.float64)},
+         "embedding: expected FP32 data, got float64"),
+        ({**good[0], "item_id": np.array([[1.5]])}, "item_id: expected INT64 data"),
+        ({**good[0], "item_id": np.array([[1, 2]], np.int64)}, "item_id: expected shape"),
+        ({**good[2], "retire": np.array([[1]], np.int64)}, "retire: expected BOOL data"),
+        ({**good[0], "item_id": np.array([[1], [2]], np.int64)},
+         "every input of a request has the same number of rows"),
+    ]
+    results = runner.run([c for c, _ in cases])
+    for result, (_, words) in zip(results, cases):
+        assert isinstance(result, RequestError) and words in str(result), (words, result)

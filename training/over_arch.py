@@ -72,7 +72,7 @@ def init_from_dot(model: OverArchModel, dot: torch.Tensor, labels: torch.Tensor,
                   steps: int = 50) -> None:
     """Starts the OverArch's per-task dot term at the logistic fit
     p_t = sigmoid(a_t * <u, v> + b_t) of the labels, so that training begins from the
-    calibrated retrieval score (the closed-form baseline's heads, training/fit_heads.py)."""
+    calibrated retrieval score (a logistic fit per task on the dot product)."""
     scale = torch.ones(labels.shape[1], requires_grad=True)
     bias = torch.zeros(labels.shape[1], requires_grad=True)
     opt = torch.optim.LBFGS([scale, bias], max_iter=steps)
