@@ -313,7 +313,7 @@ def _ivf_int8_search_fake(query_codes: torch.Tensor, query_scales: torch.Tensor,
             codes.new_empty((b,), dtype=torch.int64))
 
 
-# ---- registration ---------------------------------------------------------------------------
+# ---- registration ----------------------------------------------------------------------------
 LIB.define(
     "ivf_int8_search(Tensor query_codes, Tensor query_scales, Tensor filter_bits, "
     "Tensor probes, Tensor list_offsets, Tensor codes, Tensor scales, int k) "

@@ -393,7 +393,7 @@ def _zch_insert_fake(identities, metadata, ids, now, max_probe, policy, ttl):
     )
 
 
-# ---- registration ---------------------------------------------------------------------------
+# ---- registration ----------------------------------------------------------------------------
 LIB.define(
     "zch_insert(Tensor(a!) identities, Tensor(b!) metadata, Tensor ids, int now, int max_probe, "
     "int policy, int ttl) -> (Tensor, Tensor, Tensor)"

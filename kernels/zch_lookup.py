@@ -163,7 +163,7 @@ def _zch_lookup_fake(identities: torch.Tensor, ids: torch.Tensor, max_probe: int
     return torch.empty_like(ids)
 
 
-# ---- registration ---------------------------------------------------------------------------
+# ---- registration ----------------------------------------------------------------------------
 LIB.define("zch_lookup(Tensor identities, Tensor ids, int max_probe) -> Tensor")
 LIB.impl("zch_lookup", zch_lookup_torch, "CPU")
 LIB.impl("zch_lookup", zch_lookup_triton, "CUDA")
