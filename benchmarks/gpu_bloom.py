@@ -56,10 +56,10 @@ def main() -> None:
     from filtering.random_filters import random_expression
     from kernels._library import triton_available
     from kernels.bloom_search import (
-        _check_args,
+        _check_bloom_search,
+        _launch_bloom_search,
         bloom_search_torch,
         bloom_search_triton,
-        launch_kernel,
     )
     from stages.filter import (
         ExactFeatureFilter,
@@ -152,13 +152,13 @@ def main() -> None:
         for size in (int(b) for b in args.batches.split(",")):
             batch = all_plans[:size]
             res = layer_dev.resolve(batch.to(device))
-            depth = _check_args(res, words_dev, layer.num_items)
+            depth = _check_bloom_search(res, words_dev, layer.num_items)
             # bytes: every term's rows once per query, both outputs written
             term_rows = ((res[:, :, 2:] >= 0) & (res[:, :, :1] == OP_TERM)
                          & (res[:, :, 1:2] != 0)).sum().item()
             moved = (term_rows + 2 * size) * row_bytes / 1e9
-            kernel = cuda_ms(lambda r=res, d=depth: launch_kernel(r, words_dev,
-                                                                  layer.num_items, d))
+            kernel = cuda_ms(lambda r=res, d=depth: _launch_bloom_search(r, words_dev,
+                                                                         layer.num_items, d))
             op = cuda_ms(lambda r=res: bloom_search_triton(r, words_dev, layer.num_items))
             whole = cuda_ms(lambda b=batch.to(device): scripted_layer(b))
             res_cpu, cpu_words = res.cpu(), words_dev.cpu()
@@ -171,7 +171,7 @@ def main() -> None:
         print(f"\nlaunch settings at batch {size}: kernel ms")
         for block_words, num_warps in ((32, 4), (64, 4), (128, 2), (128, 4), (128, 8),
                                        (256, 4), (256, 8)):
-            ms = cuda_ms(lambda b=block_words, w=num_warps: launch_kernel(
+            ms = cuda_ms(lambda b=block_words, w=num_warps: _launch_bloom_search(
                 res, words_dev, layer.num_items, depth, b, w))
             print(f"  BLOCK_W {block_words:>4}, {num_warps} warps: {ms:.3f}")
 

@@ -18,8 +18,6 @@ masking off the sign-extended bits. Dropping the top bit before `%` keeps the re
 non-negative int64 on both paths.
 """
 
-import os
-
 import torch
 
 from kernels._library import triton_available
@@ -62,12 +60,6 @@ def fmix64(ids: torch.Tensor) -> torch.Tensor:
 def home_slots(ids: torch.Tensor, num_slots: int) -> torch.Tensor:
     """First slot probed for each id: `(fmix64(id) & (2**63 - 1)) % num_slots`, int64."""
     return (fmix64(ids) & _MASK_63) % num_slots
-
-
-def interpreting() -> bool:
-    """True under TRITON_INTERPRET=1, where the kernels run on CPU tensors (tests, smoke runs).
-    Must be set before `kernels` is imported: `triton.jit` reads it when decorating."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 if triton_available():

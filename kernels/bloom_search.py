@@ -38,7 +38,7 @@ import torch
 
 from filtering.bloom_index import TERM_BLOOM, TERM_EMPTY, TERM_EXACT
 from filtering.expression import OP_ALL, OP_AND, OP_NOT, OP_OR, OP_PAD, OP_TERM
-from kernels._library import LIB, triton_available
+from kernels._library import LIB, contiguous, require_triton_device, triton_available
 
 # ---- launch settings (the only place) --------------------------------------------------------
 # Words per program and warps, from benchmarks/gpu_bloom.py on an H200 (1M items, 256 random
@@ -49,14 +49,9 @@ from kernels._library import LIB, triton_available
 BLOCK_WORDS = 128
 NUM_WARPS = 2
 
-LIB.define("bloom_search(Tensor plans, Tensor words, int num_items) "
-           "-> (Tensor definite, Tensor uncertain)")
 
-_ZERO = 0  # constant word vectors of the torch path: no item / every item
-_ONES = -1
-
-
-def _check_args(plans: torch.Tensor, words: torch.Tensor, num_items: int) -> int:
+# ---- argument checks (both paths) ------------------------------------------------------------
+def _check_bloom_search(plans: torch.Tensor, words: torch.Tensor, num_items: int) -> int:
     """Raise ValueError naming the problem; returns the deepest stack any plan needs."""
     if plans.dtype != torch.int64 or plans.dim() != 3 or plans.shape[2] < 3:
         raise ValueError(f"bloom_search: plans must be int64 [B, L, 2 + R] with R >= 1, got "
@@ -102,7 +97,132 @@ def _check_args(plans: torch.Tensor, words: torch.Tensor, num_items: int) -> int
     return int(problems[-1])
 
 
-# ---- torch path ------------------------------------------------------------------------------
+# ---- Triton kernel and its launch (CUDA; CPU tensors under TRITON_INTERPRET=1) ---------------
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    # plan codes as compile-time constants (kernels may only read constexpr globals)
+    _TL_OP_TERM = tl.constexpr(OP_TERM)
+    _TL_OP_AND = tl.constexpr(OP_AND)
+    _TL_OP_OR = tl.constexpr(OP_OR)
+    _TL_OP_NOT = tl.constexpr(OP_NOT)
+    _TL_OP_ALL = tl.constexpr(OP_ALL)
+    _TL_TERM_EMPTY = tl.constexpr(TERM_EMPTY)
+    _TL_TERM_EXACT = tl.constexpr(TERM_EXACT)
+
+    @triton.jit
+    def _bloom_search_kernel(
+        plans_ptr,  # int64 [B, L, 2 + R]
+        words_ptr,  # int64 [rows, W]
+        definite_ptr,  # int64 [B, W], output
+        uncertain_ptr,  # int64 [B, W], output
+        plan_len,
+        num_words,
+        last_word_mask,  # bits of the last word that are items
+        stride_plans_b,
+        stride_plans_l,
+        stride_words_r,
+        stride_out_b,
+        NUM_TERM_ROWS: tl.constexpr,  # R
+        STACK_DEPTH: tl.constexpr,  # power of two >= the deepest stack of any plan
+        BLOCK_W: tl.constexpr,
+    ):
+        # Program -> tile: query `pid_b`, words pid_w*BLOCK_W .. +BLOCK_W (64 items each).
+        pid_w = tl.program_id(0)
+        pid_b = tl.program_id(1)
+        offs_w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
+        w_mask = offs_w < num_words
+        # The evaluation stack of (definite, possible) word vectors, in registers: the top
+        # value in `top_d` / `top_p`, the ones below it in rows 0..sp-2 of `stack_d` /
+        # `stack_p`. A row is read by summing the rows selected by a one-hot mask (the others
+        # contribute 0) and written with a select, so only a push (spill the top) and AND / OR
+        # (read the second) touch the arrays; NOT works on the top alone. Every program of a
+        # query runs the same plan, so the branches on `op` never diverge.
+        slots = tl.arange(0, STACK_DEPTH)[:, None]
+        stack_d = tl.zeros([STACK_DEPTH, BLOCK_W], dtype=tl.int64)
+        stack_p = tl.zeros([STACK_DEPTH, BLOCK_W], dtype=tl.int64)
+        top_d = tl.zeros([BLOCK_W], dtype=tl.int64)
+        top_p = tl.zeros([BLOCK_W], dtype=tl.int64)
+        sp = 0  # stack size
+        plan_ptr = plans_ptr + pid_b * stride_plans_b
+        for s in range(0, plan_len):
+            step_ptr = plan_ptr + s * stride_plans_l
+            op = tl.load(step_ptr)
+            if (op == _TL_OP_TERM) | (op == _TL_OP_ALL):
+                kind = tl.load(step_ptr + 1)
+                # Term words: the AND of its rows, one coalesced load of BLOCK_W words per
+                # row; unused rows (-1) and ALL load nothing (masked, read as ~0).
+                term = tl.full([BLOCK_W], -1, dtype=tl.int64)
+                for i in tl.static_range(NUM_TERM_ROWS):
+                    row = tl.load(step_ptr + 2 + i)
+                    use = (op == _TL_OP_TERM) & (row >= 0)
+                    # (where, not `w_mask & use`: the interpreter makes that broadcast ints)
+                    term &= tl.load(words_ptr + tl.maximum(row, 0) * stride_words_r + offs_w,
+                                    mask=tl.where(use, w_mask, False), other=-1)
+                # spill the old top to row sp-1 (no row matches while the stack is empty)
+                stack_d = tl.where(slots == sp - 1, top_d[None, :], stack_d)
+                stack_p = tl.where(slots == sp - 1, top_p[None, :], stack_p)
+                top_p = tl.where((op == _TL_OP_TERM) & (kind == _TL_TERM_EMPTY), 0, term)
+                top_d = tl.where((op == _TL_OP_ALL) | (kind == _TL_TERM_EXACT), top_p, 0)
+                sp += 1
+            elif op == _TL_OP_NOT:  # NOT (d, p) = (~p, ~d)
+                top_d, top_p = ~top_p, ~top_d
+            elif (op == _TL_OP_AND) | (op == _TL_OP_OR):  # component-wise with row sp-2
+                second_d = tl.sum(tl.where(slots == sp - 2, stack_d, 0), axis=0)
+                second_p = tl.sum(tl.where(slots == sp - 2, stack_p, 0), axis=0)
+                if op == _TL_OP_AND:
+                    top_d &= second_d
+                    top_p &= second_p
+                else:
+                    top_d |= second_d
+                    top_p |= second_p
+                sp -= 1
+        # The answer is the top; clear bits past the last item, store both bitmaps.
+        result_d = top_d
+        result_p = top_p
+        tail = tl.where(offs_w == num_words - 1, last_word_mask, -1)
+        result_d &= tail
+        result_p &= tail
+        out_offs = pid_b * stride_out_b + offs_w
+        tl.store(definite_ptr + out_offs, result_d, mask=w_mask)
+        tl.store(uncertain_ptr + out_offs, result_p & ~result_d, mask=w_mask)
+
+
+def _launch_bloom_search(plans: torch.Tensor, words: torch.Tensor, num_items: int, depth: int,
+                         block_words: int = BLOCK_WORDS, num_warps: int = NUM_WARPS
+                         ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Run `_bloom_search_kernel` on checked arguments (`depth` from `_check_bloom_search`); the
+    launch settings are parameters for benchmarks/gpu_bloom.py's sweep."""
+    plans, words = contiguous(plans, words)
+    num_words = words.shape[1]
+    definite = torch.empty((plans.shape[0], num_words), dtype=torch.int64, device=words.device)
+    uncertain = torch.empty_like(definite)
+    if definite.numel() == 0:
+        return definite, uncertain
+    last_word_mask = (1 << (num_items % 64)) - 1 if num_items % 64 else -1
+    grid = (triton.cdiv(num_words, block_words), plans.shape[0])
+    _bloom_search_kernel[grid](
+        plans, words, definite, uncertain, plans.shape[1], num_words, last_word_mask,
+        plans.stride(0), plans.stride(1), words.stride(0), definite.stride(0),
+        NUM_TERM_ROWS=plans.shape[2] - 2, STACK_DEPTH=max(2, triton.next_power_of_2(depth)),
+        BLOCK_W=block_words, num_warps=num_warps)
+    return definite, uncertain
+
+
+def bloom_search_triton(plans: torch.Tensor, words: torch.Tensor,
+                        num_items: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """CUDA implementation of `iam::bloom_search` (CPU tensors too under TRITON_INTERPRET=1)."""
+    depth = _check_bloom_search(plans, words, num_items)
+    require_triton_device("bloom_search", words.device)
+    return _launch_bloom_search(plans, words, num_items, depth)
+
+
+# ---- torch path (CPU implementation and reference) -------------------------------------------
+_ZERO = 0  # constant word vectors of the torch path: no item / every item
+_ONES = -1
+
+
 class _Words:
     """One word vector of the torch path: `bits` is the constant 0 or ~0 (an int) or a [W]
     tensor; `owned` tensors were made by this evaluation and may be overwritten once nothing
@@ -215,7 +335,7 @@ def _store(out: torch.Tensor, x: _Words) -> None:
 def bloom_search_torch(plans: torch.Tensor, words: torch.Tensor,
                        num_items: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Reference and CPU implementation of `iam::bloom_search` (see the module docstring)."""
-    _check_args(plans, words, num_items)
+    _check_bloom_search(plans, words, num_items)
     num_words = words.shape[1]
     definite = torch.empty((plans.shape[0], num_words), dtype=torch.int64, device=words.device)
     uncertain = torch.zeros_like(definite)  # one memset; most queries have no Bloom term
@@ -245,141 +365,9 @@ def _bloom_search_fake(plans: torch.Tensor, words: torch.Tensor, num_items: int)
     return words.new_empty(shape), words.new_empty(shape)
 
 
+# ---- registration ----------------------------------------------------------------------------
+LIB.define("bloom_search(Tensor plans, Tensor words, int num_items) "
+           "-> (Tensor definite, Tensor uncertain)")
 LIB.impl("bloom_search", bloom_search_torch, "CPU")
-torch.library.register_fake("iam::bloom_search", _bloom_search_fake, lib=LIB)
-
-
-# ---- Triton kernel ---------------------------------------------------------------------------
-if triton_available():
-    import triton
-    import triton.language as tl
-
-    # plan codes as compile-time constants (kernels may only read constexpr globals)
-    _TL_OP_TERM = tl.constexpr(OP_TERM)
-    _TL_OP_AND = tl.constexpr(OP_AND)
-    _TL_OP_OR = tl.constexpr(OP_OR)
-    _TL_OP_NOT = tl.constexpr(OP_NOT)
-    _TL_OP_ALL = tl.constexpr(OP_ALL)
-    _TL_TERM_EMPTY = tl.constexpr(TERM_EMPTY)
-    _TL_TERM_EXACT = tl.constexpr(TERM_EXACT)
-
-    @triton.jit
-    def _bloom_search_kernel(
-        plans_ptr,  # int64 [B, L, 2 + R]
-        words_ptr,  # int64 [rows, W]
-        definite_ptr,  # int64 [B, W], output
-        uncertain_ptr,  # int64 [B, W], output
-        plan_len,
-        num_words,
-        last_word_mask,  # bits of the last word that are items
-        stride_plans_b,
-        stride_plans_l,
-        stride_words_r,
-        stride_out_b,
-        NUM_TERM_ROWS: tl.constexpr,  # R
-        STACK_DEPTH: tl.constexpr,  # power of two >= the deepest stack of any plan
-        BLOCK_W: tl.constexpr,
-    ):
-        # Program -> tile: query `pid_b`, words pid_w*BLOCK_W .. +BLOCK_W (64 items each).
-        pid_w = tl.program_id(0)
-        pid_b = tl.program_id(1)
-        offs_w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
-        w_mask = offs_w < num_words
-        # The evaluation stack of (definite, possible) word vectors, in registers: the top
-        # value in `top_d` / `top_p`, the ones below it in rows 0..sp-2 of `stack_d` /
-        # `stack_p`. A row is read by summing the rows selected by a one-hot mask (the others
-        # contribute 0) and written with a select, so only a push (spill the top) and AND / OR
-        # (read the second) touch the arrays; NOT works on the top alone. Every program of a
-        # query runs the same plan, so the branches on `op` never diverge.
-        slots = tl.arange(0, STACK_DEPTH)[:, None]
-        stack_d = tl.zeros([STACK_DEPTH, BLOCK_W], dtype=tl.int64)
-        stack_p = tl.zeros([STACK_DEPTH, BLOCK_W], dtype=tl.int64)
-        top_d = tl.zeros([BLOCK_W], dtype=tl.int64)
-        top_p = tl.zeros([BLOCK_W], dtype=tl.int64)
-        sp = 0  # stack size
-        plan_ptr = plans_ptr + pid_b * stride_plans_b
-        for s in range(0, plan_len):
-            step_ptr = plan_ptr + s * stride_plans_l
-            op = tl.load(step_ptr)
-            if (op == _TL_OP_TERM) | (op == _TL_OP_ALL):
-                kind = tl.load(step_ptr + 1)
-                # Term words: the AND of its rows, one coalesced load of BLOCK_W words per
-                # row; unused rows (-1) and ALL load nothing (masked, read as ~0).
-                term = tl.full([BLOCK_W], -1, dtype=tl.int64)
-                for i in tl.static_range(NUM_TERM_ROWS):
-                    row = tl.load(step_ptr + 2 + i)
-                    use = (op == _TL_OP_TERM) & (row >= 0)
-                    # (where, not `w_mask & use`: the interpreter makes that broadcast ints)
-                    term &= tl.load(words_ptr + tl.maximum(row, 0) * stride_words_r + offs_w,
-                                    mask=tl.where(use, w_mask, False), other=-1)
-                # spill the old top to row sp-1 (no row matches while the stack is empty)
-                stack_d = tl.where(slots == sp - 1, top_d[None, :], stack_d)
-                stack_p = tl.where(slots == sp - 1, top_p[None, :], stack_p)
-                top_p = tl.where((op == _TL_OP_TERM) & (kind == _TL_TERM_EMPTY), 0, term)
-                top_d = tl.where((op == _TL_OP_ALL) | (kind == _TL_TERM_EXACT), top_p, 0)
-                sp += 1
-            elif op == _TL_OP_NOT:  # NOT (d, p) = (~p, ~d)
-                top_d, top_p = ~top_p, ~top_d
-            elif (op == _TL_OP_AND) | (op == _TL_OP_OR):  # component-wise with row sp-2
-                second_d = tl.sum(tl.where(slots == sp - 2, stack_d, 0), axis=0)
-                second_p = tl.sum(tl.where(slots == sp - 2, stack_p, 0), axis=0)
-                if op == _TL_OP_AND:
-                    top_d &= second_d
-                    top_p &= second_p
-                else:
-                    top_d |= second_d
-                    top_p |= second_p
-                sp -= 1
-        # The answer is the top; clear bits past the last item, store both bitmaps.
-        result_d = top_d
-        result_p = top_p
-        tail = tl.where(offs_w == num_words - 1, last_word_mask, -1)
-        result_d &= tail
-        result_p &= tail
-        out_offs = pid_b * stride_out_b + offs_w
-        tl.store(definite_ptr + out_offs, result_d, mask=w_mask)
-        tl.store(uncertain_ptr + out_offs, result_p & ~result_d, mask=w_mask)
-
-
-def interpreting() -> bool:
-    """True under TRITON_INTERPRET=1 (set before `kernels` is imported), where the kernel runs
-    on CPU tensors."""
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def launch_kernel(plans: torch.Tensor, words: torch.Tensor, num_items: int, depth: int,
-                  block_words: int = BLOCK_WORDS, num_warps: int = NUM_WARPS
-                  ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Run `_bloom_search_kernel` on checked arguments (`depth` from `_check_args`); the
-    launch settings are parameters for benchmarks/gpu_bloom.py's sweep."""
-    plans, words = plans.contiguous(), words.contiguous()
-    num_words = words.shape[1]
-    definite = torch.empty((plans.shape[0], num_words), dtype=torch.int64, device=words.device)
-    uncertain = torch.empty_like(definite)
-    if definite.numel() == 0:
-        return definite, uncertain
-    last_word_mask = (1 << (num_items % 64)) - 1 if num_items % 64 else -1
-    grid = (triton.cdiv(num_words, block_words), plans.shape[0])
-    _bloom_search_kernel[grid](
-        plans, words, definite, uncertain, plans.shape[1], num_words, last_word_mask,
-        plans.stride(0), plans.stride(1), words.stride(0), definite.stride(0),
-        NUM_TERM_ROWS=plans.shape[2] - 2, STACK_DEPTH=max(2, triton.next_power_of_2(depth)),
-        BLOCK_W=block_words, num_warps=num_warps)
-    return definite, uncertain
-
-
-def bloom_search_triton(plans: torch.Tensor, words: torch.Tensor,
-                        num_items: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """CUDA implementation of `iam::bloom_search` (CPU tensors too under TRITON_INTERPRET=1)."""
-    depth = _check_args(plans, words, num_items)
-    if not triton_available():
-        raise RuntimeError("bloom_search: the CUDA path needs the `triton` package")
-    if words.device.type != "cuda" and not interpreting():
-        raise ValueError(f"bloom_search_triton: tensors must be on CUDA (or set "
-                         f"TRITON_INTERPRET=1), got {words.device}")
-    return launch_kernel(plans, words, num_items, depth)
-
-
 LIB.impl("bloom_search", bloom_search_triton, "CUDA")
+torch.library.register_fake("iam::bloom_search", _bloom_search_fake, lib=LIB)

@@ -24,26 +24,30 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from kernels._library import LIB
+from kernels._library import LIB, contiguous, require_triton_device, triton_available
 
-# ---- launch and tuning settings (the only place) ---------------------------------------------
-# CUDA: rows scored per program. 64 rows share one filter word when the list is word-aligned;
-# int8 rows of 64 dims make a 4 KiB tile per program.
+if sys.byteorder != "little":  # the CPU path reads int64 filter words as bytes
+    raise ImportError("kernels.ivf_int8_search assumes a little-endian host")
+
+# ---- launch settings (the only place) --------------------------------------------------------
+# Rows scored per program: 64 rows share one filter word when the list is word-aligned, and int8
+# rows of 64 dims make a 4 KiB tile per program.
 BLOCK_ROWS = 64
+# 4 warps (128 threads) per 64-row tile: triton's default. Not swept yet: the H200 run of
+# benchmarks/gpu_ann.py (docs/performance.md) timed this setting only, and found the kernel
+# bound by per-row work (filter-bit tests, list walking), not by bandwidth.
 NUM_WARPS = 4
-# largest D whose int8 dot products stay exact integers in fp32 (D * 127^2 < 2^24)
+# Largest D whose int8 dot products stay exact integers in fp32 (D * 127^2 < 2^24), so that the
+# CPU and CUDA paths give the same scores.
 MAX_DIM = 1040
 
-LIB.define(
-    "ivf_int8_search(Tensor query_codes, Tensor query_scales, Tensor filter_bits, "
-    "Tensor probes, Tensor list_offsets, Tensor codes, Tensor scales, int k) "
-    "-> (Tensor scores, Tensor rows, Tensor num_passing)"
-)
 
-
-def _check_inputs(query_codes: torch.Tensor, query_scales: torch.Tensor,
-                  filter_bits: torch.Tensor, probes: torch.Tensor, list_offsets: torch.Tensor,
-                  codes: torch.Tensor, scales: torch.Tensor, k: int) -> None:
+# ---- argument checks (both paths) ------------------------------------------------------------
+def _check_ivf_int8_search(query_codes: torch.Tensor, query_scales: torch.Tensor,
+                           filter_bits: torch.Tensor, probes: torch.Tensor,
+                           list_offsets: torch.Tensor, codes: torch.Tensor,
+                           scales: torch.Tensor, k: int) -> None:
+    """Raise ValueError naming the problem."""
     expected = [
         ("query_codes", query_codes, torch.int8, 2), ("query_scales", query_scales,
                                                       torch.float32, 1),
@@ -77,8 +81,110 @@ def _check_inputs(query_codes: torch.Tensor, query_scales: torch.Tensor,
         raise ValueError(f"ivf_int8_search: k must be >= 1, got {k}")
 
 
-# ---- CPU: the plain-torch path (reference and CPU implementation) ----------------------------
+# ---- Triton kernel and its launch (CUDA; CPU tensors under TRITON_INTERPRET=1) ---------------
+if triton_available():
+    import triton
+    import triton.language as tl
 
+    @triton.jit
+    def _ivf_int8_search_kernel(
+        q_codes_ptr, q_scales_ptr, bits_ptr, probes_ptr, offsets_ptr, codes_ptr, scales_ptr,
+        out_ptr, max_list_len,
+        stride_qb, stride_bitsb, stride_probesb, stride_codesn, stride_outb, stride_outp,
+        D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+    ):
+        # program (b, p, t) scores rows t*BLOCK_ROWS .. +BLOCK_ROWS of list probes[b, p] for
+        # query b and writes them to out[b, p, t*BLOCK_ROWS ...] (-inf = not passing / no row)
+        pid_b = tl.program_id(0)
+        pid_p = tl.program_id(1)
+        pid_t = tl.program_id(2)
+        offs_local = pid_t * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        out_mask = offs_local < max_list_len
+
+        # which rows: list -> [start, end) from the offsets; -1 probes own no rows
+        cluster = tl.load(probes_ptr + pid_b * stride_probesb + pid_p)
+        c = tl.maximum(cluster, 0)
+        start = tl.load(offsets_ptr + c)
+        end = tl.where(cluster >= 0, tl.load(offsets_ptr + c + 1), start)
+        rows = start + offs_local
+        row_mask = (rows < end) & out_mask
+
+        # filter first: one int64 word holds the bits of 64 consecutive rows
+        words = tl.load(bits_ptr + pid_b * stride_bitsb + (rows >> 6), mask=row_mask, other=0)
+        passing = row_mask & (((words >> (rows & 63)) & 1) != 0)
+
+        # embeddings only for passing rows: a masked-off lane issues no load
+        offs_d = tl.arange(0, BLOCK_D)
+        d_mask = offs_d < D
+        x = tl.load(codes_ptr + rows[:, None] * stride_codesn + offs_d[None, :],
+                    mask=passing[:, None] & d_mask[None, :], other=0)
+        q = tl.load(q_codes_ptr + pid_b * stride_qb + offs_d, mask=d_mask, other=0)
+        dot = tl.sum(x.to(tl.int32) * q.to(tl.int32)[None, :], axis=1)
+
+        # rescale (same order as the torch path: dot * query scale * item scale), masked store
+        q_scale = tl.load(q_scales_ptr + pid_b)
+        item_scale = tl.load(scales_ptr + rows, mask=passing, other=0.0)
+        score = dot.to(tl.float32) * q_scale * item_scale
+        score = tl.where(passing, score, float("-inf"))
+        tl.store(out_ptr + pid_b * stride_outb + pid_p * stride_outp + offs_local, score,
+                 mask=out_mask)
+
+
+def _launch_ivf_int8_search(query_codes: torch.Tensor, query_scales: torch.Tensor,
+                            filter_bits: torch.Tensor, probes: torch.Tensor,
+                            list_offsets: torch.Tensor, codes: torch.Tensor,
+                            scales: torch.Tensor, max_list_len: int = 0) -> torch.Tensor:
+    """The kernel alone: float32 [B, P, max_list_len], the score of the i-th row of list
+    probes[b, p] at [b, p, i], -inf where the row is filtered out or does not exist.
+    max_list_len = 0 reads it from list_offsets (a device-to-host sync)."""
+    query_codes, query_scales, filter_bits, probes, list_offsets, codes, scales = contiguous(
+        query_codes, query_scales, filter_bits, probes, list_offsets, codes, scales)
+    b, d = query_codes.shape
+    p = probes.shape[1]
+    if max_list_len <= 0:
+        sizes = list_offsets[1:] - list_offsets[:-1]
+        max_list_len = max(int(sizes.max()), 1) if sizes.numel() > 0 else 1
+    out = torch.empty((b, p, max_list_len), dtype=torch.float32, device=codes.device)
+    if b > 0 and p > 0:
+        grid = (b, p, triton.cdiv(max_list_len, BLOCK_ROWS))
+        _ivf_int8_search_kernel[grid](
+            query_codes, query_scales, filter_bits, probes, list_offsets, codes, scales, out,
+            max_list_len,
+            query_codes.stride(0), filter_bits.stride(0), probes.stride(0), codes.stride(0),
+            out.stride(0), out.stride(1),
+            D=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_ROWS=BLOCK_ROWS, num_warps=NUM_WARPS,
+        )
+    return out
+
+
+def ivf_int8_search_triton(query_codes: torch.Tensor, query_scales: torch.Tensor,
+                           filter_bits: torch.Tensor, probes: torch.Tensor,
+                           list_offsets: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
+                           k: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CUDA implementation of `iam::ivf_int8_search` (CPU tensors too under TRITON_INTERPRET=1):
+    the kernel scores every probed row into [B, P, max_list_len] (-inf where filtered out),
+    then torch.topk picks the k best per query."""
+    _check_ivf_int8_search(query_codes, query_scales, filter_bits, probes, list_offsets, codes,
+                           scales, k)
+    require_triton_device("ivf_int8_search", codes.device)
+    out = _launch_ivf_int8_search(query_codes, query_scales, filter_bits, probes, list_offsets,
+                                  codes, scales)
+    b, p, max_list_len = out.shape
+    flat = out.view(b, p * max_list_len)
+    num_passing = torch.isfinite(flat).sum(1)
+    kk = min(k, flat.shape[1])
+    scores = torch.full((b, k), float("-inf"), device=codes.device)
+    rows = torch.full((b, k), -1, dtype=torch.int64, device=codes.device)
+    if kk > 0 and b > 0:
+        top, idx = torch.topk(flat, kk, dim=1)
+        cluster = probes.gather(1, idx // max_list_len).clamp(min=0)
+        found = torch.isfinite(top)
+        scores[:, :kk] = top
+        rows[:, :kk] = torch.where(found, list_offsets[cluster] + idx % max_list_len, -1)
+    return scores, rows, num_passing
+
+
+# ---- torch path (CPU implementation and reference) -------------------------------------------
 def _low_bits(n: torch.Tensor) -> torch.Tensor:
     """int64 mask with the low n bits set, n in [0, 64]."""
     ones = (torch.ones_like(n) << n.clamp(max=63)) - 1  # 1 << 63 - 1 wraps to 0x7FFF...
@@ -158,7 +264,8 @@ def ivf_int8_search_torch(query_codes: torch.Tensor, query_scales: torch.Tensor,
                           list_offsets: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
                           k: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The plain-torch path (CPU tensors): see the module docstring."""
-    _check_inputs(query_codes, query_scales, filter_bits, probes, list_offsets, codes, scales, k)
+    _check_ivf_int8_search(query_codes, query_scales, filter_bits, probes, list_offsets, codes,
+                           scales, k)
     b = query_codes.shape[0]
     query, rows = passing_pairs(filter_bits, probes, list_offsets)
     num_passing = torch.bincount(query, minlength=b)
@@ -196,119 +303,22 @@ def ivf_int8_search_torch(query_codes: torch.Tensor, query_scales: torch.Tensor,
     return scores, out_rows, num_passing
 
 
-# ---- CUDA: the Triton-language kernel ---------------------------------------------------------
-
-_KERNEL: List[object] = []
-
-
-def _kernel():
-    """Compiles lazily so that the CPU path never imports triton."""
-    if _KERNEL:
-        return _KERNEL[0]
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def _ivf_int8_search_kernel(
-        q_codes_ptr, q_scales_ptr, bits_ptr, probes_ptr, offsets_ptr, codes_ptr, scales_ptr,
-        out_ptr, max_list_len,
-        stride_qb, stride_bitsb, stride_probesb, stride_codesn, stride_outb, stride_outp,
-        D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_ROWS: tl.constexpr,
-    ):
-        # program (b, p, t) scores rows t*BLOCK_ROWS .. +BLOCK_ROWS of list probes[b, p] for
-        # query b and writes them to out[b, p, t*BLOCK_ROWS ...] (-inf = not passing / no row)
-        pid_b = tl.program_id(0)
-        pid_p = tl.program_id(1)
-        pid_t = tl.program_id(2)
-        offs_local = pid_t * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-        out_mask = offs_local < max_list_len
-
-        # which rows: list -> [start, end) from the offsets; -1 probes own no rows
-        cluster = tl.load(probes_ptr + pid_b * stride_probesb + pid_p)
-        c = tl.maximum(cluster, 0)
-        start = tl.load(offsets_ptr + c)
-        end = tl.where(cluster >= 0, tl.load(offsets_ptr + c + 1), start)
-        rows = start + offs_local
-        row_mask = (rows < end) & out_mask
-
-        # filter first: one int64 word holds the bits of 64 consecutive rows
-        words = tl.load(bits_ptr + pid_b * stride_bitsb + (rows >> 6), mask=row_mask, other=0)
-        passing = row_mask & (((words >> (rows & 63)) & 1) != 0)
-
-        # embeddings only for passing rows: a masked-off lane issues no load
-        offs_d = tl.arange(0, BLOCK_D)
-        d_mask = offs_d < D
-        x = tl.load(codes_ptr + rows[:, None] * stride_codesn + offs_d[None, :],
-                    mask=passing[:, None] & d_mask[None, :], other=0)
-        q = tl.load(q_codes_ptr + pid_b * stride_qb + offs_d, mask=d_mask, other=0)
-        dot = tl.sum(x.to(tl.int32) * q.to(tl.int32)[None, :], axis=1)
-
-        # rescale (same order as the torch path: dot * query scale * item scale), masked store
-        q_scale = tl.load(q_scales_ptr + pid_b)
-        item_scale = tl.load(scales_ptr + rows, mask=passing, other=0.0)
-        score = dot.to(tl.float32) * q_scale * item_scale
-        score = tl.where(passing, score, float("-inf"))
-        tl.store(out_ptr + pid_b * stride_outb + pid_p * stride_outp + offs_local, score,
-                 mask=out_mask)
-
-    _KERNEL.append((_ivf_int8_search_kernel, triton))
-    return _KERNEL[0]
+def _ivf_int8_search_fake(query_codes: torch.Tensor, query_scales: torch.Tensor,
+                          filter_bits: torch.Tensor, probes: torch.Tensor,
+                          list_offsets: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
+                          k: int):
+    b = query_codes.shape[0]
+    return (codes.new_empty((b, k), dtype=torch.float32),
+            codes.new_empty((b, k), dtype=torch.int64),
+            codes.new_empty((b,), dtype=torch.int64))
 
 
-def score_probed_lists_triton(query_codes: torch.Tensor, query_scales: torch.Tensor,
-                              filter_bits: torch.Tensor, probes: torch.Tensor,
-                              list_offsets: torch.Tensor, codes: torch.Tensor,
-                              scales: torch.Tensor, max_list_len: int = 0) -> torch.Tensor:
-    """The kernel alone: float32 [B, P, max_list_len], the score of the i-th row of list
-    probes[b, p] at [b, p, i], -inf where the row is filtered out or does not exist.
-    max_list_len = 0 reads it from list_offsets (a device-to-host sync)."""
-    kernel, triton = _kernel()
-    query_codes = query_codes.contiguous()
-    codes = codes.contiguous()
-    b, d = query_codes.shape
-    p = probes.shape[1]
-    if max_list_len <= 0:
-        sizes = list_offsets[1:] - list_offsets[:-1]
-        max_list_len = max(int(sizes.max()), 1) if sizes.numel() > 0 else 1
-    out = torch.empty((b, p, max_list_len), dtype=torch.float32, device=codes.device)
-    if b > 0 and p > 0:
-        grid = (b, p, triton.cdiv(max_list_len, BLOCK_ROWS))
-        kernel[grid](
-            query_codes, query_scales, filter_bits, probes, list_offsets, codes, scales, out,
-            max_list_len,
-            query_codes.stride(0), filter_bits.stride(0), probes.stride(0), codes.stride(0),
-            out.stride(0), out.stride(1),
-            D=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_ROWS=BLOCK_ROWS, num_warps=NUM_WARPS,
-        )
-    return out
-
-
-def ivf_int8_search_triton(query_codes: torch.Tensor, query_scales: torch.Tensor,
-                           filter_bits: torch.Tensor, probes: torch.Tensor,
-                           list_offsets: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
-                           k: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton path: the kernel scores every probed row into [B, P, max_list_len] (-inf where
-    filtered out), then torch.topk picks the k best per query."""
-    _check_inputs(query_codes, query_scales, filter_bits, probes, list_offsets, codes, scales, k)
-    out = score_probed_lists_triton(query_codes, query_scales, filter_bits, probes,
-                                    list_offsets, codes, scales)
-    b, p, max_list_len = out.shape
-    flat = out.view(b, p * max_list_len)
-    num_passing = torch.isfinite(flat).sum(1)
-    kk = min(k, flat.shape[1])
-    scores = torch.full((b, k), float("-inf"), device=codes.device)
-    rows = torch.full((b, k), -1, dtype=torch.int64, device=codes.device)
-    if kk > 0 and b > 0:
-        top, idx = torch.topk(flat, kk, dim=1)
-        cluster = probes.gather(1, idx // max_list_len).clamp(min=0)
-        found = torch.isfinite(top)
-        scores[:, :kk] = top
-        rows[:, :kk] = torch.where(found, list_offsets[cluster] + idx % max_list_len, -1)
-    return scores, rows, num_passing
-
-
-if sys.byteorder != "little":  # the CPU path reads int64 filter words as bytes
-    raise ImportError("kernels.ivf_int8_search assumes a little-endian host")
-
+# ---- registration ----------------------------------------------------------------------------
+LIB.define(
+    "ivf_int8_search(Tensor query_codes, Tensor query_scales, Tensor filter_bits, "
+    "Tensor probes, Tensor list_offsets, Tensor codes, Tensor scales, int k) "
+    "-> (Tensor scores, Tensor rows, Tensor num_passing)"
+)
 LIB.impl("ivf_int8_search", ivf_int8_search_torch, "CPU")
 LIB.impl("ivf_int8_search", ivf_int8_search_triton, "CUDA")
+torch.library.register_fake("iam::ivf_int8_search", _ivf_int8_search_fake, lib=LIB)

@@ -25,18 +25,21 @@ op never lets an id own two slots, so "first" only matters for corrupted buffers
 
 import torch
 
-from kernels._library import LIB, triton_available
-from kernels._zch_common import home_slots, interpreting
+from kernels._library import LIB, contiguous, require_triton_device, triton_available
+from kernels._zch_common import home_slots
 
-# Launch settings, in one place. Not tuned on a GPU yet (no GPU on the machine that wrote this):
-# a tile of 2048 window entries keeps one program's loads at 16 KiB for any max_probe.
-_LOOKUP_TILE_ENTRIES = 2048
-_LOOKUP_NUM_WARPS = 4
+# ---- launch settings (the only place) --------------------------------------------------------
+# Window entries per program: a tile of 2048 keeps one program's loads at 16 KiB for any
+# max_probe (BLOCK_IDS = TILE_ENTRIES // BLOCK_PROBE ids per program). Not tuned on a GPU yet:
+# the H200 run of benchmarks/gpu_zch.py --small (docs/performance.md) checked results only.
+TILE_ENTRIES = 2048
+# triton's default; not tuned either (same run).
+NUM_WARPS = 4
 
-LIB.define("zch_lookup(Tensor identities, Tensor ids, int max_probe) -> Tensor")
 
-
-def _check_lookup_args(identities: torch.Tensor, ids: torch.Tensor, max_probe: int) -> None:
+# ---- argument checks (both paths) ------------------------------------------------------------
+def _check_zch_lookup(identities: torch.Tensor, ids: torch.Tensor, max_probe: int) -> None:
+    """Raise ValueError naming the problem."""
     if identities.dtype != torch.int64 or identities.dim() != 1:
         raise ValueError(
             f"zch_lookup: identities must be a 1-D int64 tensor, got {identities.dtype} "
@@ -57,40 +60,7 @@ def _check_lookup_args(identities: torch.Tensor, ids: torch.Tensor, max_probe: i
         raise ValueError(f"zch_lookup: max_probe must be >= 1, got {max_probe}")
 
 
-def probe_for_ids(identities: torch.Tensor, ids: torch.Tensor, max_probe: int) -> torch.Tensor:
-    """The torch lookup without argument checks (shared with `zch_insert_torch`)."""
-    num_slots = identities.numel()
-    probes = min(max_probe, num_slots)
-    slots = torch.full_like(ids, num_slots)
-    # Positions still unresolved, their ids and the slot probed next; shrinks every step.
-    pending = torch.nonzero(ids >= 0).squeeze(1)
-    pending_ids = ids.index_select(0, pending)
-    probe = home_slots(pending_ids, num_slots)
-    for _ in range(probes):
-        if pending.numel() == 0:
-            break
-        found = identities.index_select(0, probe) == pending_ids
-        slots.index_copy_(0, pending[found], probe[found])
-        keep = ~found
-        pending, pending_ids, probe = pending[keep], pending_ids[keep], probe[keep] + 1
-        probe = torch.where(probe == num_slots, torch.zeros_like(probe), probe)
-    return slots
-
-
-def zch_lookup_torch(identities: torch.Tensor, ids: torch.Tensor, max_probe: int) -> torch.Tensor:
-    """Reference and CPU implementation of `iam::zch_lookup` (see the module docstring)."""
-    _check_lookup_args(identities, ids, max_probe)
-    return probe_for_ids(identities, ids, max_probe)
-
-
-def _zch_lookup_fake(identities: torch.Tensor, ids: torch.Tensor, max_probe: int) -> torch.Tensor:
-    return torch.empty_like(ids)
-
-
-LIB.impl("zch_lookup", zch_lookup_torch, "CPU")
-torch.library.register_fake("iam::zch_lookup", _zch_lookup_fake, lib=LIB)
-
-
+# ---- Triton kernel and its launch (CUDA; CPU tensors under TRITON_INTERPRET=1) ---------------
 if triton_available():
     import triton
     import triton.language as tl
@@ -129,27 +99,20 @@ if triton_available():
         tl.store(slots_ptr + offs_id, slot, mask=id_mask)
 
 
-def zch_lookup_triton(identities: torch.Tensor, ids: torch.Tensor, max_probe: int) -> torch.Tensor:
-    """CUDA implementation of `iam::zch_lookup` (CPU tensors too under TRITON_INTERPRET=1)."""
-    _check_lookup_args(identities, ids, max_probe)
-    if not triton_available():
-        raise RuntimeError("zch_lookup: the CUDA path needs the `triton` package")
-    if identities.device.type != "cuda" and not interpreting():
-        raise ValueError(
-            f"zch_lookup_triton: tensors must be on CUDA (or set TRITON_INTERPRET=1), "
-            f"got {identities.device}"
-        )
-    ids = ids.contiguous()
+def _launch_zch_lookup(identities: torch.Tensor, ids: torch.Tensor, max_probe: int
+                       ) -> torch.Tensor:
+    """Run `_zch_lookup_kernel` on checked arguments (shared with `zch_insert_triton`)."""
+    identities, ids = contiguous(identities, ids)
     slots = torch.empty_like(ids)
     if ids.numel() == 0:
         return slots
     num_slots = identities.numel()
     probes = min(max_probe, num_slots)
     block_probe = triton.next_power_of_2(probes)
-    block_ids = max(1, _LOOKUP_TILE_ENTRIES // block_probe)
+    block_ids = max(1, TILE_ENTRIES // block_probe)
     grid = (triton.cdiv(ids.numel(), block_ids),)
     _zch_lookup_kernel[grid](
-        identities.contiguous(),
+        identities,
         ids,
         slots,
         ids.numel(),
@@ -157,9 +120,51 @@ def zch_lookup_triton(identities: torch.Tensor, ids: torch.Tensor, max_probe: in
         probes,
         BLOCK_IDS=block_ids,
         BLOCK_PROBE=block_probe,
-        num_warps=_LOOKUP_NUM_WARPS,
+        num_warps=NUM_WARPS,
     )
     return slots
 
 
+def zch_lookup_triton(identities: torch.Tensor, ids: torch.Tensor, max_probe: int) -> torch.Tensor:
+    """CUDA implementation of `iam::zch_lookup` (CPU tensors too under TRITON_INTERPRET=1)."""
+    _check_zch_lookup(identities, ids, max_probe)
+    require_triton_device("zch_lookup", identities.device)
+    return _launch_zch_lookup(identities, ids, max_probe)
+
+
+# ---- torch path (CPU implementation and reference) -------------------------------------------
+def probe_for_ids(identities: torch.Tensor, ids: torch.Tensor, max_probe: int) -> torch.Tensor:
+    """The torch lookup without argument checks (shared with `zch_insert_torch`)."""
+    num_slots = identities.numel()
+    probes = min(max_probe, num_slots)
+    slots = torch.full_like(ids, num_slots)
+    # Positions still unresolved, their ids and the slot probed next; shrinks every step.
+    pending = torch.nonzero(ids >= 0).squeeze(1)
+    pending_ids = ids.index_select(0, pending)
+    probe = home_slots(pending_ids, num_slots)
+    for _ in range(probes):
+        if pending.numel() == 0:
+            break
+        found = identities.index_select(0, probe) == pending_ids
+        slots.index_copy_(0, pending[found], probe[found])
+        keep = ~found
+        pending, pending_ids, probe = pending[keep], pending_ids[keep], probe[keep] + 1
+        probe = torch.where(probe == num_slots, torch.zeros_like(probe), probe)
+    return slots
+
+
+def zch_lookup_torch(identities: torch.Tensor, ids: torch.Tensor, max_probe: int) -> torch.Tensor:
+    """Reference and CPU implementation of `iam::zch_lookup` (see the module docstring)."""
+    _check_zch_lookup(identities, ids, max_probe)
+    return probe_for_ids(identities, ids, max_probe)
+
+
+def _zch_lookup_fake(identities: torch.Tensor, ids: torch.Tensor, max_probe: int) -> torch.Tensor:
+    return torch.empty_like(ids)
+
+
+# ---- registration ----------------------------------------------------------------------------
+LIB.define("zch_lookup(Tensor identities, Tensor ids, int max_probe) -> Tensor")
+LIB.impl("zch_lookup", zch_lookup_torch, "CPU")
 LIB.impl("zch_lookup", zch_lookup_triton, "CUDA")
+torch.library.register_fake("iam::zch_lookup", _zch_lookup_fake, lib=LIB)

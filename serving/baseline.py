@@ -92,16 +92,16 @@ class FaissAnnRunner(AnnRunner):
             self.exact_below = self.num_items
 
     def compute(self, prepared):
-        users = torch.tensor([p[0] for p in prepared], dtype=torch.int64)
+        users = torch.tensor([p.user_id for p in prepared], dtype=torch.int64)
         queries = np.ascontiguousarray(self.forward(users).numpy(), dtype=np.float32)
-        wanted = [self.oversample * p[2] for p in prepared]
+        wanted = [self.oversample * p.k for p in prepared]
         rows: List[np.ndarray] = [np.empty(0, np.int64)] * len(prepared)
         # Requests with the same filter (the unfiltered ones, above all) share one FAISS call.
         groups: Dict[bytes, List[int]] = {}
         for i, p in enumerate(prepared):
-            groups.setdefault(p[1].tobytes(), []).append(i)
+            groups.setdefault(p.filter_bits.tobytes(), []).append(i)
         for members in groups.values():
-            bits = prepared[members[0]][1]
+            bits = prepared[members[0]].filter_bits
             matching = passing_rows(bits, self.num_items)
             if self.search_mode == "exact" or len(matching) < self.exact_below:
                 for i in members:

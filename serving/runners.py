@@ -16,7 +16,7 @@ import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -244,7 +244,9 @@ class StageRunner(ABC):
             out = self.module(*args, self._fresh_tables())
         if on_cpu:
             return out
-        return tuple(t.cpu() for t in out) if isinstance(out, tuple) else out.cpu()
+        if isinstance(out, tuple):  # a NamedTuple (AnnResult, Ranked) keeps its type
+            return type(out)(*(t.cpu() for t in out))
+        return out.cpu()
 
     def _fresh_tables(self):
         tables = self.fresh.current()
@@ -363,6 +365,38 @@ class RetrievalFilterRunner(FilterRunner):
         return super().prepare(row)
 
 
+class AnnRequest(NamedTuple):
+    user_id: int
+    filter_bits: np.ndarray  # int64 [W]
+    k: int
+
+
+class ScorerRequest(NamedTuple):
+    user_embedding: np.ndarray  # float32 [D]
+    rows: np.ndarray  # int64 [C]
+
+
+class AggregatorRequest(NamedTuple):
+    rows: np.ndarray  # int64 [C]
+    task_scores: np.ndarray  # float32 [C, T]
+    k: int
+    weights: np.ndarray  # float32 [T]: the request's, or the model's defaults
+
+
+class UnifiedRequest(NamedTuple):
+    plan: torch.Tensor  # int64 [L, 3]
+    user_id: int
+    k: int
+    weights: np.ndarray  # float32 [T]
+
+
+def answers(ranked, count: int) -> List[Result]:
+    """Per query, the first counts[b] results of a `Ranked` batch (stages/aggregator.py)."""
+    ids, values, tasks, n = (t.numpy() for t in ranked)
+    return [{"item_ids": ids[i: i + 1, : n[i]], "scores": values[i: i + 1, : n[i]],
+             "task_scores": tasks[i: i + 1, : n[i]]} for i in range(count)]
+
+
 class AnnRunner(StageRunner):
     STAGE = "ann"
     INPUTS = (TensorSpec("user_id", "INT64", (1,)), TensorSpec("filter_bits", "INT64", (-1,)),
@@ -371,13 +405,15 @@ class AnnRunner(StageRunner):
                TensorSpec("user_embedding", "FP32", (-1,)))
 
     def prepare(self, row):
-        return int(row["user_id"][0]), row["filter_bits"], check_k(row["k"])
+        return AnnRequest(int(row["user_id"][0]), row["filter_bits"], check_k(row["k"]))
 
-    def compute(self, prepared):
-        users = torch.tensor([p[0] for p in prepared], dtype=torch.int64)
-        bits = torch.from_numpy(np.stack([p[1] for p in prepared]))
-        ks = torch.tensor([p[2] for p in prepared], dtype=torch.int64)
-        rows, _, counts, user_emb = (t.numpy() for t in self.forward(users, bits, ks))
+    def compute(self, prepared: List[AnnRequest]):
+        users = torch.tensor([p.user_id for p in prepared], dtype=torch.int64)
+        bits = torch.from_numpy(np.stack([p.filter_bits for p in prepared]))
+        ks = torch.tensor([p.k for p in prepared], dtype=torch.int64)
+        found = self.forward(users, bits, ks)
+        rows, counts, user_emb = (t.numpy() for t in (found.rows, found.counts,
+                                                      found.user_embedding))
         return [{"candidate_rows": rows[i: i + 1, : counts[i]],
                  "user_embedding": user_emb[i: i + 1]} for i in range(len(prepared))]
 
@@ -389,14 +425,14 @@ class ScorerRunner(StageRunner):
     OUTPUTS = (TensorSpec("candidate_task_scores", "FP32", (-1, TASKS_DIM)),)
 
     def prepare(self, row):
-        return (check_finite("user_embedding", row["user_embedding"]),
-                check_rows("candidate_rows", row["candidate_rows"]))
+        return ScorerRequest(check_finite("user_embedding", row["user_embedding"]),
+                             check_rows("candidate_rows", row["candidate_rows"]))
 
-    def compute(self, prepared):
-        user = torch.from_numpy(np.stack([p[0] for p in prepared]))
-        rows = pad_rows([p[1] for p in prepared])
+    def compute(self, prepared: List[ScorerRequest]):
+        user = torch.from_numpy(np.stack([p.user_embedding for p in prepared]))
+        rows = pad_rows([p.rows for p in prepared])
         scores = self.forward(user, rows).numpy()
-        return [{"candidate_task_scores": scores[i: i + 1, : len(p[1])]}
+        return [{"candidate_task_scores": scores[i: i + 1, : len(p.rows)]}
                 for i, p in enumerate(prepared)]
 
 
@@ -421,20 +457,18 @@ class AggregatorRunner(StageRunner):
         if len(tasks) != len(rows):
             raise RequestError(f"candidate_task_scores: {len(tasks)} rows for {len(rows)} "
                                "candidate_rows")
-        return rows, tasks, k, self.default_weights if weights is None else weights
+        return AggregatorRequest(rows, tasks, k,
+                                 self.default_weights if weights is None else weights)
 
-    def compute(self, prepared):
-        rows = pad_rows([p[0] for p in prepared])
+    def compute(self, prepared: List[AggregatorRequest]):
+        rows = pad_rows([p.rows for p in prepared])
         tasks = torch.zeros(rows.shape + (len(self.tasks),), dtype=torch.float32)
         for i, p in enumerate(prepared):
-            tasks[i, : len(p[0])] = torch.from_numpy(p[1])
-        counts = torch.tensor([len(p[0]) for p in prepared], dtype=torch.int64)
-        ks = torch.tensor([p[2] for p in prepared], dtype=torch.int64)
-        weights = torch.from_numpy(np.stack([p[3] for p in prepared]))
-        ids, values, task_scores, n = (t.numpy() for t in self.forward(
-            rows, tasks, counts, ks, weights))
-        return [{"item_ids": ids[i: i + 1, : n[i]], "scores": values[i: i + 1, : n[i]],
-                 "task_scores": task_scores[i: i + 1, : n[i]]} for i in range(len(prepared))]
+            tasks[i, : len(p.rows)] = torch.from_numpy(p.task_scores)
+        counts = torch.tensor([len(p.rows) for p in prepared], dtype=torch.int64)
+        ks = torch.tensor([p.k for p in prepared], dtype=torch.int64)
+        weights = torch.from_numpy(np.stack([p.weights for p in prepared]))
+        return answers(self.forward(rows, tasks, counts, ks, weights), len(prepared))
 
 
 class UnifiedRunner(StageRunner):
@@ -457,18 +491,15 @@ class UnifiedRunner(StageRunner):
         k = check_k(row["k"])
         weights = check_task_weights(row.get("task_weights"))
         plan = check_filter(row["filter"], self.schema)
-        return (plan, int(row["user_id"][0]), k,
-                self.default_weights if weights is None else weights)
+        return UnifiedRequest(plan, int(row["user_id"][0]), k,
+                              self.default_weights if weights is None else weights)
 
-    def compute(self, prepared):
-        plans = batch_plans([p[0] for p in prepared])
-        users = torch.tensor([p[1] for p in prepared], dtype=torch.int64)
-        ks = torch.tensor([p[2] for p in prepared], dtype=torch.int64)
-        weights = torch.from_numpy(np.stack([p[3] for p in prepared]))
-        ids, values, task_scores, n = (t.numpy() for t in self.forward(
-            plans, users, ks, weights))
-        return [{"item_ids": ids[i: i + 1, : n[i]], "scores": values[i: i + 1, : n[i]],
-                 "task_scores": task_scores[i: i + 1, : n[i]]} for i in range(len(prepared))]
+    def compute(self, prepared: List[UnifiedRequest]):
+        plans = batch_plans([p.plan for p in prepared])
+        users = torch.tensor([p.user_id for p in prepared], dtype=torch.int64)
+        ks = torch.tensor([p.k for p in prepared], dtype=torch.int64)
+        weights = torch.from_numpy(np.stack([p.weights for p in prepared]))
+        return answers(self.forward(plans, users, ks, weights), len(prepared))
 
 
 def default_weights(aggregator, tasks: Tuple[str, ...], version_dir: Path) -> np.ndarray:

@@ -159,8 +159,13 @@ def swap_index(url: str, version: int, admin_key: str, repository: Path,
                 log(f"{e} stays on version {report.pinned[e]}: {missing} have no version "
                     f"{version}")
                 continue
+            served = max(step_versions(path.read_text()))
             pin_steps(path, version)
-            admin.load(e)
+            try:
+                admin.load(e)
+            except Exception:  # the served ensemble stays; so does its file
+                pin_steps(path, served)
+                raise
             report.pinned[e] = version
             log(f"{e} now runs version {version}")
     except SwapError:

@@ -7,12 +7,21 @@ its config, or the request's `task_weights` (non-negative, one per task). Result
 by value, descending; ties keep the candidate order.
 """
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
 
 from stages.fresh import FreshItems, gather_rows
+
+
+class Ranked(NamedTuple):
+    """The final results of a batch: query b's first counts[b] entries are its answer."""
+
+    item_ids: torch.Tensor  # int64 [B, K] raw item ids
+    scores: torch.Tensor  # float32 [B, K] Value Model values, descending
+    task_scores: torch.Tensor  # float32 [B, K, T]
+    counts: torch.Tensor  # int64 [B] = min(k, candidates)
 
 
 class ValueModel(nn.Module):
@@ -28,7 +37,7 @@ class ValueModel(nn.Module):
 
     def forward(self, rows: torch.Tensor, task_scores: torch.Tensor, counts: torch.Tensor,
                 k: torch.Tensor, weights: torch.Tensor, fresh: Optional[FreshItems] = None
-                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                ) -> Ranked:
         """
         Args:
             rows int64 [B, C] (valid below counts), task_scores [B, C, T], counts int64 [B],
@@ -49,4 +58,4 @@ class ValueModel(nn.Module):
         top_tasks = torch.gather(task_scores, 1,
                                  order.unsqueeze(-1).expand(-1, -1, task_scores.shape[2]))
         ids = gather_rows(self.item_ids, None if fresh is None else fresh.item_ids, top_rows)
-        return ids, top_values, top_tasks, torch.minimum(k, counts)
+        return Ranked(ids, top_values, top_tasks, torch.minimum(k, counts))

@@ -70,6 +70,15 @@ def build_ann_stage(indexed: Catalog, users: nn.Module, layout: IndexLayout,
     return AnnStage(users, IVFInt8Search(layout.ivf, config.ivf_search), config.oversample)
 
 
+class AnnResult(NamedTuple):
+    """What the ANN stage hands the scorer, per query of the batch."""
+
+    rows: torch.Tensor  # int64 [B, C] candidate index rows, -1 past counts
+    scores: torch.Tensor  # float32 [B, C] inner products, descending
+    counts: torch.Tensor  # int64 [B] valid candidates: min(oversample * k, matches)
+    user_embedding: torch.Tensor  # float32 [B, D] the query vectors
+
+
 class ExactSearch(nn.Module):
     """Brute-force fp32 inner-product search over the items that pass the filter.
 
@@ -111,7 +120,7 @@ class AnnStage(nn.Module):
         self.oversample = oversample
 
     def forward(self, user_ids: torch.Tensor, filter_bits: torch.Tensor, k: torch.Tensor
-                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                ) -> AnnResult:
         """
         Args:
             user_ids: int64 [B]; filter_bits: int64 [B, W]; k: int64 [B] (>= 1).
@@ -125,4 +134,4 @@ class AnnStage(nn.Module):
         # a search returns min(C, matches) rows per query, so this is min(wanted, matches, C)
         # without a popcount of the whole bitmap
         counts = torch.minimum(wanted, (rows >= 0).sum(1))
-        return rows, scores, counts, user_embedding
+        return AnnResult(rows, scores, counts, user_embedding)

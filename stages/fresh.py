@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from filtering.bits import num_words, pack_bits, unpack_bits
+from stages.ann import AnnResult
 from stages.plan import PostfixPlan
 
 
@@ -171,17 +172,16 @@ class FreshAnn(nn.Module):
         self.offset = fresh_row_offset(num_items)
 
     def forward(self, user_ids: torch.Tensor, filter_bits: torch.Tensor, k: torch.Tensor,
-                fresh: Optional[FreshItems] = None
-                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                fresh: Optional[FreshItems] = None) -> AnnResult:
         """As the wrapped stage; with `fresh`, filter_bits holds the fresh words after the main
         ones (FreshFilter) and rows at and past fresh_row_offset(N) are fresh rows."""
         has_fresh_words = filter_bits.shape[1] > self.main_words
         main_bits = filter_bits[:, : self.main_words].contiguous() if has_fresh_words \
             else filter_bits
-        rows, scores, counts, user_embedding = self.ann(user_ids, main_bits, k)
+        found = self.ann(user_ids, main_bits, k)
         if fresh is None or not has_fresh_words:
-            return rows, scores, counts, user_embedding
+            return found
         rows, scores, counts = merge_fresh(
-            user_embedding, filter_bits[:, self.main_words:], fresh, rows, scores, counts,
-            k * self.oversample, self.offset)
-        return rows, scores, counts, user_embedding
+            found.user_embedding, filter_bits[:, self.main_words:], fresh, found.rows,
+            found.scores, found.counts, k * self.oversample, self.offset)
+        return AnnResult(rows, scores, counts, found.user_embedding)

@@ -7,11 +7,12 @@ get the fresh wrappers the builder exports for the ensemble's stages, the scorer
 Model read fresh rows from the `fresh` argument.
 """
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import nn
 
+from stages.aggregator import Ranked
 from stages.fresh import FreshAnn, FreshFilter, FreshItems
 
 
@@ -35,7 +36,7 @@ class UnifiedRetrieval(nn.Module):
 
     def forward(self, plans: torch.Tensor, user_ids: torch.Tensor, k: torch.Tensor,
                 task_weights: torch.Tensor, fresh: Optional[FreshItems] = None
-                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                ) -> Ranked:
         """
         Args:
             plans int64 [B, L, 3] (filtering/expression.py), user_ids int64 [B], k int64 [B],
@@ -45,6 +46,6 @@ class UnifiedRetrieval(nn.Module):
             (valid results per query).
         """
         bits = self.filter(plans, fresh)
-        rows, _, counts, user_embedding = self.ann(user_ids, bits, k, fresh)
-        task_scores = self.scorer(user_embedding, rows, fresh)
-        return self.aggregator(rows, task_scores, counts, k, task_weights, fresh)
+        found = self.ann(user_ids, bits, k, fresh)
+        task_scores = self.scorer(found.user_embedding, found.rows, fresh)
+        return self.aggregator(found.rows, task_scores, found.counts, k, task_weights, fresh)

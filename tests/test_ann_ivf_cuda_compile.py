@@ -28,7 +28,7 @@ def test_scan_kernel_compiles_for_sm90(scalar, dim):
 
     from kernels import ivf_int8_search as op
 
-    kernel, _ = op._kernel()
+    kernel = op._ivf_int8_search_kernel
     signature = {
         "q_codes_ptr": "*i8", "q_scales_ptr": "*fp32", "bits_ptr": "*i64", "probes_ptr": "*i64",
         "offsets_ptr": "*i64", "codes_ptr": "*i8", "scales_ptr": "*fp32", "out_ptr": "*fp32",

@@ -1,7 +1,8 @@
-"""`iam::bloom_search`: the Triton-language kernel under TRITON_INTERPRET=1 equals the torch path
-bit for bit (ragged tails, every term kind, padding, deep stacks), the kernel compiles for a
-CUDA target without a GPU, and compiled plans keep the stack the kernel holds in registers
-shallow.
+"""`iam::bloom_search`: the torch path and the Triton-language kernel under TRITON_INTERPRET=1
+both equal a naive per-item reference (tests/filter_reference.py) bit for bit (ragged tails,
+every term kind, NOT of Bloom terms, padding, empty batches, deep stacks), the kernel compiles
+for a CUDA target without a GPU, and compiled plans keep the stack the kernel holds in
+registers shallow.
 
 `triton.jit` decides between compiling and interpreting when `kernels` is imported, so the
 interpreter check runs in a child pytest that sets TRITON_INTERPRET=1 first (in-process when
@@ -15,9 +16,15 @@ import sys
 
 import pytest
 import torch
+from filter_reference import bloom_search_reference
 
 from filtering.bloom_index import TERM_BLOOM, TERM_EMPTY, TERM_EXACT
 from filtering.expression import (
+    OP_ALL,
+    OP_AND,
+    OP_NOT,
+    OP_OR,
+    OP_PAD,
     OP_TERM,
     All,
     And,
@@ -71,38 +78,76 @@ def resolved_plans(rng: random.Random, count: int, num_rows: int, rows_per_term:
     return batch_plans(plans)
 
 
-def interpret_checks() -> None:
-    from kernels.bloom_search import bloom_search_torch, bloom_search_triton
-
-    rng = random.Random(4)
+def checked_cases():
+    """(label, plans, words, num_items) on small awkward shapes: item counts that are not
+    multiples of 64 (and 0), padding rows, NOT of Bloom and empty terms, an empty batch, a deep
+    stack, and random plans of every term kind."""
     gen = torch.Generator().manual_seed(4)
-    # item counts: one word, a ragged word, exactly 2 words, ragged tails over 2 blocks
-    for num_items, depth in ((1, 2), (63, 3), (128, 3), (300, 3), (8256 + 70, 2)):
-        num_words = (num_items + 63) // 64
-        words = torch.randint(-(2**63), 2**63 - 1, (7, num_words), generator=gen)
-        plans = resolved_plans(rng, 4, 7, 3, depth)
-        expected = bloom_search_torch(plans, words, num_items)
-        got = bloom_search_triton(plans, words, num_items)
-        for name, a, b in zip(("definite", "uncertain"), expected, got):
-            assert torch.equal(a, b), f"{num_items} items: {name} differs"
-        assert not bool((expected[0] & expected[1]).any())
+    rng = random.Random(4)
+
+    def random_words(rows: int, num_items: int) -> torch.Tensor:
+        return torch.randint(-(2**63), 2**63 - 1, (rows, (num_items + 63) // 64), generator=gen)
+
+    def step(op: int, kind: int = 0, *rows: int) -> list:
+        return [op, kind, *rows] + [-1] * (3 - len(rows))
+
+    bloom, exact, empty = TERM_BLOOM, TERM_EXACT, TERM_EMPTY
+    hand_written = [
+        [step(OP_ALL)],  # the empty expression (padded below, as every shorter plan)
+        [step(OP_TERM, bloom, 0, 1), step(OP_NOT)],  # Bloom positives become uncertain
+        [step(OP_TERM, bloom, 2), step(OP_NOT), step(OP_NOT)],
+        [step(OP_TERM, exact, 3), step(OP_PAD), step(OP_NOT), step(OP_TERM, bloom, 1, 4),
+         step(OP_AND)],  # a padding row inside a plan does nothing
+        [step(OP_TERM, bloom, 0, 2, 5), step(OP_NOT), step(OP_TERM, exact, 6), step(OP_OR)],
+        [step(OP_TERM, empty, 0), step(OP_NOT)],  # NOT of an empty term: every item
+        [step(OP_TERM, bloom, 5, 6), step(OP_TERM, bloom, 0), step(OP_OR), step(OP_NOT),
+         step(OP_ALL), step(OP_AND)],
+    ]
+    plans = batch_plans([torch.tensor(plan) for plan in hand_written])
+    cases = [(f"hand-written plans, {n} items", plans, random_words(7, n), n)
+             for n in (0, 1, 63, 65, 130, 200)]
+    # random plans: one word, a ragged word, exactly 2 words, ragged tails over 2 blocks
+    for n, depth in ((1, 2), (63, 3), (128, 3), (300, 3), (8256 + 70, 2)):
+        cases.append((f"random plans, {n} items", resolved_plans(rng, 4, 7, 3, depth),
+                      random_words(7, n), n))
+    cases.append(("an empty batch", torch.zeros((0, 1, 5), dtype=torch.int64),
+                  random_words(7, 100), 100))
     # a deep stack (right-nested ORs in parse order, as an older plan compiler emitted)
-    deep = torch.tensor([[OP_TERM, TERM_BLOOM, 0, 1]] * 9 + [[3, 0, -1, -1]] * 8)
+    deep = torch.tensor([[OP_TERM, TERM_BLOOM, 0, 1]] * 9 + [[OP_OR, 0, -1, -1]] * 8)
     deep[0:9:2, 1] = TERM_EXACT
     deep[0:9:2, 3] = -1
-    words = torch.randint(-(2**63), 2**63 - 1, (2, 2), generator=gen)
-    expected = bloom_search_torch(deep[None], words, 100)
-    got = bloom_search_triton(deep[None], words, 100)
-    assert all(torch.equal(a, b) for a, b in zip(expected, got)), "deep stack differs"
+    cases.append(("a deep stack", deep[None], random_words(2, 100), 100))
+    return cases
+
+
+def assert_equals_reference(search) -> None:
+    for label, plans, words, num_items in checked_cases():
+        expected = bloom_search_reference(plans, words, num_items)
+        got = search(plans, words, num_items)
+        for name, want, have in zip(("definite", "uncertain"), expected, got):
+            assert have.shape == want.shape, f"{label}: {name} shape"
+            assert torch.equal(have, want), f"{label}: {name} differs from the reference"
+
+
+def test_torch_path_equals_naive_reference():
+    from kernels.bloom_search import bloom_search_torch
+
+    assert_equals_reference(bloom_search_torch)
+
+
+def interpret_checks() -> None:
+    from kernels.bloom_search import bloom_search_triton
+
+    assert_equals_reference(bloom_search_triton)
 
 
 @pytest.mark.interpret
 @needs_triton
-def test_kernel_under_interpreter_equals_torch_path():
+def test_kernel_under_interpreter_equals_naive_reference():
     if os.environ.get("TRITON_INTERPRET") == "1":
         interpret_checks()
         return
-    node = f"{__file__}::test_kernel_under_interpreter_equals_torch_path"
+    node = f"{__file__}::test_kernel_under_interpreter_equals_naive_reference"
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", node],
         env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,

@@ -105,5 +105,6 @@ def test_locust_headless_against_the_server_has_no_failures(server, small_build,
     assert summary["failures"] == 0 and summary["requests"] >= int(total["Request Count"])
     batched = MEMBERS.get(model, {model})
     assert batched <= set(summary["batch_sizes"]), summary["batch_sizes"]
-    assert all(summary["batch_sizes"][m] >= 1.0 for m in batched)
+    # 4 users with one request in flight each: a batch holds 1 to 4 requests
+    assert all(1.0 <= summary["batch_sizes"][m] <= 4.0 for m in batched), summary
     assert "summary: " in run.stdout and "req/s" in run.stdout

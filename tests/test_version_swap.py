@@ -142,3 +142,23 @@ def test_version_swap_under_load_fails_no_request(swap_setup):
     assert swap_main(["--version", "1", *cli]) == 2
     assert swap_main(["--version", "3", *cli]) == 2
     assert answers(url) == after
+
+
+def test_a_swap_to_a_broken_version_fails_and_serving_goes_on(swap_setup):
+    """Version 3 with a corrupt scorer artifact: the swap stops with an error naming the
+    failure, every ensemble file still names the served version, and every answer is the
+    same as before (Triton keeps the versions it had when a load fails)."""
+    root, repo, catalogs, server = swap_setup
+    url = server.config.http_url
+    before = answers(url)
+    config = (repo / "retrieval" / "config.pbtxt").read_text()
+    for name in STAGES:
+        shutil.copytree(repo / name / "2", repo / name / "3")
+    (repo / "scorer" / "3" / "model.pt").write_bytes(b"not a TorchScript archive")
+    cli = ["-u", server.config.grpc_url, "--admin-key", KEY, "--repository", str(repo)]
+    assert swap_main(["--version", "3", *cli]) == 2
+    assert (repo / "retrieval" / "config.pbtxt").read_text() == config
+    assert answers(url) == before
+    with pytest.raises(Exception, match="scorer"):
+        swap_index(server.config.grpc_url, 3, KEY, repo, log=lambda *_: None)
+    assert answers(url) == before

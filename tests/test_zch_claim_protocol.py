@@ -1,4 +1,4 @@
-"""The CUDA claim protocol of `_zch_claim_kernel` (kernels/zch_insert.py) under concurrency.
+"""The CUDA claim protocol of `_zch_insert_kernel` (kernels/zch_insert.py) under concurrency.
 
 The interpreter runs Triton programs one after another, so the kernel's concurrent paths (a
 window slot seen mid-claim, a lost compare-and-swap, the roll-back of a claim that read a stale
@@ -31,7 +31,7 @@ TRIALS = 60
 
 
 def _program(mem, out, stats, pid, raw_id, home, probes, now, expire_before, policy):
-    """One program of `_zch_claim_kernel`; `mem` = [identities, metadata] lists, `out` = the
+    """One program of `_zch_insert_kernel`; `mem` = [identities, metadata] lists, `out` = the
     [slots, claimed, evicted] lists (slots holds the phase-1 result on entry); `stats` counts
     the concurrent paths taken."""
     identities, metadata = mem
