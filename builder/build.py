@@ -147,15 +147,26 @@ def configure_tasks(config: str, tasks: Tuple[str, ...]) -> str:
                   rf"\g<1>{','.join(tasks)}\2", config)
 
 
+# `model_version: V` of an ensemble step (serving/swap.py moves them on a swap)
+STEP_VERSION = re.compile(r"(model_version\s*:\s*)(-?\d+)")
+
+
+def pin_step_versions(config: str, version: int) -> str:
+    """An ensemble config whose every step names `version` (other configs are unchanged)."""
+    return STEP_VERSION.sub(lambda m: f"{m.group(1)}{version}", config)
+
+
 def prepare_repository(target: Path, tasks: Tuple[str, ...]) -> None:
-    """The template's configs (for `tasks`) and entry points in a new repository `target`."""
+    """The template's configs (for `tasks`; ensemble steps on version 1, whatever a swap of
+    a repository served from the template wrote there) and entry points in a new repository
+    `target`."""
     for model_dir in sorted(TEMPLATE.iterdir()):
         if not (model_dir / "config.pbtxt").exists():
             continue
         dst = target / model_dir.name
         (dst / "1").mkdir(parents=True, exist_ok=True)
-        (dst / "config.pbtxt").write_text(
-            configure_tasks((model_dir / "config.pbtxt").read_text(), tasks))
+        (dst / "config.pbtxt").write_text(pin_step_versions(
+            configure_tasks((model_dir / "config.pbtxt").read_text(), tasks), 1))
         for entry in ("model.py", ".gitkeep"):
             if (model_dir / "1" / entry).exists():
                 shutil.copy2(model_dir / "1" / entry, dst / "1" / entry)

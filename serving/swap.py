@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-STEP_VERSION = re.compile(r"(model_version\s*:\s*)(-?\d+)")
+from builder.build import STEP_VERSION, pin_step_versions
+
 LOAD_TIMEOUT_S = 900.0  # a load returns once the model is ready: minutes for a large index
 
 
@@ -67,7 +68,7 @@ def pin_steps(config_path: Path, version: int) -> None:
     """Point every step of the ensemble at `version`, replacing the file atomically (Triton
     never reads half a file; comments and layout are kept)."""
     text = config_path.read_text()
-    pinned = STEP_VERSION.sub(lambda m: f"{m.group(1)}{version}", text)
+    pinned = pin_step_versions(text, version)
     tmp = config_path.with_name(config_path.name + ".swap")
     tmp.write_text(pinned)
     os.replace(tmp, config_path)

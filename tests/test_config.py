@@ -118,3 +118,22 @@ def test_configs_for_other_tasks_match_runners(tasks):
         dims = {t.name: tuple(t.dims) for t in list(config.input) + list(config.output)}
         assert dims["task_weights"] == (len(tasks),)
         assert dims["task_scores"] == (-1, len(tasks))
+
+
+def test_a_new_repository_starts_its_ensembles_on_version_1(tmp_path, monkeypatch):
+    """A swap of a repository served from the template rewrites the template's ensemble
+    steps (model_version: 2); a version-1 build still writes version 1 into every step."""
+    import shutil
+
+    import builder.build as build_module
+
+    template = tmp_path / "template"
+    shutil.copytree(REPO, template)
+    path = template / "retrieval" / "config.pbtxt"
+    path.write_text(build_module.pin_step_versions(path.read_text(), 2))
+    monkeypatch.setattr(build_module, "TEMPLATE", template)
+    build_module.prepare_repository(tmp_path / "new", ("click", "like", "share"))
+    for ensemble in ("retrieval", "baseline"):
+        config = text_format.Parse((tmp_path / "new" / ensemble / "config.pbtxt").read_text(),
+                                   model_config_pb2.ModelConfig())
+        assert {s.model_version for s in config.ensemble_scheduling.step} == {1}
