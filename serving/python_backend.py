@@ -13,6 +13,16 @@ import traceback
 from pathlib import Path
 
 
+def instance_params(args: dict, params: dict) -> dict:
+    """The runner's parameters for this model instance: an instance of a `KIND_GPU` group
+    runs on the GPU Triton gave it (`instance_group [{kind: KIND_GPU, gpus: [1]}]` ->
+    `cuda:1`), so one server can put an instance on each GPU of the host; a `device`
+    parameter in the config still wins, and other kinds keep IAM_DEVICE's choice."""
+    if "device" in params or args.get("model_instance_kind") != "GPU":
+        return params
+    return {**params, "device": f"cuda:{int(args['model_instance_device_id'])}"}
+
+
 def make_model(stage: str, runners: str = "serving.runners"):
     """The Python-backend model class of `stage`, run by `RUNNERS[stage]` of module `runners`."""
 
@@ -29,7 +39,8 @@ def make_model(stage: str, runners: str = "serving.runners"):
             self.pb = pb_utils
             self.RequestError = RequestError
             config = json.loads(args["model_config"])
-            params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+            params = instance_params(args, {k: v["string_value"]
+                                            for k, v in config.get("parameters", {}).items()})
             torch.set_num_threads(int(params.get("torch_threads", "1")))
             version_dir = Path(args["model_repository"]) / args["model_version"]
             runner_cls = importlib.import_module(runners).RUNNERS[stage]
