@@ -73,9 +73,9 @@ class StopRequest:
             signal.signal(s, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        if not self.event.is_set():
-            # os.write, not print: a handler may run in the middle of a print to stdout
-            os.write(sys.stdout.fileno(), f"{signal.Signals(signum).name}: stopping\n".encode())
+        said = "already stopping, ignored" if self.event.is_set() else "stopping"
+        # os.write, not print: a handler may run in the middle of a print to stdout
+        os.write(sys.stdout.fileno(), f"{signal.Signals(signum).name}: {said}\n".encode())
         self.event.set()
 
 

@@ -239,6 +239,8 @@ def test_signals_stop_everything_cleanly(launched, how, run):
     seconds = launched.wait_gone(sent)
     assert launched.text().rstrip().endswith("stopped"), launched.text()
     assert "Traceback" not in launched.text(), launched.text()
+    if how.startswith("two"):
+        assert "SIGTERM: already stopping, ignored" in launched.text(), launched.text()
     _report(how, launched, seconds)
 
 
@@ -287,6 +289,19 @@ def test_start_on_a_taken_port_fails_fast_naming_the_holder(server, small_build,
     assert "ready." not in text
     assert servers_on(ports[0]) == ([server.process.pid] if holder == "tritonserver" else [])
     assert server.is_ready()
+
+
+def test_help_and_an_unbuilt_repository_start_nothing(tmp_path):
+    ports = free_ports(3)
+    shown = subprocess.run([sys.executable, "-m", "serving.serve", "--help"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0 and "--repository" in shown.stdout, shown
+    refused = subprocess.run([sys.executable, "-m", "serving.serve", "--repository",
+                              str(tmp_path / "empty"), "--http-port", str(ports[0])], cwd=ROOT,
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2, refused
+    assert f"python -m builder --repository {tmp_path / 'empty'}" in refused.stderr
+    assert not servers_on(ports[0]) and not (tmp_path / "empty").exists()
 
 
 def test_readiness_is_that_of_this_start_only(server):
