@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import pytest
 
@@ -86,8 +86,8 @@ class Launched:
         (self.server,) = servers_on(self.ports[0])
         argv = cmdline(self.server)
         self.identity = next(a.split("=", 1)[1] for a in argv if a.startswith("--id="))
-        self.stubs = stubs_of(self.server)
-        self.regions = [cmdline(p)[2] for p in self.stubs]
+        stubs = stubs_of(self.server)
+        self.stubs, self.regions = list(stubs), [argv[2] for argv in stubs.values()]
         assert self.stubs and all(r.startswith(self.identity) for r in self.regions), self.regions
         return self
 
@@ -121,9 +121,11 @@ def servers_on(http_port: int) -> List[int]:
     return found
 
 
-def stubs_of(server: int) -> List[int]:
-    return [p for p in group_members(server) if cmdline(p)[:1] and
-            cmdline(p)[0].endswith(STUB_BINARY)]
+def stubs_of(server: int) -> Dict[int, List[str]]:
+    """pid -> command line (stub, model.py, shared-memory region, ...) of the server's stubs."""
+    found = {pid: cmdline(pid) for pid in group_members(server)}
+    return {pid: argv for pid, argv in found.items()
+            if len(argv) > 2 and argv[0].endswith(STUB_BINARY)}
 
 
 def _live_group_leader(pid: int) -> bool:
