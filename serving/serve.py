@@ -62,8 +62,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 class StopRequest:
     """SIGINT and SIGTERM ask for a stop by setting `event`; they never raise, so no signal can
-    interrupt a stop half-way. The first one is reported; later ones (GNU make forwards to its
-    child the SIGTERM that its whole process group got) change nothing."""
+    interrupt a stop half-way. Later ones (GNU make forwards to its child the SIGTERM that its
+    whole process group got) are reported as ignored."""
 
     def __init__(self):
         self.event = threading.Event()
