@@ -59,7 +59,7 @@ class Launched:
     def text(self) -> str:
         return self.output.read_text(errors="replace")
 
-    def wait_ready(self, timeout: float = 120.0) -> Launched:
+    def wait_ready(self, timeout: float = 240.0) -> Launched:  # the launcher gives up at 180 s
         t0 = time.monotonic()
         while "\nready." not in self.text():
             assert self.process.poll() is None, f"the launcher exited:\n{self.text()}"
