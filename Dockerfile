@@ -18,4 +18,6 @@ RUN pip install --no-cache-dir --no-deps -e . && python -m builder
 # the baseline's FAISS search stays on the CPU, as the service it stands for
 ENV TRITON_HOST=0.0.0.0 IAM_DEVICE=auto
 EXPOSE 8000 8001 8002
-CMD ["python", "-m", "serving.serve"]
+# the same launcher as `make serve` (python -m serving.serve --help); SIGTERM (docker stop)
+# stops the server and its stubs cleanly
+CMD ["python", "-m", "serving.serve", "--host", "0.0.0.0"]

@@ -26,8 +26,11 @@ CATALOG ?=
 demo: setup  ## build if needed, start Triton, query, measure, stop
 	$(PY) -m serving.demo $(if $(CATALOG),--catalog "$(CATALOG)")
 
+# `make serve REPOSITORY=DIR` serves a repository built with `python -m builder --repository DIR`;
+# without it, model_repository/ (built first if needed). `python -m serving.serve --help`: options.
+REPOSITORY ?=
 serve: setup  ## build if needed, run Triton in the foreground (Ctrl-C stops)
-	$(PY) -m serving.serve
+	$(PY) -m serving.serve $(if $(REPOSITORY),--repository $(REPOSITORY))
 
 test: setup  ## the whole suite (starts real servers)
 	$(PY) -m pytest -q tests

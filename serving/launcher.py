@@ -3,21 +3,38 @@
 The binary is the one on PATH (NVIDIA's container images), else the one shipped in the PyPI
 package `nvidia-pytriton` (server 2.51), run with a backend directory assembled from the same
 package: the Python backend plus the backend stub built for the running Python version.
+
+Lifecycle (docs/reliability.md, "Server lifecycle"):
+- the server never outlives its launcher: it is started with PR_SET_PDEATHSIG (the kernel
+  SIGKILLs it when the launcher dies, even by SIGKILL). Its Python-backend stubs usually exit by
+  themselves a second or two after the server's death, removing their shared-memory regions,
+  but not a stub still loading its model: that one hangs for ever. So each start also has a
+  watchdog process (serving/watchdog.py) that outlives the launcher and then kills what is left
+  of the server's process group and removes its regions;
+- each start has its own identity (`--id`, read back from the server metadata at GET /v2) and
+  its own shared-memory prefix: readiness is that of this start's server, never of another one
+  answering on the same port, and leftovers are found by name;
+- ports already taken are reported before the start, with the process holding them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -27,6 +44,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 class ServerError(RuntimeError):
     pass
+
+
+class StartCancelled(ServerError):
+    """start() gave up because its `cancel` event was set (a stop was asked for meanwhile)."""
 
 
 # Triton APIs that only holders of the admin key may use, besides the repository API
@@ -136,8 +157,12 @@ class TritonServer:
         self.config = config
         self.process: Optional[subprocess.Popen] = None
         self._log = None
+        self._watchdog: Optional[subprocess.Popen] = None
         self._starts = 0
-        self._shm_regions: set = set()  # of this server's stubs, removed if a crash leaves them
+        self._stop_pending = False  # a server was started and not yet stopped
+        # this start's name: the server's --id (GET /v2 answers it) and the prefix of its stubs'
+        # shared-memory regions in /dev/shm; new at every start
+        self.identity = ""
 
     def command(self) -> tuple[List[str], dict]:
         binary, backends, extra_env = find_server()
@@ -165,6 +190,9 @@ class TritonServer:
             args += [f"--load-model={m}" for m in (c.load_models or ["*"])]
         if backends is not None:
             args.append(f"--backend-directory={backends}")
+        if self.identity:
+            args += [f"--id={self.identity}",
+                     f"--backend-config=python,shm-region-prefix-name={self.identity}_"]
         env = dict(os.environ, **extra_env)
         # The backend stub embeds an interpreter that finds its prefix through the first
         # `python3` on PATH: put this environment's first so model.py runs with its packages
@@ -177,36 +205,67 @@ class TritonServer:
             env[FRESH_DIR_ENV] = str(c.fresh_dir)
         return args + list(c.extra_args), env
 
-    def start(self, timeout: float = 180.0) -> TritonServer:
+    def start(self, timeout: float = 180.0,
+              cancel: Optional[threading.Event] = None) -> TritonServer:
+        """Start and wait until ready; `cancel` set meanwhile stops it and raises
+        StartCancelled. Raises ServerError, before starting anything, when a port is taken."""
+        self.check_ports()
+        self.identity = f"iam-{secrets.token_hex(8)}"
         args, env = self.command()
         self.config.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.config.log_path, "ab" if self._starts else "wb")  # keep a crash's log
         self._starts += 1
-        self.process = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT,
-                                        env=env, start_new_session=True)
+        self.process = _spawn_tied_to_this_process(args, stdout=self._log,
+                                                   stderr=subprocess.STDOUT, env=env,
+                                                   start_new_session=True)
+        self._stop_pending = True
         try:
-            self.wait_ready(timeout)
+            # in a session of its own, so that signals to the launcher's process group miss it
+            self._watchdog = subprocess.Popen(
+                [sys.executable, "-m", "serving.watchdog", str(self.process.pid), self.identity],
+                stdin=subprocess.PIPE, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                start_new_session=True)
+            self.wait_ready(timeout, cancel)
         except BaseException:
             self.stop()
             raise
-        self.stubs()  # note their shared-memory regions
         return self
 
-    def restart(self, timeout: float = 180.0, stop_timeout: float = 30.0) -> TritonServer:
+    def restart(self, timeout: float = 180.0, stop_timeout: float = 30.0,
+                cancel: Optional[threading.Event] = None) -> TritonServer:
         """Stop (if still running) and start again with the same config and ports."""
         self.stop(stop_timeout)
-        return self.start(timeout)
+        return self.start(timeout, cancel)
+
+    def check_ports(self) -> None:
+        """Raises ServerError naming the first of the server's ports that is already taken and,
+        where /proc shows it, the process listening on it."""
+        c = self.config
+        for name, port, flag in (("HTTP", c.http_port, "http"), ("gRPC", c.grpc_port, "grpc"),
+                                 ("metrics", c.metrics_port, "metrics")):
+            if not _port_is_free(c.host, port):
+                holder = port_holder(port)
+                raise ServerError(f"{name} port {port} on {c.host} is already in use"
+                                  f"{f' by {holder}' if holder else ''}: stop it or choose "
+                                  f"another port (--{flag}-port or TRITON_{flag.upper()}_PORT)")
 
     def is_ready(self) -> bool:
-        url = f"http://{self.config.http_url}/v2/health/ready"
+        """This start's server answers ready: /v2/health/ready says so and the server metadata
+        (GET /v2) carries this start's identity. Another server on the port, e.g. one that a
+        killed launcher left behind, is not ours."""
+        base = f"http://{self.config.http_url}"
         try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                return r.status == 200
-        except OSError:
+            with urllib.request.urlopen(f"{base}/v2/health/ready", timeout=2) as r:
+                if r.status != 200:
+                    return False
+            with urllib.request.urlopen(f"{base}/v2", timeout=2) as r:
+                return json.loads(r.read()).get("name") == self.identity
+        except (OSError, ValueError):
             return False
 
-    def wait_ready(self, timeout: float) -> None:
+    def wait_ready(self, timeout: float, cancel: Optional[threading.Event] = None) -> None:
         deadline = time.monotonic() + timeout
+        cancel = cancel or threading.Event()
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise ServerError(f"tritonserver exited with code {self.process.returncode} "
@@ -214,7 +273,8 @@ class TritonServer:
                                   f"{self.log_tail()}")
             if self.is_ready():
                 return
-            time.sleep(0.5)
+            if cancel.wait(0.5):
+                raise StartCancelled("start cancelled: a stop was asked for")
         raise ServerError(f"tritonserver was not ready after {timeout:.0f} s."
                           f"{self.load_failures()}\n{self.log_tail()}")
 
@@ -239,33 +299,31 @@ class TritonServer:
         return f"--- last lines of {self.config.log_path} ---\n" + "\n".join(text[-lines:])
 
     def stop(self, timeout: float = 30.0) -> None:
-        if self.process is not None:
-            self.stubs()
-            if self.process.poll() is None:
-                os.killpg(self.process.pid, signal.SIGINT)  # Triton shuts down cleanly on SIGINT
+        """Stops the server, its stubs and their shared memory; does nothing when stopped (so
+        that a process group id that may have been reused is never signalled). SIGINT and
+        SIGTERM arriving meanwhile are ignored (see _signals_ignored)."""
+        with _signals_ignored():
+            if self._stop_pending:
+                if self.process.poll() is None:
+                    # Triton shuts down cleanly on SIGINT
+                    os.killpg(self.process.pid, signal.SIGINT)
+                    try:
+                        self.process.wait(timeout)
+                    except subprocess.TimeoutExpired:
+                        os.killpg(self.process.pid, signal.SIGKILL)
+                        self.process.wait()
+                remove_leftovers(self.process.pid, self.identity)
+                self._stop_pending = False
+            if self._watchdog is not None:  # its work is done: "stopped", then end of input
                 try:
-                    self.process.wait(timeout)
+                    self._watchdog.communicate(b"stopped", timeout=10)
                 except subprocess.TimeoutExpired:
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                    self.process.wait()
-            self._remove_leftovers()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def _remove_leftovers(self) -> None:
-        """After the server is gone: stubs a crash orphaned (they keep the server's process
-        group) and the shared-memory regions of stubs that did not exit cleanly."""
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:  # nothing left: the usual case
-            pass
-        deadline = time.monotonic() + 10
-        while _group_members(self.process.pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        for name in self._shm_regions:
-            (SHM_DIR / name).unlink(missing_ok=True)
-        self._shm_regions.clear()
+                    self._watchdog.kill()
+                    self._watchdog.wait()
+                self._watchdog = None
+            if self._log is not None:
+                self._log.close()
+                self._log = None
 
     def stubs(self) -> Dict[str, List[Stub]]:
         """The server's live Python-backend stub processes, by model (from /proc: the
@@ -273,8 +331,8 @@ class TritonServer:
         found: Dict[str, List[Stub]] = {}
         if self.process is None:
             return found
-        for pid in _group_members(self.process.pid):
-            argv = _cmdline(pid)
+        for pid in group_members(self.process.pid):
+            argv = cmdline(pid)
             if len(argv) < 3 or not argv[0].endswith(STUB_BINARY):
                 continue
             # argv: stub, <repository>/<model>/<version>/model.py, shm region, ...
@@ -282,7 +340,6 @@ class TritonServer:
             stub = Stub(model=version_dir.parent.name, version=version_dir.name, pid=pid,
                         shm_region=argv[2])
             found.setdefault(stub.model, []).append(stub)
-            self._shm_regions.add(stub.shm_region)
         return found
 
     def model_states(self) -> Dict[tuple, str]:
@@ -326,7 +383,132 @@ class TritonServer:
         self.stop()
 
 
-def _group_members(pgid: int) -> List[int]:
+# --- processes, signals, ports --------------------------------------------------------------
+
+def remove_leftovers(pgid: int, identity: str, timeout: float = 10.0) -> List[str]:
+    """What is left of a server that is gone: the processes of its group `pgid` (stubs that a
+    crash orphaned keep it) and the shared-memory regions named after its `identity` (of stubs
+    that did not exit cleanly). Returns what it found, for a log line."""
+    found = [f"process {pid}" for pid in group_members(pgid)]
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:  # nothing left: the usual case
+        pass
+    deadline = time.monotonic() + timeout
+    while group_members(pgid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if identity:
+        for region in SHM_DIR.glob(f"{identity}_*"):
+            region.unlink(missing_ok=True)
+            found.append(f"/dev/shm/{region.name}")
+    return found
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_spawner: Optional[ThreadPoolExecutor] = None
+_spawner_lock = threading.Lock()
+
+
+def _spawn_tied_to_this_process(args: List[str], **popen_kwargs) -> subprocess.Popen:
+    """subprocess.Popen of a child that the kernel SIGKILLs when this process dies, however it
+    dies (PR_SET_PDEATHSIG). The signal fires when the *thread* that forked the child ends, so
+    every child is forked by one thread that lives as long as the process: a server that the
+    supervisor's thread restarted would otherwise die when supervision stops."""
+    global _spawner
+    with _spawner_lock:
+        if _spawner is None:
+            _spawner = ThreadPoolExecutor(1, thread_name_prefix="triton-spawner")
+    preexec = _die_with_parent(os.getpid())
+    return _spawner.submit(subprocess.Popen, args, preexec_fn=preexec, **popen_kwargs).result()
+
+
+def _die_with_parent(parent: int):
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork
+    kill = int(signal.SIGKILL)
+
+    def in_child() -> None:  # between fork and exec: only a system call, no imports
+        prctl(_PR_SET_PDEATHSIG, kill)
+        if os.getppid() != parent:  # the parent died before the prctl: no signal will come
+            os._exit(1)
+
+    return in_child
+
+
+@contextlib.contextmanager
+def _signals_ignored():
+    """SIGINT and SIGTERM are ignored while the body runs (a stop): a second Ctrl-C, or the
+    SIGTERM that GNU make forwards to its child after the whole process group got one, would
+    otherwise raise KeyboardInterrupt inside the stop and abandon it. Only the main thread
+    handles signals, so only there is anything to do."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, _note_ignored) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+
+
+def _note_ignored(signum, frame) -> None:
+    # os.write, not print: a handler may run in the middle of a print to the same stream
+    os.write(2, f"{signal.Signals(signum).name}: already stopping, ignored\n".encode())
+
+
+def _port_is_free(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        # as a server does: connections of a closed one (TIME_WAIT) do not count, listeners do
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def listening_sockets(port: int) -> Dict[str, str]:
+    """Sockets listening on TCP `port`: local address as /proc/net/tcp{,6} writes it (hex) ->
+    socket inode."""
+    found = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            address, hex_port = fields[1].rsplit(":", 1)
+            if fields[3] == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                found[address] = fields[9]
+    return found
+
+
+def port_holder(port: int) -> str:
+    """"process PID (command line)" of a process holding a socket listening on `port` (socket
+    inodes from /proc/net/tcp{,6}, their holders from /proc/*/fd), or "" when none is visible
+    (e.g. another user's process)."""
+    links = {f"socket:[{inode}]" for inode in listening_sockets(port).values()}
+    if not links:
+        return ""
+    for pid in sorted(int(e) for e in os.listdir("/proc") if e.isdigit()):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:  # exited, or another user's
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") in links:
+                    argv = cmdline(pid)
+                    command = " ".join([Path(argv[0]).name] + argv[1:3]) if argv else "?"
+                    return f"process {pid} ({command[:120]})"
+            except OSError:
+                continue
+    return ""
+
+
+def group_members(pgid: int) -> List[int]:
     """Live (not zombie) processes of process group `pgid`."""
     members = []
     for entry in os.listdir("/proc"):
@@ -343,7 +525,7 @@ def _group_members(pgid: int) -> List[int]:
     return members
 
 
-def _cmdline(pid: int) -> List[str]:
+def cmdline(pid: int) -> List[str]:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as fh:
             return [a.decode(errors="replace") for a in fh.read().split(b"\0") if a]
@@ -357,6 +539,4 @@ def _admin_key() -> str:
     key = os.environ.get("TRITON_ADMIN_KEY")
     if key:
         return key
-    import secrets
-
     return secrets.token_hex(16)

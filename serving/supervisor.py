@@ -15,7 +15,10 @@ abort (docs/reliability.md). A `Supervisor` is a thread next to the launcher tha
 
 A version unloaded on purpose (explicit mode: its state is no longer READY, e.g. after an
 index swap) is left alone. Every recovery is logged and kept in `events`; one that fails (e.g.
-an artifact broke meanwhile) is tried again after growing pauses, up to a minute.
+an artifact broke meanwhile) is tried again after growing pauses, up to a minute. When the
+same recovery fails the same way `give_up_after` times in a row (e.g. another process took the
+server's port), the supervisor says so in one error line, stops checking and sets `gave_up`
+(`make serve` then exits non-zero).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
-from serving.launcher import ServerError, TritonServer
+from serving.launcher import ServerError, StartCancelled, TritonServer
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +49,18 @@ class Supervisor:
         interval: seconds between checks.
         stop_timeout: seconds a restart waits for the broken server to exit cleanly before
             killing it (Triton would otherwise wait its 30 s exit timeout for a dead stub).
+        give_up_after: identical failures in a row (same action, same error) after which
+            supervision ends and `gave_up` is set.
     """
 
-    def __init__(self, server: TritonServer, interval: float = 1.0, stop_timeout: float = 5.0):
+    def __init__(self, server: TritonServer, interval: float = 1.0, stop_timeout: float = 5.0,
+                 give_up_after: int = 3):
         self.server = server
         self.interval = interval
         self.stop_timeout = stop_timeout
+        self.give_up_after = give_up_after
         self.events: List[Recovery] = []
+        self.gave_up = threading.Event()
         self._instances: Dict[tuple, int] = {}  # (model, version) -> stubs its config asks for
         self._suspect: set = set()  # (model, version)s short of stubs at the last check
         self._failures = 0  # recoveries failed in a row: the next check waits longer
@@ -81,6 +89,8 @@ class Supervisor:
                 self.check()
             except Exception:  # a bug here must not end supervision
                 log.exception("supervisor: check failed")
+            if self._gave_up_now():
+                return
 
     def check(self) -> Optional[Recovery]:
         """One round: finds what is broken and recovers it; returns the recovery, if any."""
@@ -125,8 +135,19 @@ class Supervisor:
         return sum(int(g.get("count", 1)) for g in config.get("instance_group", [])) or 1
 
     def _restart(self) -> None:
-        self.server.restart(stop_timeout=self.stop_timeout)
+        # cancelled by stop(): a stop asked for meanwhile does not wait for the new server
+        self.server.restart(stop_timeout=self.stop_timeout, cancel=self._stop)
         self._instances.clear()  # asked again of the new server
+
+    def _gave_up_now(self) -> bool:
+        """The last `give_up_after` recoveries all failed with the same action and error."""
+        last = self.events[-self.give_up_after:]  # all failed when _failures is that high
+        if self._failures < self.give_up_after or len({(e.action, e.error) for e in last}) > 1:
+            return False
+        log.error("supervisor: gave up: %s failed %d times in a row with the same error: %s",
+                  last[-1].action, len(last), last[-1].error)
+        self.gave_up.set()
+        return True
 
     def _recover(self, cause: str, action: str, fix: Callable[[], object]) -> Recovery:
         log.warning("supervisor: %s; recovering", cause)
@@ -134,6 +155,9 @@ class Supervisor:
         event = Recovery(cause, action, started, 0.0)
         try:
             fix()
+        except StartCancelled:  # stop() during a restart: nothing failed
+            log.warning("supervisor: %s cancelled: supervision stopped", action)
+            return event
         except (ServerError, OSError) as e:
             event.error = str(e).splitlines()[0]
             log.error("supervisor: %s failed: %s", action, event.error)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from serving.launcher import ServerConfig, TritonServer
+from serving.launcher import ServerConfig, TritonServer, listening_sockets
 
 pytestmark = pytest.mark.server
 
@@ -92,29 +92,13 @@ def test_grpc_admin_apis_are_refused(server):
         assert client.get_inference_statistics("unified").model_stats
 
 
-def _listening_addresses(port: int) -> set:
-    """Local addresses of the sockets listening on `port` (from /proc/net/tcp and tcp6)."""
-    found = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = open(table).read().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            local, state = line.split()[1], line.split()[3]
-            address, hex_port = local.rsplit(":", 1)
-            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
-                found.add(address)
-    return found
-
-
 # 127.0.0.1 as /proc/net/tcp writes it, the same mapped into IPv6 (gRPC listens there), ::1
 LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}
 
 
 def test_server_listens_on_loopback_only(server):
     for port in (server.config.http_port, server.config.grpc_port, server.config.metrics_port):
-        addresses = _listening_addresses(port)
+        addresses = set(listening_sockets(port))  # as /proc/net/tcp{,6} write them
         assert addresses and addresses <= LOOPBACK, (port, addresses)
 
 
