@@ -48,6 +48,7 @@ from typing import List, Optional
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import doc_sections  # noqa: E402
 from training.train import WEIGHTS_DIR  # noqa: E402
 from world.synthetic import WorldConfig  # noqa: E402
 
@@ -217,23 +218,8 @@ def generated_block(results: List[Measured], command: str, num_users: int) -> st
 
 
 def write_section(doc: Path, generated: str) -> None:
-    """Replace this script's block in section SECTION of `doc` (re-read right before writing:
-    others edit other sections), creating the section when missing; the section's text
-    outside the block is kept. (benchmarks/serving.py has the same logic, but importing it
-    monkey-patches the process for gevent.)"""
-    text = doc.read_text()
-    start = text.find(SECTION)
-    if start < 0:
-        text = text.rstrip("\n") + f"\n\n{SECTION}\n\n{generated}\n"
-    elif BEGIN in text[start:] and END in text[start:]:
-        b, e = text.index(BEGIN, start), text.index(END, start) + len(END)
-        text = text[:b] + generated + text[e:]
-    else:
-        nxt = text.find("\n## ", start + len(SECTION))
-        end = len(text) if nxt < 0 else nxt + 1
-        text = text[:end].rstrip("\n") + f"\n\n{generated}\n" + \
-            ("\n" + text[end:] if nxt >= 0 else "")
-    doc.write_text(text)
+    """This script's block of section SECTION (benchmarks/doc_sections.py)."""
+    doc_sections.write_section(doc, SECTION, generated, BEGIN, END)
 
 
 def main(argv=None) -> int:

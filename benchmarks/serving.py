@@ -51,6 +51,7 @@ import numpy as np  # noqa: E402
 from locust.argument_parser import get_parser  # noqa: E402
 from locust.env import Environment  # noqa: E402
 
+from benchmarks import doc_sections  # noqa: E402
 from builder.build import ROOT, BuildConfig, build, is_built  # noqa: E402
 from client import Retriever  # noqa: E402
 from loadtest import locustfile, metrics  # noqa: E402
@@ -499,25 +500,8 @@ def _per_core(p: Point) -> float:
 
 
 def write_section(doc: Path, title: str, generated: str) -> None:
-    """Replace the generated block of section `title` in `doc` (re-read right before writing:
-    others edit other sections), creating the section or the file when missing; text of the
-    section outside the block (analysis) is kept."""
-    text = doc.read_text() if doc.exists() else "# Performance\n"
-    start = text.find(title)
-    if start < 0:
-        text = text.rstrip("\n") + f"\n\n{title}\n\n{generated}\n"
-    else:
-        nxt = text.find("\n## ", start + len(title))
-        end_of_section = len(text) if nxt < 0 else nxt + 1
-        section = text[start:end_of_section]
-        if BEGIN in section and END in section:
-            section = section[:section.index(BEGIN)] + generated + \
-                section[section.index(END) + len(END):]
-        else:
-            section = section.rstrip("\n") + f"\n\n{generated}\n\n"
-        text = text[:start] + section + text[end_of_section:]
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(text)
+    """This benchmark's block of section `title` (benchmarks/doc_sections.py)."""
+    doc_sections.write_section(doc, title, generated, BEGIN, END)
 
 
 # --- main --------------------------------------------------------------------------------------
