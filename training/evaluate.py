@@ -252,6 +252,15 @@ def _rows_by_user(user_index: np.ndarray, item_index: np.ndarray) -> Dict[int, n
                                                                         start[1:]))}
 
 
+def validation_data(data: LoggedData, fraction: float) -> LoggedData:
+    """The training part alone (the held-out part dropped): evaluated with the same holdout
+    fraction, its own latest share is the validation cut settings are chosen on."""
+    train_mask, _ = holdout_split(data, fraction)
+    return dataclasses.replace(data, name=f"{data.name}-validation",
+                               interactions=subset(data.interactions, train_mask),
+                               fingerprint={**data.fingerprint, "validation_of": fraction})
+
+
 def anchors_for(data: LoggedData, config: EvalConfig) -> Tuple[list, List[str]]:
     """The anchors over the training positives of the evaluation's split, and notes on the
     ones skipped."""
@@ -333,6 +342,10 @@ def main() -> None:
                    help="OverArch negatives from the retrieval per positive (default: 4 for "
                         "sources without logged impressions, MovieLens; 0 for the synthetic "
                         "world); 0 turns them off")
+    p.add_argument("--validation", action="store_true",
+                   help="evaluate on the validation cut instead of the held-out part: train on "
+                        "the training part minus its latest share (cut as the holdout) and "
+                        "evaluate on that share (for choosing settings; do not --write it)")
     p.add_argument("--write", type=Path, default=None,
                    help="write the table and the command into this markdown file")
     a = p.parse_args()
@@ -349,6 +362,8 @@ def main() -> None:
     results = []
     for load in sources:
         data = load()
+        if a.validation:
+            data = validation_data(data, config.holdout_fraction)
         chosen = training_config_for(data, train_config)
         if a.retrieved_negatives is not None:
             chosen = dataclasses.replace(chosen, over_arch=dataclasses.replace(

@@ -105,9 +105,10 @@ class TwoTowerConfig:
     item: ItemTowerConfig = field(default_factory=ItemTowerConfig)
     # passes over the training clicks at most; with a validation cut (training/train.py),
     # training stops after `patience` epochs without a better validation recall and keeps the
-    # best epoch's towers
-    epochs: int = 4
-    patience: int = 2
+    # best epoch's towers. MovieLens ml-latest-small, validation recall@50 of the dot product:
+    # 0.195 after 4 epochs (the former fixed count), best 0.245 at epoch 20 (docs/quality.md)
+    epochs: int = 30
+    patience: int = 3
     batch_size: int = 1024  # in-batch negatives per positive = batch_size - 1
     # Adam (dense parameters) and SparseAdam (id embeddings). Both towers start at the
     # closed-form baseline (zero residuals); faster rates left it behind on the ground truth
