@@ -26,6 +26,7 @@ from training.towers import (
     ExampleQueries,
     ItemTower,
     TwoTowerConfig,
+    ValidationCut,
     in_batch_softmax_loss,
     train_two_tower,
 )
@@ -85,11 +86,31 @@ def test_two_tower_training_lowers_the_in_batch_softmax_loss():
     torch.manual_seed(0)
     queries, items, ui, ii, clicks, _ = towers(config)
     before = fixed_batch_loss(queries, items, ui[clicks], ii[clicks], config.temperature)
-    losses = train_two_tower(queries, items, ui[clicks], ii[clicks], config,
-                             torch.Generator().manual_seed(0), progress=False)
+    losses, recalls = train_two_tower(queries, items, ui[clicks], ii[clicks], config,
+                                      torch.Generator().manual_seed(0), progress=False)
+    assert recalls == []  # no validation cut: every epoch
     after = fixed_batch_loss(queries, items, ui[clicks], ii[clicks], config.temperature)
     assert np.isfinite(losses).all()
     assert after < before - 0.1, (before, after)
+
+
+def test_validation_cut_recall_matches_a_per_user_loop():
+    queries, items, ui, ii, clicks, _ = towers(TwoTowerConfig())
+    rng = np.random.default_rng(3)
+    held = torch.from_numpy(rng.random(len(ui)) < 0.2) & clicks
+    cut = ValidationCut(ui[held], ii[held], ui[~held], ii[~held], k=7, max_users=30)
+    got = cut.recall(queries, items)
+    vectors = items.all_items()
+    recalls = []
+    for u in cut.users.tolist():
+        query = queries.users.encode(queries.user_rows[[u]], queries.history.all_users()[[u]])
+        scores = (query @ vectors.T)[0]
+        scores[ii[~held][ui[~held] == u]] = float("-inf")
+        top = torch.topk(scores, 7).indices
+        relevant = torch.unique(ii[held][ui[held] == u])
+        recalls.append(float(torch.isin(top, relevant).sum()) / min(7, len(relevant)))
+    assert len(recalls) == 30
+    assert got == pytest.approx(np.mean(recalls))
 
 
 def test_over_arch_training_improves_on_its_calibrated_dot_product_start():
@@ -121,7 +142,10 @@ def test_over_arch_training_improves_on_its_calibrated_dot_product_start():
 def test_training_metrics_and_determinism(weights):
     m = weights.metrics
     assert m["id_map_overflow"] == 0
-    assert len(m["tower_loss"]) == TrainConfig().two_tower.epochs
+    # early stopping on the validation cut: at most `epochs`, at least one past the best
+    recalls = m["validation_recall@50"]
+    assert len(m["tower_loss"]) == len(recalls) <= TrainConfig().two_tower.epochs
+    assert all(0.0 <= r <= 1.0 for r in recalls)
     assert all(0.5 < a <= 1.0 for a in m["holdout_auc"])  # held-out: better than chance
     again = train(DATA, TRAIN_MASK, TrainConfig(), progress=False)
     torch.testing.assert_close(again.item_vectors, weights.item_vectors, rtol=0, atol=0)

@@ -215,13 +215,20 @@ def per_user_time_split(interactions: Interactions, fraction: float
     return ~held, held
 
 
+def split_interactions(interactions: Interactions, split: str, fraction: float
+                       ) -> Tuple[np.ndarray, np.ndarray]:
+    """(train mask, holdout mask): the latest `fraction`, cut as `split` says ("global" or
+    "per_user", see LoggedData.split)."""
+    if split == "per_user":
+        return per_user_time_split(interactions, fraction)
+    if split == "global":
+        return time_split(interactions, fraction)
+    raise ValueError(f"unknown split {split!r} (global, per_user)")
+
+
 def holdout_split(data: LoggedData, fraction: float) -> Tuple[np.ndarray, np.ndarray]:
     """(train mask, holdout mask) over data.interactions, cut as `data.split` says."""
-    if data.split == "per_user":
-        return per_user_time_split(data.interactions, fraction)
-    if data.split == "global":
-        return time_split(data.interactions, fraction)
-    raise ValueError(f"{data.name}: unknown split {data.split!r} (global, per_user)")
+    return split_interactions(data.interactions, data.split, fraction)
 
 
 def subset(interactions: Interactions, mask: np.ndarray) -> Interactions:

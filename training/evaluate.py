@@ -26,7 +26,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from filtering.bits import pack_bits
 from stages.ann import AnnConfig
+from training.anchors import EASE, EASE_MAX_ITEMS, ItemKNN, Popularity, interaction_matrix, top_k
 from training.data import LoggedData, from_world, holdout_split, subset
 from training.retrieval import RetrievalModel, retrieval_stages
 from training.train import (
@@ -49,8 +50,13 @@ from world.synthetic import WorldConfig, generate_world
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MOVIELENS = ROOT.parent / "shared" / "data" / "ml-latest-small"
 PIPELINES = ("a", "b")
-PIPELINE_NAMES = {"a": "(a) dot-product retrieval", "b": "(b) + OverArch + Value Model",
-                  "delta": "(b) - (a), paired"}
+# paired differences reported: name -> (ranker, ranker it is compared with)
+PAIRED = {"b-a": ("b", "a"), "b-EASE": ("b", "EASE")}
+# table rows, in order: ranker or paired difference -> its name in the table
+ROW_NAMES = {"popularity": "popularity", "item-kNN (cosine)": "item-kNN (cosine)",
+             "EASE": "EASE (closed form)", "oracle": "oracle: true latent vectors, same index",
+             "a": "(a) dot-product retrieval", "b": "(b) + OverArch + Value Model",
+             "b-a": "(b) - (a), paired", "b-EASE": "(b) - EASE, paired"}
 
 
 @dataclass
@@ -70,8 +76,10 @@ class Pipelines:
     """The served stages of one data set, run in-process on batches of users."""
 
     def __init__(self, data: LoggedData, weights, config: EvalConfig):
-        stages, indexed = retrieval_stages(data.catalog, RetrievalModel.trained(weights),
-                                           config.ann, config.task_weights)
+        """weights: TrainedWeights, or a RetrievalModel (e.g. pretrained vectors)."""
+        model = weights if isinstance(weights, RetrievalModel) else RetrievalModel.trained(
+            weights)
+        stages, indexed = retrieval_stages(data.catalog, model, config.ann, config.task_weights)
         self.ann, self.scorer, self.aggregator = (stages[n].eval() for n in
                                                   ("ann", "scorer", "aggregator"))
         order = np.argsort(data.catalog.item_ids)
@@ -118,20 +126,25 @@ def ndcg(gains_of_list: np.ndarray, ideal_gains: np.ndarray) -> float:
 
 
 class Scores:
-    """Per-user metric values of each pipeline; `summary` gives means and 95% intervals."""
+    """Per-user metric values of each ranker (a pipeline or an anchor); `summary` gives means
+    and 95% intervals, and the paired differences of `PAIRED` rankers."""
 
     def __init__(self, metrics: Sequence[str]):
-        self.values = {p: {m: [] for m in metrics} for p in PIPELINES}
+        self.metrics = list(metrics)
+        self.values: Dict[str, Dict[str, list]] = {}
 
-    def add(self, pipeline: str, metric: str, value: float) -> None:
-        self.values[pipeline][metric].append(float(value))
+    def add(self, ranker: str, metric: str, value: float) -> None:
+        self.values.setdefault(ranker, {m: [] for m in self.metrics})[metric].append(
+            float(value))
 
     def summary(self) -> Dict[str, Dict]:
-        """{pipeline or "delta": {metric: (mean, 95% half-width), "users": n}}; "delta" is the
-        per-user difference (b) - (a), paired."""
+        """{ranker or paired difference: {metric: (mean, 95% half-width), "users": n}}; a
+        paired difference ("b-a", "b-EASE") is the mean of the per-user differences."""
         arrays = {p: {m: np.asarray(v) for m, v in metrics.items()}
                   for p, metrics in self.values.items()}
-        arrays["delta"] = {m: arrays["b"][m] - arrays["a"][m] for m in arrays["a"]}
+        for key, (x, y) in PAIRED.items():
+            if x in arrays and y in arrays:
+                arrays[key] = {m: arrays[x][m] - arrays[y][m] for m in arrays[x]}
         out = {}
         for p, metrics in arrays.items():
             out[p] = {m: (float(v.mean()), 1.96 * float(v.std(ddof=1)) / np.sqrt(len(v)))
@@ -144,8 +157,30 @@ def metric_names(config: EvalConfig) -> List[str]:
     return [f"recall@{k}" for k in config.ks] + [f"ndcg@{config.ndcg_k}"]
 
 
-def heldout_metrics(data: LoggedData, pipes: Pipelines, config: EvalConfig,
+class Rankers:
+    """Everything that makes a list for a user in the table: the served pipelines (a) and (b),
+    optionally the oracle (the world's true latent vectors through the same stages) and the
+    anchors (training/anchors.py), which score catalog rows directly."""
+
+    def __init__(self, data: LoggedData, pipes: Pipelines, anchors: Sequence = (),
+                 oracle: Optional[Pipelines] = None):
+        self.data, self.pipes, self.anchors, self.oracle = data, pipes, list(anchors), oracle
+
+    def run(self, users: np.ndarray, excluded: List[np.ndarray], k: int) -> Dict[str, list]:
+        """users: data user indices -> {ranker: catalog rows per user, best first}."""
+        raw = self.data.user_ids[users]
+        lists = self.pipes.run(raw, excluded, k)
+        if self.oracle is not None:
+            lists["oracle"] = self.oracle.run(raw, excluded, k)["a"]
+        for anchor in self.anchors:
+            lists[anchor.name] = top_k(anchor.scores(users), excluded, k)
+        return lists
+
+
+def heldout_metrics(data: LoggedData, pipes, config: EvalConfig,
                     progress: bool = False) -> Dict[str, Dict]:
+    """Held-out metrics of `pipes` (Pipelines, or Rankers with anchors and the oracle)."""
+    rankers = pipes if isinstance(pipes, Rankers) else Rankers(data, pipes)
     train_mask, holdout_mask = holdout_split(data, config.holdout_fraction)
     train, held = subset(data.interactions, train_mask), subset(data.interactions, holdout_mask)
     positive = held.labels[:, 0] > 0
@@ -162,9 +197,8 @@ def heldout_metrics(data: LoggedData, pipes: Pipelines, config: EvalConfig,
         batch = users[s: s + config.batch_size]
         excluded = [seen.get(u, empty) for u in batch]
         for k in sorted(set(config.ks) | {config.ndcg_k}):
-            lists = pipes.run(data.user_ids[batch], excluded, k)
-            for p in PIPELINES:
-                for u, got in zip(batch, lists[p]):
+            for p, lists in rankers.run(batch, excluded, k).items():
+                for u, got in zip(batch, lists):
                     rel = relevant[u]
                     hit = np.isin(got, rel)
                     if k in config.ks:
@@ -175,9 +209,10 @@ def heldout_metrics(data: LoggedData, pipes: Pipelines, config: EvalConfig,
     return scores.summary()
 
 
-def truth_metrics(data: LoggedData, pipes: Pipelines, config: EvalConfig,
+def truth_metrics(data: LoggedData, pipes, config: EvalConfig,
                   progress: bool = False) -> Dict[str, Dict[str, Dict]]:
     """Synthetic world only: lists against the true top-k by affinity and by true value."""
+    rankers = pipes if isinstance(pipes, Rankers) else Rankers(data, pipes)
     world = data.world
     rng = np.random.default_rng(config.seed + 1)
     users = np.sort(rng.choice(len(data.user_ids), min(config.truth_users, len(data.user_ids)),
@@ -194,13 +229,13 @@ def truth_metrics(data: LoggedData, pipes: Pipelines, config: EvalConfig,
         truth = {"affinity": world.affinity(batch[:, None], all_items),
                  "value": world.true_task_probs(batch[:, None], all_items) @ weights}
         no_exclusion = [np.zeros(0, np.int64)] * len(batch)
-        lists = {k: pipes.run(data.user_ids[batch], no_exclusion, k)
+        lists = {k: rankers.run(batch, no_exclusion, k)
                  for k in sorted(set(config.ks) | {config.ndcg_k})}
         for name, score in truth.items():
             ideal = np.argsort(-score, axis=1)[:, :top]
             for i in range(len(batch)):
                 gain = score[i] - score[i].min()
-                for p in PIPELINES:
+                for p in lists[config.ndcg_k]:
                     for k in config.ks:
                         got = lists[k][p][i]
                         scores[name].add(p, f"recall@{k}", np.isin(got, ideal[i, :k]).sum() / k)
@@ -217,31 +252,68 @@ def _rows_by_user(user_index: np.ndarray, item_index: np.ndarray) -> Dict[int, n
                                                                         start[1:]))}
 
 
+def validation_data(data: LoggedData, fraction: float) -> LoggedData:
+    """The training part alone (the held-out part dropped): evaluated with the same holdout
+    fraction, its own latest share is the validation cut settings are chosen on."""
+    train_mask, _ = holdout_split(data, fraction)
+    return dataclasses.replace(data, name=f"{data.name}-validation",
+                               interactions=subset(data.interactions, train_mask),
+                               fingerprint={**data.fingerprint, "validation_of": fraction})
+
+
+def anchors_for(data: LoggedData, config: EvalConfig) -> Tuple[list, List[str]]:
+    """The anchors over the training positives of the evaluation's split, and notes on the
+    ones skipped."""
+    train_mask, _ = holdout_split(data, config.holdout_fraction)
+    train = subset(data.interactions, train_mask)
+    positive = train.labels[:, 0] > 0
+    x = interaction_matrix(train.user_index[positive], train.item_index[positive],
+                           len(data.user_ids), data.catalog.num_items)
+    anchors, notes = [Popularity(x), ItemKNN(x)], []
+    if data.catalog.num_items <= EASE_MAX_ITEMS:
+        anchors.append(EASE(x))
+    else:
+        notes.append(f"EASE skipped: {data.catalog.num_items:,} items, its dense item x item "
+                     f"matrix is limited to {EASE_MAX_ITEMS:,} (training/anchors.py)")
+    return anchors, notes
+
+
+def oracle_for(data: LoggedData, config: EvalConfig) -> Optional[Pipelines]:
+    """Synthetic world only: the world's true user and item latent vectors as a pretrained
+    two-tower model, served through the same ann stage (its first k = the oracle's list)."""
+    if data.world is None:
+        return None
+    world = data.world
+    model = RetrievalModel.pretrained(world.user_ids, world.user_latent, world.item_latent)
+    return Pipelines(data, model, dataclasses.replace(config, task_weights=(1.0,)))
+
+
 def evaluate(data: LoggedData, config: EvalConfig, train_config: TrainConfig,
              weights_dir: Optional[Path] = WEIGHTS_DIR, progress: bool = True) -> Dict:
     weights = load_or_train(data, config.holdout_fraction, train_config, weights_dir, progress)
-    pipes = Pipelines(data, weights, config)
     t0 = time.perf_counter()
-    result = {"name": data.name, "training": metrics_line(data, weights),
-              "heldout": heldout_metrics(data, pipes, config, progress)}
+    anchors, notes = anchors_for(data, config)
+    rankers = Rankers(data, Pipelines(data, weights, config), anchors, oracle_for(data, config))
+    result = {"name": data.name, "training": metrics_line(data, weights), "notes": notes,
+              "heldout": heldout_metrics(data, rankers, config, progress)}
     if data.world is not None:
-        result["truth"] = truth_metrics(data, pipes, config, progress)
+        result["truth"] = truth_metrics(data, rankers, config, progress)
     result["eval_seconds"] = round(time.perf_counter() - t0, 1)
     return result
 
 
 def table(results: List[Dict], config: EvalConfig) -> str:
     metrics = metric_names(config)
-    head = "| data set | relevance | users | pipeline | " + " | ".join(
+    head = "| data set | relevance | users | ranker | " + " | ".join(
         m.replace("ndcg", "NDCG") for m in metrics) + " |"
     lines = [head, "|" + " --- |" * (4 + len(metrics))]
 
     def rows(name, relevance, block):
-        for p in PIPELINES + ("delta",):
-            values = " | ".join(f"{block[p][m][0]:+.4f} ± {block[p][m][1]:.4f}"
-                                if p == "delta" else f"{block[p][m][0]:.4f} ± {block[p][m][1]:.4f}"
+        for p in (p for p in ROW_NAMES if p in block):
+            sign = "+" if p in PAIRED else ""
+            values = " | ".join(f"{block[p][m][0]:{sign}.4f} ± {block[p][m][1]:.4f}"
                                 for m in metrics)
-            lines.append(f"| {name} | {relevance} | {block[p]['users']} | {PIPELINE_NAMES[p]} "
+            lines.append(f"| {name} | {relevance} | {block[p]['users']} | {ROW_NAMES[p]} "
                          f"| {values} |")
 
     for r in results:
@@ -270,6 +342,10 @@ def main() -> None:
                    help="OverArch negatives from the retrieval per positive (default: 4 for "
                         "sources without logged impressions, MovieLens; 0 for the synthetic "
                         "world); 0 turns them off")
+    p.add_argument("--validation", action="store_true",
+                   help="evaluate on the validation cut instead of the held-out part: train on "
+                        "the training part minus its latest share (cut as the holdout) and "
+                        "evaluate on that share (for choosing settings; do not --write it)")
     p.add_argument("--write", type=Path, default=None,
                    help="write the table and the command into this markdown file")
     a = p.parse_args()
@@ -286,6 +362,8 @@ def main() -> None:
     results = []
     for load in sources:
         data = load()
+        if a.validation:
+            data = validation_data(data, config.holdout_fraction)
         chosen = training_config_for(data, train_config)
         if a.retrieved_negatives is not None:
             chosen = dataclasses.replace(chosen, over_arch=dataclasses.replace(
@@ -306,6 +384,7 @@ def write_markdown(path: Path, text: str, results: List[Dict], command: str) -> 
     """Writes the table, the training lines and the command between the START/END markers of
     `path`, keeping the text around them (a new file gets a short frame)."""
     training = "\n".join(f"- {r['training']}; evaluation {r['eval_seconds']:.0f} s"
+                         + "".join(f"; {n}" for n in r.get("notes", ()))
                          for r in results)
     generated = (f"{START}\n{text}\n\nTraining (two-tower loss first -> last epoch, final "
                  f"OverArch train BCE, held-out AUC of the OverArch / of the plain dot product "

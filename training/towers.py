@@ -19,8 +19,9 @@ a snapshot of the item tower, refreshed every `history_refresh_steps`.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -102,7 +103,12 @@ class ItemTower(nn.Module):
 class TwoTowerConfig:
     user: UserTowerConfig = field(default_factory=UserTowerConfig)
     item: ItemTowerConfig = field(default_factory=ItemTowerConfig)
-    epochs: int = 4  # passes over the training clicks
+    # passes over the training clicks at most; with a validation cut (training/train.py),
+    # training stops after `patience` epochs without a better validation recall and keeps the
+    # best epoch's towers. MovieLens ml-latest-small, validation recall@50 of the dot product:
+    # 0.195 after 4 epochs (the former fixed count), best 0.245 at epoch 20 (docs/quality.md)
+    epochs: int = 30
+    patience: int = 3
     batch_size: int = 1024  # in-batch negatives per positive = batch_size - 1
     # Adam (dense parameters) and SparseAdam (id embeddings). Both towers start at the
     # closed-form baseline (zero residuals); faster rates left it behind on the ground truth
@@ -200,11 +206,59 @@ class ExampleQueries:
         return self.users.encode(rows, hist)
 
 
+class ValidationCut:
+    """Recall@k of exact dot-product retrieval on a validation cut: each evaluated user's
+    clicks kept out of tower training, retrieved with the user's query vector (history = all
+    their training clicks) among the items they did not interact with in training.
+
+    Args:
+        user_index, item_rows: int64 [V] the validation clicks; seen_users, seen_rows: int64
+            [S] the training interactions (excluded from the lists); max_users: a seeded
+            sample of the validation users beyond that.
+    """
+
+    def __init__(self, user_index: torch.Tensor, item_rows: torch.Tensor,
+                 seen_users: torch.Tensor, seen_rows: torch.Tensor, k: int = 50,
+                 max_users: int = 2000, seed: int = 0):
+        users = torch.unique(user_index)
+        if users.numel() > max_users:
+            pick = torch.randperm(users.numel(), generator=torch.Generator().manual_seed(seed))
+            users = torch.sort(users[pick[:max_users]]).values
+        self.users, self.k = users, k
+        keep = torch.isin(user_index, users)
+        self.relevant = (torch.searchsorted(users, user_index[keep]), item_rows[keep])
+        keep = torch.isin(seen_users, users)
+        self.seen = (torch.searchsorted(users, seen_users[keep]), seen_rows[keep])
+
+    @torch.no_grad()
+    def recall(self, queries: ExampleQueries, items: ItemTower, chunk: int = 256) -> float:
+        vectors = items.all_items()
+        queries.history.refresh(vectors)
+        hist = queries.history.all_users()[self.users]
+        query = queries.users.encode(queries.user_rows[self.users], hist)
+        total = 0.0
+        for s in range(0, len(self.users), chunk):
+            n = min(chunk, len(self.users) - s)
+            scores = query[s: s + n] @ vectors.T
+            sel = (self.seen[0] >= s) & (self.seen[0] < s + n)
+            scores[self.seen[0][sel] - s, self.seen[1][sel]] = float("-inf")
+            top = torch.topk(scores, min(self.k, scores.shape[1]), dim=1).indices
+            relevant = torch.zeros_like(scores, dtype=torch.bool)
+            sel = (self.relevant[0] >= s) & (self.relevant[0] < s + n)
+            relevant[self.relevant[0][sel] - s, self.relevant[1][sel]] = True
+            hits = relevant.gather(1, top).sum(1).float()
+            total += float((hits / relevant.sum(1).clamp(max=self.k)).sum())
+        return total / len(self.users)
+
+
 def train_two_tower(queries: ExampleQueries, items: ItemTower, user_index: torch.Tensor,
                     item_rows: torch.Tensor, config: TwoTowerConfig,
-                    generator: torch.Generator, progress: bool = True) -> List[float]:
+                    generator: torch.Generator, progress: bool = True,
+                    validation: Optional[ValidationCut] = None
+                    ) -> Tuple[List[float], List[float]]:
     """Trains both towers in place on positive pairs (the clicks of `queries.history`);
-    returns the mean loss of each epoch.
+    returns the mean loss of each epoch and, with a validation cut, each epoch's validation
+    recall (the towers end at the best epoch's).
 
     Args:
         user_index: int64 [P] data user index; item_rows: int64 [P] catalog rows.
@@ -220,7 +274,8 @@ def train_two_tower(queries: ExampleQueries, items: ItemTower, user_index: torch
     steps = (num_pairs + config.batch_size - 1) // config.batch_size
     bar = tqdm(total=config.epochs * steps, desc="two-tower", disable=not progress,
                unit="step", leave=False)
-    epoch_losses = []
+    epoch_losses, recalls = [], []
+    best, best_state = -1.0, None
     users.train()
     items.train()
     step = 0
@@ -248,7 +303,18 @@ def train_two_tower(queries: ExampleQueries, items: ItemTower, user_index: torch
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.3f}")
         epoch_losses.append(total / max(num_pairs, 1))
+        if validation is not None:
+            recalls.append(validation.recall(queries, items))
+            bar.set_postfix(loss=f"{epoch_losses[-1]:.3f}", val=f"{recalls[-1]:.4f}")
+            if recalls[-1] > best:
+                best = recalls[-1]
+                best_state = copy.deepcopy((users.state_dict(), items.state_dict()))
+            elif len(recalls) - 1 - recalls.index(best) >= config.patience:
+                break
     bar.close()
+    if best_state is not None:
+        users.load_state_dict(best_state[0])
+        items.load_state_dict(best_state[1])
     users.eval()
     items.eval()
-    return epoch_losses
+    return epoch_losses, recalls

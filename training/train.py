@@ -23,7 +23,7 @@ import torch
 
 from idmap.zero_collision import ZeroCollisionConfig, ZeroCollisionMap
 from stages.user import UserTower
-from training.data import LoggedData, holdout_split, subset
+from training.data import LoggedData, holdout_split, split_interactions, subset
 from training.over_arch import (
     OverArchModel,
     OverArchTrainConfig,
@@ -31,7 +31,14 @@ from training.over_arch import (
     task_losses,
     train_over_arch,
 )
-from training.towers import ClickHistory, ExampleQueries, ItemTower, TwoTowerConfig, train_two_tower
+from training.towers import (
+    ClickHistory,
+    ExampleQueries,
+    ItemTower,
+    TwoTowerConfig,
+    ValidationCut,
+    train_two_tower,
+)
 from training.weights import FORMAT_VERSION, TrainedWeights
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "build" / "weights"
@@ -52,6 +59,11 @@ class TrainConfig:
     id_map: ZeroCollisionConfig = field(default_factory=ZeroCollisionConfig)
     # slots per training user: at half load a 16-slot probe window is practically never full
     id_slots_per_user: float = 2.0
+    # the validation cut the two-tower training stops early on: the latest share of the
+    # training part, cut as the source's holdout (each user's latest for MovieLens). The
+    # towers train on the rest; the served history vectors and the OverArch use all of it.
+    # 0: no cut, all `two_tower.epochs`
+    validation_fraction: float = 0.1
 
 
 def make_id_map(raw_ids: torch.Tensor, now: int, config: TrainConfig
@@ -122,14 +134,26 @@ def train(data: LoggedData, train_mask: np.ndarray, config: TrainConfig = TrainC
     clicks = torch.from_numpy(log.labels[:, 0] > 0)
     user_index = torch.from_numpy(log.user_index)
     item_index = torch.from_numpy(log.item_index)
-    history = ClickHistory(user_index[clicks], item_index[clicks], len(data.user_ids))
-    queries = ExampleQueries(users, user_rows, history)
-    tower_losses = train_two_tower(queries, items, user_index[clicks], item_index[clicks], tt,
-                                   generator, progress)
+    tower_train, validation = torch.ones_like(clicks), None
+    if config.validation_fraction > 0:
+        inner, held = split_interactions(log, data.split, config.validation_fraction)
+        tower_train = torch.from_numpy(inner)
+        held_clicks = torch.from_numpy(held) & clicks
+        validation = ValidationCut(user_index[held_clicks], item_index[held_clicks],
+                                   user_index[tower_train], item_index[tower_train],
+                                   seed=config.seed)
+    fit = clicks & tower_train
+    history = ClickHistory(user_index[fit], item_index[fit], len(data.user_ids))
+    tower_losses, validation_recalls = train_two_tower(
+        ExampleQueries(users, user_rows, history), items, user_index[fit], item_index[fit], tt,
+        generator, progress, validation)
 
     item_vectors = items.all_items()
+    # the served history vectors and the OverArch's: every training click (the validation
+    # cut's too), none left out
+    history = ClickHistory(user_index[clicks], item_index[clicks], len(data.user_ids))
     history.refresh(item_vectors)
-    # the serving tower's history vectors: every user's clicks, none left out
+    queries = ExampleQueries(users, user_rows, history)
     users.history[user_rows] = history.all_users()
     users.history[id_map.unknown_row] = 0.0
     model = OverArchModel(int(item_vectors.shape[1]), data.catalog.num_items, len(data.tasks),
@@ -151,6 +175,7 @@ def train(data: LoggedData, train_mask: np.ndarray, config: TrainConfig = TrainC
                                   oa, generator, progress)
 
     metrics: Dict = {"tower_loss": [round(x, 4) for x in tower_losses],
+                     "validation_recall@50": [round(x, 4) for x in validation_recalls],
                      "overarch_bce": [[round(x, 4) for x in e] for e in bce_history],
                      "train_impressions": int(log.labels.shape[0]),
                      "train_clicks": int(clicks.sum()),
@@ -193,9 +218,14 @@ def metrics_line(data: LoggedData, weights: TrainedWeights) -> str:
     m = weights.metrics
     tasks = data.tasks
     loss = m["tower_loss"] or [float("nan")]
-    parts = [f"{data.name}: two-tower loss {loss[0]:.3f} -> {loss[-1]:.3f}",
-             "OverArch BCE " + " ".join(f"{t} {v:.4f}" for t, v in zip(tasks,
-                                                                     m["overarch_bce"][-1]))]
+    parts = [f"{data.name}: two-tower loss {loss[0]:.3f} -> {loss[-1]:.3f}"]
+    recalls = m.get("validation_recall@50") or []
+    if recalls:
+        parts.append(f"validation recall@50 (dot product) {recalls[0]:.4f} -> best "
+                     f"{max(recalls):.4f} at epoch {recalls.index(max(recalls)) + 1} of "
+                     f"{len(recalls)}")
+    parts.append("OverArch BCE " + " ".join(f"{t} {v:.4f}" for t, v in zip(
+        tasks, m["overarch_bce"][-1])))
     if "holdout_auc" in m:
         parts.append("held-out AUC OverArch/dot " + " ".join(
             f"{t} {a:.3f}/{d:.3f}" for t, a, d in zip(tasks, m["holdout_auc"],
