@@ -137,11 +137,14 @@ def train(data: LoggedData, train_mask: np.ndarray, config: TrainConfig = TrainC
     tower_train, validation = torch.ones_like(clicks), None
     if config.validation_fraction > 0:
         inner, held = split_interactions(log, data.split, config.validation_fraction)
-        tower_train = torch.from_numpy(inner)
         held_clicks = torch.from_numpy(held) & clicks
-        validation = ValidationCut(user_index[held_clicks], item_index[held_clicks],
-                                   user_index[tower_train], item_index[tower_train],
-                                   seed=config.seed)
+        # a log too small to leave a click for validation (a handful of interactions per
+        # user) trains on everything, for the configured number of epochs
+        if held_clicks.any():
+            tower_train = torch.from_numpy(inner)
+            validation = ValidationCut(user_index[held_clicks], item_index[held_clicks],
+                                       user_index[tower_train], item_index[tower_train],
+                                       seed=config.seed)
     fit = clicks & tower_train
     history = ClickHistory(user_index[fit], item_index[fit], len(data.user_ids))
     tower_losses, validation_recalls = train_two_tower(
