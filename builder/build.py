@@ -40,7 +40,6 @@ from stages.ann import AnnConfig
 from stages.filter import FilterConfig, build_filter_stage
 from stages.fresh import FreshAnn, FreshFilter
 from stages.unified import UnifiedRetrieval
-from training.data import time_split
 from training.retrieval import RetrievalModel, retrieval_stages
 from training.train import HOLDOUT_FRACTION, WEIGHTS_DIR, TrainConfig, load_or_train
 from world.synthetic import Catalog, World, WorldConfig, generate_world
@@ -119,11 +118,6 @@ def write_titles_csv(catalog: Catalog, titles: np.ndarray, path: Path) -> None:
                                                       for t in titles]))
 
 
-def split_holdout(world: World, fraction: float):
-    """(train mask, holdout mask) over interactions: the latest `fraction` by time."""
-    return time_split(world.interactions, fraction)
-
-
 def precompile_entry_points(repository: Path) -> None:
     """Compile every version folder's model.py into its __pycache__/ now, so that loading a
     model never writes into its folder. Triton reloads (every version of) a model whose folder
@@ -189,7 +183,6 @@ def is_built(repository: Path) -> bool:
 class Built:
     modules: Dict[str, torch.nn.Module]
     catalog: Catalog  # in index row order: row r of every stage tensor is catalog row r
-    model: RetrievalModel
     tasks: Tuple[str, ...]
     titles: Optional[np.ndarray] = None  # index row order
     folded: str = ""  # what the fresh store contributed, for the summary
@@ -223,20 +216,12 @@ def build_modules(source, cfg: BuildConfig, progress: bool = False,
         folded = f"folded the fresh store: {f.added:,} items added, {f.dropped:,} retired or " \
                  "replaced"
     weights = cfg.task_weights or source.task_weights
-    stages, indexed = retrieval_stages(catalog, model, cfg.ann, tuple(weights))
+    stages, indexed, order = retrieval_stages(catalog, model, cfg.ann, tuple(weights))
     modules = {"filter": build_filter_stage(indexed, cfg.filter), **stages}
     modules["unified"] = UnifiedRetrieval(modules["filter"], modules["ann"], modules["scorer"],
                                           modules["aggregator"])
-    if titles is not None:
-        order = index_order_of(catalog, indexed)
-        titles = titles[order]
-    return Built(modules, indexed, model, tuple(model.tasks), titles, folded)
-
-
-def index_order_of(catalog: Catalog, indexed: Catalog) -> np.ndarray:
-    """Catalog row of each index row (the permutation `retrieval_stages` applied)."""
-    order = np.argsort(catalog.item_ids)
-    return order[np.searchsorted(catalog.item_ids[order], indexed.item_ids)]
+    return Built(modules, indexed, tuple(model.tasks),
+                 None if titles is None else titles[order], folded)
 
 
 def export_modules(built: Built) -> Dict[str, torch.nn.Module]:

@@ -4,6 +4,6 @@ tables by catalog/tables.py and catalog/read.py, MovieLens directories by catalo
 """
 
 from catalog.errors import CatalogError
-from catalog.read import CatalogSource, is_catalog_dir, read_catalog
+from catalog.read import CatalogSource, read_catalog
 
-__all__ = ["CatalogError", "CatalogSource", "is_catalog_dir", "read_catalog"]
+__all__ = ["CatalogError", "CatalogSource", "read_catalog"]

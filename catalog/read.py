@@ -99,14 +99,6 @@ class CatalogSource:
         return "\n".join(lines)
 
 
-def is_catalog_dir(directory: Path) -> bool:
-    from catalog.movielens import is_movielens
-
-    d = Path(directory)
-    return (d / "catalog.toml").exists() or is_movielens(d) \
-        or any((d / f"items{s}").exists() for s in (".parquet", ".csv"))
-
-
 def read_catalog(directory: Path, unknown_items: Optional[str] = None,
                  echo: Callable[[str], None] = lambda s: None) -> CatalogSource:
     """Read and check a catalog directory. `unknown_items` ("error" or "skip") overrides

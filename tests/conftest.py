@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import shutil
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 
 from builder.build import BuildConfig, build
+from fresh.store import FreshStore, create_store, fresh_dir_for
 from serving.launcher import ServerConfig, TritonServer, free_ports
 from world.synthetic import World, WorldConfig
 
@@ -33,6 +35,31 @@ def small_build(tmp_path_factory) -> Built:
                       items_csv=root / "items.csv")
     world = build(cfg, progress=False)
     return Built(cfg, world)
+
+
+@dataclass
+class TwoVersions:
+    """A copy of the session's build (version 1) and, aside, version 2 of another catalog (the
+    next world seed) that a swap test moves in next to it."""
+
+    repository: Path  # served: version 1, with a fresh store of its own
+    staging: Path  # version 2 (and a copy of version 1) of every index model
+    items_csv_v1: Path
+    items_csv_v2: Path
+
+
+def two_versions(small_build: Built, root: Path) -> TwoVersions:
+    repo = root / "model_repository"
+    shutil.copytree(small_build.repository, repo)
+    header = FreshStore(fresh_dir_for(small_build.repository)).header
+    create_store(fresh_dir_for(repo), header)
+    staging = root / "staging" / "model_repository"
+    shutil.copytree(small_build.repository, staging)
+    create_store(fresh_dir_for(staging), header)
+    items_v2 = root / "staging" / "items.csv"
+    build(BuildConfig(world=replace(SMALL_WORLD, seed=SMALL_WORLD.seed + 1), repository=staging,
+                      items_csv=items_v2, version=2), progress=False)
+    return TwoVersions(repo, staging, Path(small_build.config.items_csv), items_v2)
 
 
 def start_server(repository: Path, log_path: Path, **kwargs) -> TritonServer:

@@ -23,13 +23,13 @@ import pytest
 import yaml
 from kubernetes_validate.utils import ValidationError, validate
 
-from builder.build import STAGES, BuildConfig, build
+from builder.build import STAGES
 from client import Retriever
 from client.catalog import load_items
-from fresh.store import FRESH_DIR_ENV, FreshStore, create_store, fresh_dir_for
+from fresh.store import FRESH_DIR_ENV
 from serving.launcher import ROOT, ServerConfig
 from serving.runners import DEVICE_ENV
-from tests.conftest import SMALL_WORLD, start_server
+from tests.conftest import SMALL_WORLD, start_server, two_versions
 from tests.test_version_swap import QUERIES, answer_version
 from world.synthetic import make_schema
 
@@ -337,23 +337,15 @@ def two_replicas(small_build, tmp_path_factory):
     """Two tritonservers sharing ONE repository directory and fresh store, as the pods share
     the volume; version 2 (another catalog) built aside, moved in by the test."""
     root = tmp_path_factory.mktemp("replicas")
-    repo = root / "model_repository"
-    shutil.copytree(small_build.repository, repo)
-    header = FreshStore(fresh_dir_for(small_build.repository)).header
-    create_store(fresh_dir_for(repo), header)
-    staging = root / "staging" / "model_repository"
-    shutil.copytree(small_build.repository, staging)
-    create_store(fresh_dir_for(staging), header)
-    build(BuildConfig(world=replace(SMALL_WORLD, seed=SMALL_WORLD.seed + 1), repository=staging,
-                      items_csv=root / "staging" / "items.csv", version=2), progress=False)
+    versions = two_versions(small_build, root)
+    repo = versions.repository
     servers = []
     try:
         for i in range(2):
             servers.append(start_server(repo, root / f"tritonserver-{i}.log",
                                         model_control="explicit", admin_key=KEY,
                                         load_models=list(MODELS)))
-        catalogs = (load_items(small_build.config.items_csv),
-                    load_items(root / "staging" / "items.csv"))
+        catalogs = (load_items(versions.items_csv_v1), load_items(versions.items_csv_v2))
         yield root, repo, catalogs, servers
     finally:
         for s in servers:

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from catalogs import MOVIES
 
 from catalog import CatalogError
 from training.data import NegativeSampling, holdout_split, per_user_time_split, time_split
@@ -12,13 +13,6 @@ from training.movielens import load_movielens
 
 ML_LATEST_SMALL = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-latest-small"
 
-MOVIES = """movieId,title,genres
-1,Toy Story (1995),Adventure|Animation|Children|Comedy|Fantasy
-2,"American President, The (1995)",Comedy|Drama|Romance
-5,Heat (1995),Action|Crime|Thriller
-7,Untitled,(no genres listed)
-11,"Fifth Element, The (1997)",Action|Sci-Fi
-"""
 RATINGS = """userId,movieId,rating,timestamp
 3,1,4.0,100
 3,2,2.5,200

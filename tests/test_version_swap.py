@@ -8,20 +8,18 @@ two versions would get rows of one index filtered by the other's bitmap)."""
 import shutil
 import threading
 import time
-from dataclasses import replace
 
 import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from builder.build import STAGES, BuildConfig, build
+from builder.build import STAGES
 from client import Retriever
 from client.catalog import load_items
 from filtering.expression import parse
-from fresh.store import FreshStore, create_store, fresh_dir_for
 from serving.swap import main as swap_main
 from serving.swap import swap_index
-from tests.conftest import SMALL_WORLD, start_server
+from tests.conftest import SMALL_WORLD, start_server, two_versions
 from tests.test_server import satisfies
 from world.synthetic import make_schema
 
@@ -37,19 +35,11 @@ def swap_setup(small_build, tmp_path_factory):
     """Version 1: the session's build, copied. Version 2: another catalog (another world
     seed), built with `version=2` in a staging copy and moved in once the server runs."""
     root = tmp_path_factory.mktemp("swap")
-    repo = root / "model_repository"
-    shutil.copytree(small_build.repository, repo)
-    header = FreshStore(fresh_dir_for(small_build.repository)).header
-    create_store(fresh_dir_for(repo), header)
-    staging = root / "staging" / "model_repository"
-    shutil.copytree(small_build.repository, staging)
-    create_store(fresh_dir_for(staging), header)
-    build(BuildConfig(world=replace(SMALL_WORLD, seed=SMALL_WORLD.seed + 1), repository=staging,
-                      items_csv=root / "staging" / "items.csv", version=2), progress=False)
+    versions = two_versions(small_build, root)
+    repo = versions.repository
     server = start_server(repo, root / "tritonserver.log", model_control="explicit",
                           admin_key=KEY, load_models=list(MODELS))
-    catalogs = (load_items(small_build.config.items_csv),
-                load_items(root / "staging" / "items.csv"))
+    catalogs = (load_items(versions.items_csv_v1), load_items(versions.items_csv_v2))
     yield root, repo, catalogs, server
     server.stop()
 

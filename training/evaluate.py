@@ -79,12 +79,11 @@ class Pipelines:
         """weights: TrainedWeights, or a RetrievalModel (e.g. pretrained vectors)."""
         model = weights if isinstance(weights, RetrievalModel) else RetrievalModel.trained(
             weights)
-        stages, indexed = retrieval_stages(data.catalog, model, config.ann, config.task_weights)
-        self.ann, self.scorer, self.aggregator = (stages[n].eval() for n in
+        built = retrieval_stages(data.catalog, model, config.ann, config.task_weights)
+        self.ann, self.scorer, self.aggregator = (built.stages[n].eval() for n in
                                                   ("ann", "scorer", "aggregator"))
-        order = np.argsort(data.catalog.item_ids)
         # catalog row of each index row, and index row of each catalog row
-        self.catalog_row = order[np.searchsorted(data.catalog.item_ids[order], indexed.item_ids)]
+        self.catalog_row = built.order
         self.index_row = np.empty_like(self.catalog_row)
         self.index_row[self.catalog_row] = np.arange(len(self.catalog_row))
         self.item_ids = data.catalog.item_ids

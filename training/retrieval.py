@@ -8,7 +8,7 @@ The builder exports these stages; training/evaluate.py runs the same ones in-pro
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Dict, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -94,14 +94,19 @@ class RetrievalModel:
         return replace(self, item_vectors=vectors, item_extra=extra)
 
 
+class IndexedStages(NamedTuple):
+    stages: Dict[str, torch.nn.Module]  # ann, scorer, aggregator
+    catalog: Catalog  # in index row order: row r of every stage tensor
+    order: np.ndarray  # the catalog row stored at each index row
+
+
 def retrieval_stages(catalog: Catalog, model: RetrievalModel, ann: AnnConfig,
-                     task_weights: tuple) -> Tuple[Dict[str, torch.nn.Module], Catalog]:
+                     task_weights: tuple) -> IndexedStages:
     """The ann, scorer and aggregator stages of `model`, and the catalog they index.
 
     The ANN indexes the model's item vectors (the item tower's outputs, or the pretrained
     vectors: what the user side's queries live with), so they replace the catalog's content
-    embeddings before the index decides the row order. Returns the stages and that catalog in
-    index row order.
+    embeddings before the index decides the row order.
     """
     if len(task_weights) != len(model.tasks):
         raise ValueError(f"{len(task_weights)} task weights for the {len(model.tasks)} tasks "
@@ -116,4 +121,4 @@ def retrieval_stages(catalog: Catalog, model: RetrievalModel, ann: AnnConfig,
         "aggregator": ValueModel(torch.from_numpy(indexed.item_ids),
                                  torch.tensor(task_weights, dtype=torch.float32)),
     }
-    return stages, indexed
+    return IndexedStages(stages, indexed, order)
