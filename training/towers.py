@@ -236,6 +236,9 @@ class ValidationCut:
         queries.history.refresh(vectors)
         hist = queries.history.all_users()[self.users]
         query = queries.users.encode(queries.user_rows[self.users], hist)
+        # users per score block: the block is [users, all items], so bound it (64 MB of
+        # fp32 at most) or a large catalog's build peaks here (1M items: 1 GB per block)
+        chunk = max(1, min(chunk, (1 << 24) // max(int(vectors.shape[0]), 1)))
         total = 0.0
         for s in range(0, len(self.users), chunk):
             n = min(chunk, len(self.users) - s)
