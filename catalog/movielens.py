@@ -29,8 +29,8 @@ import pyarrow.compute as pc
 from catalog.errors import CatalogError
 from catalog.read import CatalogSource, file_digest, lookup
 from catalog.tables import (
+    check_unique,
     encode_feature,
-    first_duplicate,
     int_column,
     read_table,
     require_columns,
@@ -66,10 +66,7 @@ def read_movielens(directory: Path, unknown_items: str = "error",
     item_ids = int_column(movies, "movieId", movies_path)
     if len(item_ids) == 0:
         raise CatalogError(f"{movies_path}: no movies (an empty catalog cannot be served)")
-    dup = first_duplicate(item_ids)
-    if dup is not None:
-        raise CatalogError(f"{movies_path}: rows {dup[0] + 1} and {dup[1] + 1}, column "
-                           f"'movieId': duplicate movie id {int(item_ids[dup[1]])}")
+    check_unique(item_ids, movies_path, "movieId", "movie id")
     titles = movies.column("title")
     year = pc.struct_field(pc.extract_regex(titles, r"\((?P<year>\d{4})\)\s*$"), "year")
     table = pa.table({"genres": movies.column("genres"), "year": year})

@@ -20,10 +20,10 @@ from catalog.errors import CatalogError
 from catalog.spec import CatalogSpec, TableDecl, infer_spec, read_spec
 from catalog.tables import (
     binary_column,
+    check_unique,
     check_vectors,
     column_types,
     encode_feature,
-    first_duplicate,
     int_column,
     read_table,
     require_columns,
@@ -137,10 +137,7 @@ def from_spec(spec: CatalogSpec, tables: Optional[Dict] = None) -> CatalogSource
         raise CatalogError(f"{items_path}: no items (an empty catalog cannot be served)")
     require_columns(items, ["item_id"], items_path)
     item_ids = int_column(items, "item_id", items_path)
-    dup = first_duplicate(item_ids)
-    if dup is not None:
-        raise CatalogError(f"{items_path}: rows {dup[0] + 1} and {dup[1] + 1}, column "
-                           f"'item_id': duplicate item id {int(item_ids[dup[1]])}")
+    check_unique(item_ids, items_path, "item_id", "item id")
     declared = [f.name for f in spec.items.features]
     require_columns(items, declared, items_path)
     specs, features = [], []
@@ -252,10 +249,7 @@ def _vectors(decl: TableDecl, table, ids: np.ndarray, directory: Path, path: Pat
         raise CatalogError(f"{ids_path}: expected {len(vectors):,} int64 ids (one per row of "
                            f"{npy}), got {vector_ids.dtype} of shape {list(vector_ids.shape)}")
     vector_ids = vector_ids.astype(np.int64)
-    dup = first_duplicate(vector_ids)
-    if dup is not None:
-        raise CatalogError(f"{ids_path}: rows {dup[0] + 1} and {dup[1] + 1}: duplicate id "
-                           f"{int(vector_ids[dup[1]])}")
+    check_unique(vector_ids, ids_path, None, "id")
     order = np.argsort(vector_ids)
     pos = np.searchsorted(vector_ids[order], ids).clip(max=len(order) - 1)
     found = vector_ids[order][pos] == ids
@@ -318,10 +312,7 @@ def _read_users(spec: CatalogSpec, table):
     table = table if table is not None else read_table(path)
     require_columns(table, ["user_id"] + [f.name for f in decl.features], path)
     raw = int_column(table, "user_id", path)
-    dup = first_duplicate(raw)
-    if dup is not None:
-        raise CatalogError(f"{path}: rows {dup[0] + 1} and {dup[1] + 1}, column 'user_id': "
-                           f"duplicate user id {int(raw[dup[1]])}")
+    check_unique(raw, path, "user_id", "user id")
     specs, feats = [], []
     for f in decl.features:
         fspec, values = encode_feature(table, f.name, f.kind, f.multi_valued, path)

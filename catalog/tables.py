@@ -339,14 +339,17 @@ def binary_column(table: pa.Table, name: str, path: Path) -> np.ndarray:
     return values.astype(np.float32)
 
 
-def first_duplicate(ids: np.ndarray) -> Optional[Tuple[int, int]]:
-    """(first row, later row) of the first repeated id in row order of the later one, or
-    None."""
+def check_unique(ids: np.ndarray, path, column: Optional[str], what: str) -> None:
+    """Raises CatalogError naming the first repeated id (in row order of its second
+    occurrence) and both of its rows."""
     order = np.argsort(ids, kind="stable")
     s = ids[order]
     same = np.flatnonzero(s[1:] == s[:-1])
     if not len(same):
-        return None
+        return
     later = order[same + 1]
     j = int(np.argmin(later))
-    return int(order[same[j]]), int(later[j])
+    first, second = int(order[same[j]]), int(later[j])
+    where = f", column '{column}'" if column else ""
+    raise CatalogError(f"{path}: rows {first + 1} and {second + 1}{where}: duplicate {what} "
+                       f"{int(ids[second])}")
