@@ -104,6 +104,10 @@ class ServerConfig:
     fresh_dir: Optional[Path] = None
     log_path: Path = ROOT / "logs" / "tritonserver.log"
     log_verbose: int = 0
+    # Triton's --exit-timeout-secs: how long a stop waits for in-flight requests and model
+    # unloads before the server exits anyway (Triton's default is 30 s). stop() kills the
+    # server a few seconds after it, so a stop takes at most about this long.
+    exit_timeout: int = field(default_factory=lambda: _env_int("TRITON_EXIT_TIMEOUT", 10))
     extra_args: List[str] = field(default_factory=list)
 
     @property
@@ -172,7 +176,8 @@ class TritonServer:
                 f"--grpc-address={c.host}", f"--grpc-port={c.grpc_port}",
                 f"--metrics-address={c.host}", f"--metrics-port={c.metrics_port}",
                 f"--model-control-mode={c.model_control}",
-                f"--log-verbose={c.log_verbose}", "--strict-readiness=true"]
+                f"--log-verbose={c.log_verbose}", "--strict-readiness=true",
+                f"--exit-timeout-secs={c.exit_timeout}"]
         if c.model_control == "explicit" and not c.admin_key:
             raise ServerError("explicit model control needs an admin key for the repository "
                               "API: set TRITON_ADMIN_KEY (clients send it as `admin-key`)")
@@ -231,7 +236,7 @@ class TritonServer:
             raise
         return self
 
-    def restart(self, timeout: float = 180.0, stop_timeout: float = 30.0,
+    def restart(self, timeout: float = 180.0, stop_timeout: Optional[float] = None,
                 cancel: Optional[threading.Event] = None) -> TritonServer:
         """Stop (if still running) and start again with the same config and ports."""
         self.stop(stop_timeout)
@@ -298,10 +303,14 @@ class TritonServer:
             return "(no server log)"
         return f"--- last lines of {self.config.log_path} ---\n" + "\n".join(text[-lines:])
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def stop(self, timeout: Optional[float] = None) -> None:
         """Stops the server, its stubs and their shared memory; does nothing when stopped (so
         that a process group id that may have been reused is never signalled). SIGINT and
-        SIGTERM arriving meanwhile are ignored (see _signals_ignored)."""
+        SIGTERM arriving meanwhile are ignored (see _signals_ignored). The server gets
+        `timeout` seconds (default: its exit timeout and 5 more) to exit cleanly, then it and
+        its stubs are killed."""
+        if timeout is None:
+            timeout = self.config.exit_timeout + 5.0
         with _signals_ignored():
             if self._stop_pending:
                 if self.process.poll() is None:
@@ -310,6 +319,8 @@ class TritonServer:
                     try:
                         self.process.wait(timeout)
                     except subprocess.TimeoutExpired:
+                        print(f"tritonserver did not exit {timeout:.0f} s after SIGINT: "
+                              f"killed", file=sys.stderr, flush=True)
                         os.killpg(self.process.pid, signal.SIGKILL)
                         self.process.wait()
                 remove_leftovers(self.process.pid, self.identity)

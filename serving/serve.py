@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -53,6 +54,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--load-model", action="append", default=[], metavar="MODEL",
                    help="explicit model control: a model to load at start (repeatable; "
                         "default: all)")
+    p.add_argument("--exit-timeout", type=int, default=defaults.exit_timeout, metavar="SECONDS",
+                   help="a stop waits this long for in-flight requests and model unloads, "
+                        "then the server is killed (TRITON_EXIT_TIMEOUT; default: "
+                        "%(default)s)")
     p.add_argument("--log", type=Path, default=defaults.log_path,
                    help="the server's log file (default: %(default)s)")
     args = p.parse_args(argv)
@@ -97,7 +102,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     config = ServerConfig(repository=args.repository, fresh_dir=args.fresh_dir, host=args.host,
                           http_port=args.http_port, grpc_port=args.grpc_port,
                           metrics_port=args.metrics_port, model_control=args.model_control,
-                          load_models=args.load_model, log_path=args.log)
+                          load_models=args.load_model, log_path=args.log,
+                          exit_timeout=args.exit_timeout)
     server = TritonServer(config)
     supervisor = Supervisor(server)
     stop = StopRequest()
@@ -129,9 +135,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         supervisor.stop()
         if ready:
             print("stopping tritonserver ...", flush=True)
+        t0 = time.monotonic()
         server.stop()  # also when the start failed: stop() does nothing twice
         if ready:
-            print("stopped", flush=True)
+            print(f"stopped ({time.monotonic() - t0:.1f} s)", flush=True)
 
 
 if __name__ == "__main__":

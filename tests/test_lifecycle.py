@@ -9,8 +9,10 @@ failing the same way gives up and the launcher exits non-zero.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -91,6 +93,19 @@ class Launched:
         assert self.stubs and all(r.startswith(self.identity) for r in self.regions), self.regions
         return self
 
+    def wait_exit(self, timeout: float = 60.0) -> int:
+        """The launcher's exit status; fails with its output and the server log's tail when
+        it has not exited after `timeout` seconds."""
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            logs = [p for p in (self.output.parent / "tritonserver.log",
+                                ROOT / "logs" / "tritonserver.log") if p.exists()]
+            tail = "\n".join(p.read_text(errors="replace").splitlines()[-30:] for p in logs[:1])
+            pytest.fail(f"the launcher did not exit {timeout:.0f} s after the signal; left: "
+                        f"{self.leftovers()}\n--- its output ---\n{self.text()}\n"
+                        f"--- server log ---\n{tail}")
+
     def leftovers(self) -> List[str]:
         """What is left of the server: live processes, shared-memory regions, listening ports."""
         left = [f"tritonserver {p}" for p in servers_on(self.ports[0])]
@@ -138,7 +153,8 @@ def _live_group_leader(pid: int) -> bool:
 
 
 def launch(repository: Path, tmp_path: Path, ports: Optional[Tuple[int, int, int]] = None,
-           make: bool = False, models: Optional[List[str]] = None) -> Launched:
+           make: bool = False, models: Optional[List[str]] = None,
+           extra: Tuple[str, ...] = ()) -> Launched:
     """`python -m serving.serve` in a session of its own (its pid is its process group), or,
     with `make`, `setsid make serve REPOSITORY=...` (make's pid is the group). With `models`:
     only those, under explicit model control."""
@@ -159,6 +175,7 @@ def launch(repository: Path, tmp_path: Path, ports: Optional[Tuple[int, int, int
             env["TRITON_ADMIN_KEY"] = "lifecycle-test-key"
             command += ["--model-control", "explicit"]
             command += [a for m in models for a in ("--load-model", m)]
+        command += list(extra)
     with open(output, "wb") as out:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out,
                                    stderr=subprocess.STDOUT, start_new_session=not make)
@@ -237,9 +254,9 @@ STOPS = {"SIGTERM to the process group": _term_the_group,
 def test_signals_stop_everything_cleanly(launched, how, run):
     sent = time.monotonic()
     STOPS[how](launched.process)
-    assert launched.process.wait(60) == 0, launched.text()
+    assert launched.wait_exit(60) == 0, launched.text()
     seconds = launched.wait_gone(sent)
-    assert launched.text().rstrip().endswith("stopped"), launched.text()
+    assert re.search(r"\nstopped \(\d+\.\d s\)$", launched.text().rstrip()), launched.text()
     assert "Traceback" not in launched.text(), launched.text()
     if how.startswith("two"):
         assert "SIGTERM: already stopping, ignored" in launched.text(), launched.text()
@@ -254,13 +271,38 @@ def test_make_serve_stops_on_sigterm_to_its_process_group(small_build, tmp_path)
         launched.wait_ready()
         sent = time.monotonic()
         subprocess.run(["kill", "-TERM", "--", f"-{launched.process.pid}"], check=True)
-        launched.process.wait(60)
+        launched.wait_exit(60)
         seconds = launched.wait_gone(sent)
     finally:
         if launched.process.poll() is None:
             os.killpg(launched.process.pid, signal.SIGKILL)
     assert "stopped" in launched.text() and "Traceback" not in launched.text(), launched.text()
     _report("make serve, SIGTERM to its process group", launched, seconds)
+
+
+def test_a_stop_that_triton_cannot_finish_is_bounded_by_the_exit_timeout(small_build, tmp_path):
+    """A stub that never answers (SIGSTOPped) keeps Triton from unloading its model, so a
+    clean exit never comes: the stop still ends within the exit timeout (3 s here) and the 5 s
+    after it, killing the server and the frozen stub, and leaves nothing."""
+    launched = launch(small_build.repository, tmp_path, models=LIGHT, extra=("--exit-timeout", "3"))
+    try:
+        launched.wait_ready()
+        os.kill(launched.stubs[0], signal.SIGSTOP)
+        sent = time.monotonic()
+        launched.process.send_signal(signal.SIGTERM)
+        assert launched.wait_exit(30) == 0, launched.text()
+        stopped = time.monotonic() - sent
+        seconds = launched.wait_gone(sent)
+    finally:
+        if launched.process.poll() is None:
+            launched.process.kill()
+            launched.process.wait()
+        for pid in launched.stubs:  # nothing may stay frozen when the test fails
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert stopped < 3 + 5 + 4, launched.text()
+    assert re.search(r"\nstopped \(\d+\.\d s\)$", launched.text().rstrip()), launched.text()
+    _report("SIGTERM with a frozen stub (exit timeout 3 s)", launched, seconds)
 
 
 @pytest.mark.parametrize("holder", ["tritonserver", "socket"])
