@@ -60,7 +60,10 @@ class FaissAnnRunner(AnnRunner):
     Parameters (config.pbtxt, else faiss.json): `nprobe`, `oversample` (candidates per
     requested result, as the `ann` stage), `faiss_threads`, and `search`: "index" (default) or
     "exact" (every query scores all matching items: the ground truth for recall).
+    The service chain predates request histories: no `history` input.
     """
+
+    INPUTS = AnnRunner.INPUTS[:3]
 
     def __init__(self, version_dir, params=None):
         import faiss  # the ANN service's library; only this model needs it

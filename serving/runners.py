@@ -24,6 +24,7 @@ import torch
 import kernels  # noqa: F401  (registers torch.ops.iam.* before TorchScript graphs load)
 from filtering.expression import FilterError, batch_plans, parse_plan
 from fresh.tables import FreshView
+from stages.history import MAX_HISTORY, batch_history
 from world.schema import Schema
 
 MAX_K = 1000  # largest k a request may ask for
@@ -156,6 +157,19 @@ def check_task_weights(w: Optional[np.ndarray]) -> Optional[np.ndarray]:
     return w
 
 
+def check_history(history: Optional[np.ndarray]) -> Optional[np.ndarray]:
+    """The row of the optional input `history` (None when absent): at most MAX_HISTORY raw
+    item ids, none negative."""
+    if history is None:
+        return None
+    if history.shape[0] > MAX_HISTORY:
+        raise RequestError(f"history: at most {MAX_HISTORY} item ids (the most recent first), "
+                           f"got {history.shape[0]}")
+    if history.size and history.min() < 0:
+        raise RequestError(f"history: item ids are non-negative, got {int(history.min())}")
+    return history
+
+
 def check_filter(raw, schema: Schema) -> torch.Tensor:
     """The row of input `filter` parsed into a plan (filtering/expression.py)."""
     try:
@@ -237,7 +251,7 @@ class StageRunner(ABC):
         tables when it takes them."""
         on_cpu = self.device.type == "cpu"
         if not on_cpu:
-            args = tuple(a.to(self.device, non_blocking=True) for a in args)
+            args = tuple(_to_device(a, self.device) for a in args)
         if self.fresh is None:
             out = self.module(*args)
         else:
@@ -306,6 +320,15 @@ class StageRunner(ABC):
         """Run the module once on the whole batch."""
 
 
+def _to_device(arg, device: torch.device):
+    """A module argument on `device`: a tensor, a NamedTuple of tensors, or None."""
+    if arg is None:
+        return None
+    if isinstance(arg, tuple):
+        return type(arg)(*(t.to(device, non_blocking=True) for t in arg))
+    return arg.to(device, non_blocking=True)
+
+
 def _summary(e: Exception, limit: int = 300) -> str:
     """`Type: message` of an exception in one line; for TorchScript errors the last line (the
     first is "The following operation failed in the TorchScript interpreter")."""
@@ -369,6 +392,7 @@ class AnnRequest(NamedTuple):
     user_id: int
     filter_bits: np.ndarray  # int64 [W]
     k: int
+    history: Optional[np.ndarray] = None  # int64 [n] raw item ids, or None: not given
 
 
 class ScorerRequest(NamedTuple):
@@ -388,6 +412,7 @@ class UnifiedRequest(NamedTuple):
     user_id: int
     k: int
     weights: np.ndarray  # float32 [T]
+    history: Optional[np.ndarray]  # int64 [n] raw item ids, or None: not given
 
 
 def answers(ranked, count: int) -> List[Result]:
@@ -397,21 +422,26 @@ def answers(ranked, count: int) -> List[Result]:
              "task_scores": tasks[i: i + 1, : n[i]]} for i in range(count)]
 
 
+HISTORY = TensorSpec("history", "INT64", (-1,), optional=True)
+
+
 class AnnRunner(StageRunner):
     STAGE = "ann"
     INPUTS = (TensorSpec("user_id", "INT64", (1,)), TensorSpec("filter_bits", "INT64", (-1,)),
-              TensorSpec("k", "INT32", (1,)))
+              TensorSpec("k", "INT32", (1,)), HISTORY)
     OUTPUTS = (TensorSpec("candidate_rows", "INT64", (-1,)),
                TensorSpec("user_embedding", "FP32", (-1,)))
 
     def prepare(self, row):
-        return AnnRequest(int(row["user_id"][0]), row["filter_bits"], check_k(row["k"]))
+        return AnnRequest(int(row["user_id"][0]), row["filter_bits"], check_k(row["k"]),
+                          check_history(row.get("history")))
 
     def compute(self, prepared: List[AnnRequest]):
         users = torch.tensor([p.user_id for p in prepared], dtype=torch.int64)
         bits = torch.from_numpy(np.stack([p.filter_bits for p in prepared]))
         ks = torch.tensor([p.k for p in prepared], dtype=torch.int64)
-        found = self.forward(users, bits, ks)
+        history = batch_history([p.history for p in prepared])
+        found = self.forward(users, bits, ks, history)
         rows, counts, user_emb = (t.numpy() for t in (found.rows, found.counts,
                                                       found.user_embedding))
         return [{"candidate_rows": rows[i: i + 1, : counts[i]],
@@ -478,7 +508,7 @@ class UnifiedRunner(StageRunner):
     STAGE = "unified"
     INPUTS = (TensorSpec("user_id", "INT64", (1,)), TensorSpec("filter", "STRING", (1,)),
               TensorSpec("k", "INT32", (1,)),
-              TensorSpec("task_weights", "FP32", (TASKS_DIM,), optional=True))
+              TensorSpec("task_weights", "FP32", (TASKS_DIM,), optional=True), HISTORY)
     OUTPUTS = AggregatorRunner.OUTPUTS
 
     def __init__(self, version_dir, params=None):
@@ -490,16 +520,18 @@ class UnifiedRunner(StageRunner):
     def prepare(self, row):
         k = check_k(row["k"])
         weights = check_task_weights(row.get("task_weights"))
+        history = check_history(row.get("history"))
         plan = check_filter(row["filter"], self.schema)
         return UnifiedRequest(plan, int(row["user_id"][0]), k,
-                              self.default_weights if weights is None else weights)
+                              self.default_weights if weights is None else weights, history)
 
     def compute(self, prepared: List[UnifiedRequest]):
         plans = batch_plans([p.plan for p in prepared])
         users = torch.tensor([p.user_id for p in prepared], dtype=torch.int64)
         ks = torch.tensor([p.k for p in prepared], dtype=torch.int64)
         weights = torch.from_numpy(np.stack([p.weights for p in prepared]))
-        return answers(self.forward(plans, users, ks, weights), len(prepared))
+        history = batch_history([p.history for p in prepared])
+        return answers(self.forward(plans, users, ks, weights, history), len(prepared))
 
 
 def default_weights(aggregator, tasks: Tuple[str, ...], version_dir: Path) -> np.ndarray:

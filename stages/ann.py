@@ -19,6 +19,7 @@ from torch import nn
 from ann.ivf import IVFConfig, IVFIndex, build_ivf_index
 from ann.search import IVFInt8Search, IVFSearchConfig
 from filtering.bits import unpack_bits
+from stages.history import HistoryPooling, PooledHistory
 from world.synthetic import Catalog
 
 
@@ -59,15 +60,22 @@ def index_layout(catalog: Catalog, config: AnnConfig) -> IndexLayout:
 
 
 def build_ann_stage(indexed: Catalog, users: nn.Module, layout: IndexLayout,
-                    config: AnnConfig) -> "AnnStage":
-    """The ANN layer over `indexed` (the catalog already reordered by `layout.order`)."""
+                    config: AnnConfig, item_vectors: Optional[torch.Tensor] = None
+                    ) -> "AnnStage":
+    """The ANN layer over `indexed` (the catalog already reordered by `layout.order`).
+    `item_vectors`: the fp32 vectors request histories are pooled from (index row order;
+    default: the catalog's embeddings; the builder passes the scorer's tensor, so that the
+    `unified` archive stores them once)."""
+    vectors = torch.from_numpy(indexed.embeddings) if item_vectors is None else item_vectors
+    pooling = HistoryPooling(torch.from_numpy(indexed.item_ids), vectors)
     if layout.ivf is None:
-        return AnnStage(users, ExactSearch(torch.from_numpy(indexed.embeddings)),
+        return AnnStage(users, ExactSearch(torch.from_numpy(indexed.embeddings)), pooling,
                         config.oversample)
     if layout.ivf.num_items != indexed.num_items:
         raise ValueError(f"the index holds {layout.ivf.num_items} items, the catalog "
                          f"{indexed.num_items}")
-    return AnnStage(users, IVFInt8Search(layout.ivf, config.ivf_search), config.oversample)
+    return AnnStage(users, IVFInt8Search(layout.ivf, config.ivf_search), pooling,
+                    config.oversample)
 
 
 class AnnResult(NamedTuple):
@@ -104,31 +112,37 @@ class ExactSearch(nn.Module):
 
 
 class AnnStage(nn.Module):
-    """user id + filter bitmap + k -> oversampled candidate rows for the scorer.
+    """user id (+ request history) + filter bitmap + k -> oversampled candidate rows for the
+    scorer.
 
     Args:
-        users: maps raw user ids to query embeddings.
+        users: maps raw user ids (and pooled request histories) to query embeddings.
         search: filtered search over the item index.
+        pooling: request histories -> their mean item vector (stages/history.py); callers
+            with raw history ids run it first (FreshAnn does, with the fresh items).
         oversample: the stage returns `oversample * k` candidates so that the scorer can
             reorder more than the final k (a larger factor = better final quality, more work).
     """
 
-    def __init__(self, users: nn.Module, search: nn.Module, oversample: int = 4):
+    def __init__(self, users: nn.Module, search: nn.Module, pooling: HistoryPooling,
+                 oversample: int = 4):
         super().__init__()
         self.users = users
         self.search = search
+        self.pooling = pooling
         self.oversample = oversample
 
-    def forward(self, user_ids: torch.Tensor, filter_bits: torch.Tensor, k: torch.Tensor
-                ) -> AnnResult:
+    def forward(self, user_ids: torch.Tensor, filter_bits: torch.Tensor, k: torch.Tensor,
+                history: Optional[PooledHistory] = None) -> AnnResult:
         """
         Args:
-            user_ids: int64 [B]; filter_bits: int64 [B, W]; k: int64 [B] (>= 1).
+            user_ids: int64 [B]; filter_bits: int64 [B, W]; k: int64 [B] (>= 1);
+            history: the requests' pooled histories (None: every user's built history).
         Returns:
             rows int64 [B, C] (-1 past counts), scores float32 [B, C], counts int64 [B],
             user_embedding float32 [B, D].
         """
-        user_embedding = self.users(user_ids)
+        user_embedding = self.users(user_ids, history)
         wanted = k * self.oversample
         scores, rows = self.search(user_embedding, filter_bits, int(wanted.max()))
         # a search returns min(C, matches) rows per query, so this is min(wanted, matches, C)

@@ -23,6 +23,7 @@ from torch import nn
 
 from filtering.bits import num_words, pack_bits, unpack_bits
 from stages.ann import AnnResult
+from stages.history import PooledHistory, RequestHistory
 from stages.plan import PostfixPlan
 
 
@@ -159,8 +160,8 @@ class FreshAnn(nn.Module):
     bitmap, `merge_fresh` adds the fresh rows.
 
     Args:
-        ann: an ANN stage, forward(user_ids, filter_bits, k) -> (rows, scores, counts,
-            user_embedding), with an `oversample` attribute.
+        ann: an ANN stage (stages/ann.py AnnStage): forward(user_ids, filter_bits, k,
+            pooled history) -> AnnResult, with `oversample` and `pooling` attributes.
         num_items: N, the main index's rows.
     """
 
@@ -172,13 +173,21 @@ class FreshAnn(nn.Module):
         self.offset = fresh_row_offset(num_items)
 
     def forward(self, user_ids: torch.Tensor, filter_bits: torch.Tensor, k: torch.Tensor,
-                fresh: Optional[FreshItems] = None) -> AnnResult:
-        """As the wrapped stage; with `fresh`, filter_bits holds the fresh words after the main
-        ones (FreshFilter) and rows at and past fresh_row_offset(N) are fresh rows."""
+                history: Optional[RequestHistory] = None, fresh: Optional[FreshItems] = None
+                ) -> AnnResult:
+        """As the wrapped stage, the requests' raw history ids pooled first (fresh items
+        count); with `fresh`, filter_bits holds the fresh words after the main ones
+        (FreshFilter) and rows at and past fresh_row_offset(N) are fresh rows."""
         has_fresh_words = filter_bits.shape[1] > self.main_words
         main_bits = filter_bits[:, : self.main_words].contiguous() if has_fresh_words \
             else filter_bits
-        found = self.ann(user_ids, main_bits, k)
+        pooled: Optional[PooledHistory] = None
+        if history is not None:
+            if fresh is None:
+                pooled = self.ann.pooling(history)
+            else:
+                pooled = self.ann.pooling(history, fresh.item_ids, fresh.embeddings, fresh.live)
+        found = self.ann(user_ids, main_bits, k, pooled)
         if fresh is None or not has_fresh_words:
             return found
         rows, scores, counts = merge_fresh(

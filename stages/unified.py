@@ -14,6 +14,7 @@ from torch import nn
 
 from stages.aggregator import Ranked
 from stages.fresh import FreshAnn, FreshFilter, FreshItems
+from stages.history import RequestHistory
 
 
 class UnifiedRetrieval(nn.Module):
@@ -35,17 +36,18 @@ class UnifiedRetrieval(nn.Module):
         return self.filter.live_main_words(hidden_ids)
 
     def forward(self, plans: torch.Tensor, user_ids: torch.Tensor, k: torch.Tensor,
-                task_weights: torch.Tensor, fresh: Optional[FreshItems] = None
-                ) -> Ranked:
+                task_weights: torch.Tensor, history: Optional[RequestHistory] = None,
+                fresh: Optional[FreshItems] = None) -> Ranked:
         """
         Args:
             plans int64 [B, L, 3] (filtering/expression.py), user_ids int64 [B], k int64 [B],
-            task_weights float32 [B, T], fresh: the fresh store's tables (None: main only).
+            task_weights float32 [B, T], history: the requests' `history` inputs (None: none
+            carried one; stages/history.py), fresh: the fresh store's tables (None: main only).
         Returns:
             item_ids int64 [B, K], scores [B, K], task_scores [B, K, T], counts int64 [B]
             (valid results per query).
         """
         bits = self.filter(plans, fresh)
-        found = self.ann(user_ids, bits, k, fresh)
+        found = self.ann(user_ids, bits, k, history, fresh)
         task_scores = self.scorer(found.user_embedding, found.rows, fresh)
         return self.aggregator(found.rows, task_scores, found.counts, k, task_weights, fresh)

@@ -9,12 +9,14 @@ history), trained on examples whose user was hidden (`TwoTowerConfig.cold_start_
 """
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from stages.features import FeatureBag
+from stages.history import PooledHistory
 
 
 @dataclass
@@ -71,10 +73,16 @@ class UserTower(nn.Module):
             raise ValueError("history_dim must equal output_dim (the history is the residual's "
                              "base)")
 
-    def forward(self, user_ids: torch.Tensor) -> torch.Tensor:
-        """user_ids int64 [B] -> float32 [B, D] unit-norm query vectors."""
+    def forward(self, user_ids: torch.Tensor, history: Optional[PooledHistory] = None
+                ) -> torch.Tensor:
+        """user_ids int64 [B] -> float32 [B, D] unit-norm query vectors. With `history`
+        (stages/history.py), a request that carried one uses its pooled vector instead of the
+        history built from the logs (zeros when none of its items is known: no history)."""
         rows = self.id_map(user_ids)
-        return self.encode(rows, self.history[rows])
+        built = self.history[rows]
+        if history is not None:
+            built = torch.where((history.count >= 0).unsqueeze(1), history.vectors, built)
+        return self.encode(rows, built)
 
     @torch.jit.export
     def encode(self, rows: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
@@ -90,6 +98,11 @@ class UserTable(nn.Module):
     """Exact raw-id lookup into a table of user embeddings; unknown ids get the cold-start row
     (the user side of a pretrained two-tower model: training/retrieval.py).
 
+    A pretrained model comes without its user tower, so a request's history cannot go through
+    it: a request whose history holds known items queries with the mean of their item vectors
+    (the usual item-to-item fallback) instead of its user's row; an empty or unknown history
+    keeps the row.
+
     Args:
         raw_ids: int64 [U] known user ids (any order, distinct).
         embeddings: float32 [U, D] their embeddings.
@@ -103,9 +116,13 @@ class UserTable(nn.Module):
         table = torch.cat([embeddings[order], cold_start.reshape(1, -1)]).float().contiguous()
         self.register_buffer("table", table)
 
-    def forward(self, user_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, user_ids: torch.Tensor, history: Optional[PooledHistory] = None
+                ) -> torch.Tensor:
         """user_ids int64 [B] -> float32 [B, D]."""
         n = self.sorted_ids.shape[0]
         pos = torch.searchsorted(self.sorted_ids, user_ids).clamp(max=max(n - 1, 0))
         found = self.sorted_ids[pos] == user_ids
-        return self.table[torch.where(found, pos, torch.full_like(pos, n))]
+        rows = self.table[torch.where(found, pos, torch.full_like(pos, n))]
+        if history is None:
+            return rows
+        return torch.where((history.count > 0).unsqueeze(1), history.vectors, rows)

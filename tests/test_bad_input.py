@@ -22,6 +22,7 @@ from tritonclient.utils import InferenceServerException
 from client import build_inputs, parse_outputs, requested_outputs
 from filtering.expression import MAX_EXPRESSION_BYTES, MAX_NESTING
 from serving.runners import MAX_K
+from stages.history import MAX_HISTORY
 
 pytestmark = pytest.mark.server
 
@@ -40,7 +41,8 @@ def tensors(**given) -> List[Tensor]:
     encode = {"user_id": lambda v: (np.array([[v]], dtype=np.int64), "INT64"),
               "filter": lambda v: (np.array([[v.encode()]], dtype=np.object_), "BYTES"),
               "k": lambda v: (np.array([[v]], dtype=np.int32), "INT32"),
-              "task_weights": lambda v: (np.array([v], dtype=np.float32), "FP32")}
+              "task_weights": lambda v: (np.array([v], dtype=np.float32), "FP32"),
+              "history": lambda v: (np.array([v], dtype=np.int64).reshape(1, -1), "INT64")}
     out = []
     for name, value in values.items():
         if value is None:
@@ -131,6 +133,16 @@ CASES = [
     Case("unknown value", lambda: tensors(filter="category:nosuch"),
          ["filter: filter error at position 9", "has no value nosuch"]),
     Case("unknown feature id", lambda: tensors(filter="99:1"), ["unknown feature id 99"]),
+    # --- the optional request history ---
+    Case("INT32 history", lambda: tensors(history=(np.array([[5, 6]], np.int32), "INT32")),
+         ["input 'history' data-type is 'INT32'", "expects 'INT64'"], True),
+    Case("history [1, 2, 2]",
+         lambda: tensors(history=(np.ones((1, 2, 2), np.int64), "INT64")),
+         ["unexpected shape for input 'history'"], True),
+    Case("101 history ids", lambda: tensors(history=list(range(101))),
+         [f"history: at most {MAX_HISTORY} item ids", "got 101"]),
+    Case("negative history id", lambda: tensors(history=[5, -3, 8]),
+         ["history: item ids are non-negative, got -3"]),
     Case("binary garbage", lambda: tensors(filter=raw_filter(b"\xff\xfe\x00\x80garbage")),
          ["filter: filter error at position 0", "not valid UTF-8"]),
     Case("control character", lambda: tensors(filter=raw_filter(b"category:comedy\x07")),

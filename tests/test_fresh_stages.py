@@ -139,7 +139,7 @@ def test_main_plus_fresh_merge_equals_exact_search(built, exported, store, text)
     users = torch.from_numpy(WORLD.user_ids[:3].copy())
     k = torch.tensor([5, 10, 3])
     bits = exported["filter"](batch_plans([parse_plan(text, SCHEMA)] * 3), fresh)
-    rows, scores, counts, q = exported["ann"](users, bits, k, fresh)
+    rows, scores, counts, q = exported["ann"](users, bits, k, fresh=fresh)
     oversample = exported["ann"].oversample
     for b in range(3):
         want_rows, want_scores = reference_candidates(
@@ -171,8 +171,8 @@ def test_scripted_equals_eager_with_fresh(exported, store):
     k = torch.tensor([4, 10, 1, 6])
     weights = torch.tensor([[1.0, 2.0, 4.0]]).expand(4, 3).contiguous()
     module = exported["unified"]
-    eager = module(plans, users, k, weights, fresh)
-    scripted = torch.jit.script(module)(plans, users, k, weights, fresh)
+    eager = module(plans, users, k, weights, fresh=fresh)
+    scripted = torch.jit.script(module)(plans, users, k, weights, fresh=fresh)
     for e, s in zip(eager, scripted):
         torch.testing.assert_close(s, e, rtol=1e-6, atol=1e-6)
     assert bool((eager[0] >= 900_000_000_000).any()), "no fresh item in any result"
@@ -191,10 +191,10 @@ def test_ensemble_stages_equal_unified_with_fresh_and_retired_items_never_appear
         k = torch.tensor([10, 25])
         weights = torch.tensor([[1.0, 2.0, 4.0], [0.0, 1.0, 0.0]])
         bits = exported["filter"](plans, fresh["filter"])
-        rows, _, counts, q = exported["ann"](users, bits, k, fresh["ann"])
+        rows, _, counts, q = exported["ann"](users, bits, k, fresh=fresh["ann"])
         tasks = exported["scorer"](q, rows, fresh["scorer"])
         ens = exported["aggregator"](rows, tasks, counts, k, weights, fresh["aggregator"])
-        uni = exported["unified"](plans, users, k, weights, fresh["unified"])
+        uni = exported["unified"](plans, users, k, weights, fresh=fresh["unified"])
         for a, b in zip(ens, uni):
             assert torch.equal(a, b), text
         ids, _, _, n = uni
@@ -205,5 +205,5 @@ def test_ensemble_stages_equal_unified_with_fresh_and_retired_items_never_appear
     # the replaced item is found by its new features, from its fresh row only
     plans = batch_plans([parse_plan("language:fr AND creator:777002", SCHEMA)])
     ids, _, _, n = exported["unified"](plans, users[:1], torch.tensor([10]),
-                                       torch.tensor([[1.0, 2.0, 4.0]]), fresh["unified"])
+                                       torch.tensor([[1.0, 2.0, 4.0]]), fresh=fresh["unified"])
     assert ids[0, : n[0]].tolist() == [replaced]

@@ -191,13 +191,19 @@ def stages(small_build):
     runners = {s: RUNNERS[s](repo / s / "1") for s in RUNNERS}
     good = {s: [] for s in runners}
     users = [int(small_build.world.user_ids[0]), 424242]
-    for f, user in [("", users[0]), ("language:en AND NOT category:comedy", users[1]),
-                    ("tags:funny OR creator:3", users[0])]:
+    ids = small_build.world.catalog.item_ids
+    # a request history (known items and an unknown one), or none
+    histories = [None, np.array([[ids[4], ids[40], 987_654_321]], dtype=np.int64), None]
+    for (f, user), history in zip([("", users[0]), ("language:en AND NOT category:comedy",
+                                                    users[1]),
+                                   ("tags:funny OR creator:3", users[0])], histories):
         text = np.array([[f.encode()]], dtype=object)
         weights = np.array([[0.5, 1.0, 2.0]], dtype=np.float32)
         good["filter"].append({"filter": text, "k": K, "task_weights": weights})
         bits = runners["filter"].run([{"filter": text}])[0]
         ann_req = {"user_id": np.array([[user]], dtype=np.int64), "k": K, **bits}
+        if history is not None:
+            ann_req["history"] = history
         good["ann"].append(ann_req)
         ann = runners["ann"].run([ann_req])[0]
         good["scorer"].append(dict(ann))
@@ -205,7 +211,8 @@ def stages(small_build):
         good["aggregator"].append({"candidate_rows": ann["candidate_rows"], "k": K,
                                    "task_weights": weights, **scored})
         good["unified"].append({"user_id": ann_req["user_id"], "filter": text, "k": K,
-                                "task_weights": weights})
+                                "task_weights": weights,
+                                **({} if history is None else {"history": history})})
     alone = {s: [runners[s].run([r])[0] for r in good[s]] for s in runners}
     for s, results in alone.items():
         assert all(isinstance(r, dict) for r in results), (s, results)

@@ -21,12 +21,13 @@ FILTERS = ["", "category:comedy AND NOT language:en", "(tags:funny OR tags:live)
 pytestmark = pytest.mark.server
 
 
-def in_process(repo, user_id, filter, k, weights=None):
+def in_process(repo, user_id, filter, k, weights=None, history=None):
     """The four stages run by their runners, in this process, on the same artifacts."""
     runners = {s: RUNNERS[s](repo / s / "1") for s in RUNNERS}
     kk = np.array([[k]], dtype=np.int32)
     bits = runners["filter"].run([{"filter": np.array([[filter.encode()]], object)}])[0]
-    ann = runners["ann"].run([{"user_id": np.array([[user_id]]), "k": kk, **bits}])[0]
+    extra = {} if history is None else {"history": np.array(history, np.int64).reshape(1, -1)}
+    ann = runners["ann"].run([{"user_id": np.array([[user_id]]), "k": kk, **bits, **extra}])[0]
     scored = runners["scorer"].run([ann])[0]
     req = {"candidate_rows": ann["candidate_rows"], "k": kk, **scored}
     if weights is not None:
@@ -123,3 +124,28 @@ def test_unified_equals_ensemble(server, small_build, protocol):
             np.testing.assert_array_equal(a.item_ids, b.item_ids)
             np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5, atol=1e-6)
             np.testing.assert_allclose(a.task_scores, b.task_scores, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_request_history_served_equals_in_process_on_both_models(server, small_build, protocol):
+    """`history` through Triton (ragged lengths in one batch, empty, unknown ids, none) gives
+    what the stages give in-process, on `retrieval` and `unified` alike; and it changes the
+    answer: a user's results with a history differ from theirs without it."""
+    url = server.config.http_url if protocol == "http" else server.config.grpc_url
+    ids = [int(i) for i in small_build.world.catalog.item_ids]
+    user = int(small_build.world.user_ids[7])
+    histories = [ids[:1], ids[100:150], [], [ids[9], 123_456_789_012, ids[19]], None]
+    with Retriever(url, protocol, "retrieval") as ens, Retriever(url, protocol, "unified") as uni:
+        def ask(model, h):
+            return (ens if model == "retrieval" else uni).query(user, FILTERS[1], 20, history=h)
+
+        with ThreadPoolExecutor(8) as pool:  # concurrent: requests of different lengths meet
+            got = {(m, i): pool.submit(ask, m, h) for m in ("retrieval", "unified")
+                   for i, h in enumerate(histories)}
+            got = {key: f.result() for key, f in got.items()}
+    for i, h in enumerate(histories):
+        want = in_process(small_build.repository, user, FILTERS[1], 20, history=h)
+        for model in ("retrieval", "unified"):
+            np.testing.assert_array_equal(got[(model, i)].item_ids, want[0], err_msg=str(i))
+            np.testing.assert_allclose(got[(model, i)].scores, want[1], rtol=1e-5, atol=1e-6)
+    assert not np.array_equal(got[("unified", 1)].item_ids, got[("unified", 4)].item_ids)

@@ -7,7 +7,9 @@ Both pipelines run the built stage modules (the `ann` stage's user tower and ind
 `scorer`, the `aggregator`), exactly as served, per user with k = 10 and k = 50:
 (a) the first k ANN candidates (ANN order = dot product), (b) the Value Model's top k of the
 ANN's oversample * k candidates. Items the user interacted with in training are filtered out
-(through the filter bitmap, as a request filter would).
+(through the filter bitmap, as a request filter would). Rows "(a|b) + request history" send
+each user's training-part positives as the request's `history` input (most recent first, at
+most MAX_HISTORY, stages/history.py) instead of relying on the history built into the model.
 
 Metrics, averaged over evaluated users (R = the user's relevant items, L_k = the returned list):
 - held-out: R = the user's held-out impressions with a positive first task (a click; a rating
@@ -34,6 +36,7 @@ from tqdm import tqdm
 
 from filtering.bits import pack_bits
 from stages.ann import AnnConfig
+from stages.history import MAX_HISTORY, batch_history
 from training.anchors import EASE, EASE_MAX_ITEMS, ItemKNN, Popularity, interaction_matrix, top_k
 from training.data import LoggedData, from_world, holdout_split, subset
 from training.retrieval import RetrievalModel, retrieval_stages
@@ -51,12 +54,14 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MOVIELENS = ROOT.parent / "shared" / "data" / "ml-latest-small"
 PIPELINES = ("a", "b")
 # paired differences reported: name -> (ranker, ranker it is compared with)
-PAIRED = {"b-a": ("b", "a"), "b-EASE": ("b", "EASE")}
+PAIRED = {"b-a": ("b", "a"), "b-EASE": ("b", "EASE"), "bh-b": ("b+h", "b")}
 # table rows, in order: ranker or paired difference -> its name in the table
 ROW_NAMES = {"popularity": "popularity", "item-kNN (cosine)": "item-kNN (cosine)",
              "EASE": "EASE (closed form)", "oracle": "oracle: true latent vectors, same index",
              "a": "(a) dot-product retrieval", "b": "(b) + OverArch + Value Model",
-             "b-a": "(b) - (a), paired", "b-EASE": "(b) - EASE, paired"}
+             "a+h": "(a) + request history", "b+h": "(b) + request history",
+             "b-a": "(b) - (a), paired", "b-EASE": "(b) - EASE, paired",
+             "bh-b": "(b) + request history - (b), paired"}
 
 
 @dataclass
@@ -92,10 +97,12 @@ class Pipelines:
         self.all_pass = pack_bits(torch.ones((1, self.num_items), dtype=torch.bool))
 
     @torch.no_grad()
-    def run(self, user_ids: np.ndarray, excluded: List[np.ndarray], k: int) -> Dict[str, list]:
+    def run(self, user_ids: np.ndarray, excluded: List[np.ndarray], k: int,
+            history: Optional[List[np.ndarray]] = None) -> Dict[str, list]:
         """Catalog rows returned per user by each pipeline (lists of arrays, best first).
 
-        excluded[i]: catalog rows user i must not get (filtered out)."""
+        excluded[i]: catalog rows user i must not get (filtered out); history[i]: raw item ids
+        sent as user i's request history (None: the built history)."""
         b = len(user_ids)
         bits = self.all_pass.repeat(b, 1).numpy().view(np.uint64)
         for i, rows in enumerate(excluded):
@@ -104,7 +111,8 @@ class Pipelines:
                               ~(np.uint64(1) << (r & np.uint64(63))))
         bits = torch.from_numpy(bits.view(np.int64))
         ks = torch.full((b,), k, dtype=torch.int64)
-        rows, _, counts, user_embedding = self.ann(torch.from_numpy(user_ids), bits, ks)
+        pooled = None if history is None else self.ann.pooling(batch_history(history))
+        rows, _, counts, user_embedding = self.ann(torch.from_numpy(user_ids), bits, ks, pooled)
         task_scores = self.scorer(user_embedding, rows)
         ids, _, _, n = self.aggregator(rows, task_scores, counts, ks,
                                        self.weights.expand(b, -1))
@@ -162,13 +170,20 @@ class Rankers:
     anchors (training/anchors.py), which score catalog rows directly."""
 
     def __init__(self, data: LoggedData, pipes: Pipelines, anchors: Sequence = (),
-                 oracle: Optional[Pipelines] = None):
+                 oracle: Optional[Pipelines] = None,
+                 histories: Optional[Dict[int, np.ndarray]] = None):
         self.data, self.pipes, self.anchors, self.oracle = data, pipes, list(anchors), oracle
+        self.histories = histories  # data user index -> request history (raw item ids)
 
     def run(self, users: np.ndarray, excluded: List[np.ndarray], k: int) -> Dict[str, list]:
         """users: data user indices -> {ranker: catalog rows per user, best first}."""
         raw = self.data.user_ids[users]
         lists = self.pipes.run(raw, excluded, k)
+        if self.histories is not None:
+            empty = np.zeros(0, np.int64)
+            with_history = self.pipes.run(raw, excluded, k,
+                                          [self.histories.get(int(u), empty) for u in users])
+            lists.update({f"{p}+h": v for p, v in with_history.items()})
         if self.oracle is not None:
             lists["oracle"] = self.oracle.run(raw, excluded, k)["a"]
         for anchor in self.anchors:
@@ -244,6 +259,20 @@ def truth_metrics(data: LoggedData, pipes, config: EvalConfig,
     return {name: sc.summary() for name, sc in scores.items()}
 
 
+def request_histories(data: LoggedData, config: EvalConfig) -> Dict[int, np.ndarray]:
+    """Each user's training-part positives as a request would send them: raw item ids, most
+    recent first, at most MAX_HISTORY (data user index -> ids)."""
+    train_mask, _ = holdout_split(data, config.holdout_fraction)
+    train = subset(data.interactions, train_mask)
+    positive = np.flatnonzero(train.labels[:, 0] > 0)
+    # by user, newest first (ties: the later logged first)
+    order = positive[np.lexsort((-positive, -train.timestamp[positive],
+                                 train.user_index[positive]))]
+    users, start = np.unique(train.user_index[order], return_index=True)
+    ids = data.catalog.item_ids[train.item_index[order]]
+    return {int(u): part[:MAX_HISTORY] for u, part in zip(users, np.split(ids, start[1:]))}
+
+
 def _rows_by_user(user_index: np.ndarray, item_index: np.ndarray) -> Dict[int, np.ndarray]:
     order = np.argsort(user_index, kind="stable")
     users, start = np.unique(user_index[order], return_index=True)
@@ -292,7 +321,8 @@ def evaluate(data: LoggedData, config: EvalConfig, train_config: TrainConfig,
     weights = load_or_train(data, config.holdout_fraction, train_config, weights_dir, progress)
     t0 = time.perf_counter()
     anchors, notes = anchors_for(data, config)
-    rankers = Rankers(data, Pipelines(data, weights, config), anchors, oracle_for(data, config))
+    rankers = Rankers(data, Pipelines(data, weights, config), anchors, oracle_for(data, config),
+                      request_histories(data, config))
     result = {"name": data.name, "training": metrics_line(data, weights), "notes": notes,
               "heldout": heldout_metrics(data, rankers, config, progress)}
     if data.world is not None:

@@ -115,9 +115,12 @@ def retrieval_stages(catalog: Catalog, model: RetrievalModel, ann: AnnConfig,
     layout = index_layout(learned, ann)
     order = layout.order
     indexed = learned.take(order)
+    scorer = model.scorer(order)
     stages = {
-        "ann": build_ann_stage(indexed, model.users, layout, ann),
-        "scorer": model.scorer(order),
+        # request histories are pooled from the scorer's item vectors: one tensor, stored once
+        # in the `unified` archive
+        "ann": build_ann_stage(indexed, model.users, layout, ann, scorer.item_vectors),
+        "scorer": scorer,
         "aggregator": ValueModel(torch.from_numpy(indexed.item_ids),
                                  torch.tensor(task_weights, dtype=torch.float32)),
     }
