@@ -37,7 +37,8 @@ test: setup  ## the whole suite (starts real servers)
 
 # `make loadtest`: Locust, headless and time-bounded, against a server that is already running
 # (`make serve` in another shell). Override e.g. MODEL=baseline USERS=16 DURATION=1m MIX=filtered
-# PROTOCOL=grpc; the ports follow TRITON_HTTP_PORT / TRITON_GRPC_PORT / TRITON_METRICS_PORT.
+# PROTOCOL=grpc; HISTORY=N sends an N-item history with every request (retrieval and unified;
+# 0 = none); the ports follow TRITON_HTTP_PORT / TRITON_GRPC_PORT / TRITON_METRICS_PORT.
 TRITON_HOST ?= 127.0.0.1
 TRITON_HTTP_PORT ?= 8000
 TRITON_GRPC_PORT ?= 8001
@@ -46,6 +47,7 @@ MODEL ?= unified
 USERS ?= 8
 DURATION ?= 30s
 MIX ?= mixed
+HISTORY ?= 0
 PROTOCOL ?= http
 LOADTEST_OUT ?= runs/loadtest
 LOADTEST_USER = $(if $(filter grpc,$(PROTOCOL)),GrpcTritonUser,HttpTritonUser)
@@ -57,7 +59,7 @@ loadtest: setup  ## Locust vs a running server: CSV + HTML in runs/loadtest/, on
 	  --host http://$(TRITON_HOST):$(TRITON_HTTP_PORT) \
 	  --triton-grpc-url $(TRITON_HOST):$(TRITON_GRPC_PORT) \
 	  --triton-metrics-url http://$(TRITON_HOST):$(TRITON_METRICS_PORT)/metrics \
-	  --triton-model $(MODEL) --triton-mix $(MIX) \
+	  --triton-model $(MODEL) --triton-mix $(MIX) --triton-history $(HISTORY) \
 	  --csv $(LOADTEST_OUT)/$(MODEL)-$(PROTOCOL) --html $(LOADTEST_OUT)/$(MODEL)-$(PROTOCOL).html \
 	  --triton-summary-json $(LOADTEST_OUT)/$(MODEL)-$(PROTOCOL)-summary.json
 

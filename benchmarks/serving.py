@@ -11,6 +11,8 @@ Recall@k of every model is measured against exact search on a fixed evaluation s
     .venv/bin/python -m benchmarks.serving --num-items 6000 --seconds 3 --concurrency 1,4 \\
         --no-docs                                                # smoke run
     .venv/bin/python -m benchmarks.serving --gpu                 # on a GPU host (Dockerfile)
+    .venv/bin/python -m benchmarks.serving --models unified,retrieval --history 20
+                                                                 # load requests send histories
 
 It builds the repository from the checked-out code into runs/benchmark/ (so it measures the
 code as it is; --repository reuses a build), writes runs/benchmark/results.json, the plots
@@ -398,8 +400,11 @@ def markdown(args, info, workload: Workload, recalls: Dict[str, Dict[str, float]
               f"`{args.mix}` (loadtest/workload.py):", ""]
     lines += [f"- {line}" for line in workload.describe().splitlines()]
     lines += ["", f"### Recall@{workload.k} against exact search "
-              f"({args.recall_queries} queries per kind)", "",
-              "| model | all | " + " | ".join(kinds) + " |",
+              f"({args.recall_queries} queries per kind)", ""]
+    if workload.history:
+        lines += ["Measured without a `history` input (the exact reference takes none); the "
+                  f"throughput points below send {workload.history}-item histories.", ""]
+    lines += ["| model | all | " + " | ".join(kinds) + " |",
               "| --- | ---: | " + " | ".join("---:" for _ in kinds) + " |"]
     for m, r in recalls.items():
         lines.append(f"| {m} | {r['all']:.3f} | "
@@ -520,6 +525,11 @@ def main(argv=None) -> int:
                    help="rounds per (model, level); the median round (by throughput) counts")
     p.add_argument("--warmup", type=float, default=3.0, help="unmeasured time per point")
     p.add_argument("--mix", default="mixed", help="request mix (loadtest/workload.py)")
+    p.add_argument("--history", type=int, default=0, metavar="N",
+                   help="the measured requests send a history of N item ids drawn from the "
+                        "catalog (Locust's --triton-history; unified and retrieval only, at "
+                        "most 100); recall is measured without one, as the exact reference "
+                        "takes none (default 0: no history input)")
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--protocol", choices=("http", "grpc"), default="http")
     p.add_argument("--recall-queries", type=int, default=50, help="per request kind")
@@ -538,6 +548,11 @@ def main(argv=None) -> int:
     args.argv = sys.argv[1:] if argv is None else list(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     levels = [int(c) for c in args.concurrency.split(",")]
+    if args.history < 0:
+        p.error("--history: N must be >= 0 item ids")
+    if args.history and "baseline" in models:
+        p.error("--history: the baseline model takes no history input; measure the models "
+                "that do, e.g. --models unified,retrieval")
 
     if args.gpu:
         import torch
@@ -563,7 +578,14 @@ def main(argv=None) -> int:
             return 2
     workload = Workload.from_catalog(items_csv, args.mix, args.k)
     print(workload.describe(), flush=True)
-    queries = workload.evaluation_set(args.recall_queries, seed=1)
+    queries = workload.evaluation_set(args.recall_queries, seed=1)  # no history: see --history
+    try:
+        load = workload.with_history(args.history)  # the requests Locust sends
+    except ValueError as e:
+        print(f"--history: {e}", file=sys.stderr)
+        return 2
+    if args.history:
+        print(load.describe().splitlines()[-1], flush=True)
     t0 = time.perf_counter()
     exact = exact_results(repository, queries)
     print(f"exact reference for {len(queries)} queries in {time.perf_counter() - t0:.0f} s",
@@ -594,7 +616,7 @@ def main(argv=None) -> int:
             rounds: Dict[str, List[Point]] = {m: [] for m in models}
             for r in range(args.rounds):
                 for m in models:  # models take turns at every level, round after round
-                    point = drive(server, workload, m, c, args.protocol, args.warmup,
+                    point = drive(server, load, m, c, args.protocol, args.warmup,
                                   args.seconds, cpu)
                     rounds[m].append(point)
                     all_rounds.append({**asdict(point), "round": r})
@@ -615,7 +637,7 @@ def main(argv=None) -> int:
         return 0
     images = plots(points, args.img, "-gpu" if args.gpu else "")
     write_section(args.doc, GPU_SECTION if args.gpu else SECTION,
-                  markdown(args, info, workload, recalls, matched, costs, points, all_rounds,
+                  markdown(args, info, load, recalls, matched, costs, points, all_rounds,
                            images, args.doc))
     print(f"wrote {args.doc} and {', '.join(str(i) for i in images)}")
     failures = sum(p["failures"] for p in all_rounds)

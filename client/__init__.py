@@ -4,6 +4,9 @@
     with Retriever("127.0.0.1:8000") as r:
         result = r.query(user_id=42, filter="category:comedy AND NOT language:en", k=10)
         result.item_ids, result.scores, result.task_scores
+        # the user's latest items as this request knows them (newest first, at most 100),
+        # instead of the history the server built from its logs; [] = a user with none
+        r.query(user_id=42, k=10, history=[1017, 33, 4096])
 
 `build_inputs` / `parse_outputs` are the pure request/response halves, shared by the CLI,
 the demo, the load test and the benchmarks.
@@ -16,6 +19,7 @@ durable, and the next query sees it.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence, Union
 
@@ -46,14 +50,29 @@ def _protocol_module(protocol: str):
     return module
 
 
+def history_array(history: Sequence[int]) -> np.ndarray:
+    """The `history` input's value: int64 [1, n], newest first. Ids are taken as integers
+    (operator.index), so a float or a string is a TypeError here rather than an id silently
+    truncated by numpy; their range (>= 0, at most MAX_HISTORY of the server) is the server's
+    to check, which names `history` in its error."""
+    return np.array([[operator.index(i) for i in history]], dtype=np.int64)
+
+
 def build_inputs(module, user_id: int, filter: str = "", k: int = 10,
-                 task_weights: Optional[Sequence[float]] = None) -> list:
-    """The InferInputs of one query for `module` (tritonclient.http or tritonclient.grpc)."""
+                 task_weights: Optional[Sequence[float]] = None,
+                 history: Optional[Sequence[int]] = None) -> list:
+    """The InferInputs of one query for `module` (tritonclient.http or tritonclient.grpc).
+
+    `history` (raw item ids, newest first) is sent only when given: None leaves the input out
+    and the server uses the history it built from its logs; an empty sequence is sent as
+    [1, 0], a user known to have no history."""
     arrays = [("user_id", np.array([[user_id]], dtype=np.int64), "INT64"),
               ("filter", np.array([[filter.encode("utf-8")]], dtype=np.object_), "BYTES"),
               ("k", np.array([[k]], dtype=np.int32), "INT32")]
     if task_weights is not None:
         arrays.append(("task_weights", np.asarray([task_weights], dtype=np.float32), "FP32"))
+    if history is not None:
+        arrays.append(("history", history_array(history), "INT64"))
     inputs = []
     for name, value, dtype in arrays:
         tensor = module.InferInput(name, list(value.shape), dtype)
@@ -132,8 +151,12 @@ class Retriever:
         self.client = self.module.InferenceServerClient(url, **kwargs)
 
     def query(self, user_id: int, filter: str = "", k: int = 10,
-              task_weights: Optional[Sequence[float]] = None) -> Result:
-        inputs = build_inputs(self.module, user_id, filter, k, task_weights)
+              task_weights: Optional[Sequence[float]] = None,
+              history: Optional[Sequence[int]] = None) -> Result:
+        """Top-k items for `user_id` passing `filter`. `history`: the user's latest raw item
+        ids, newest first (at most 100; ids the server does not know are skipped), in place
+        of the history the server built from its logs; None = the server's, [] = none."""
+        inputs = build_inputs(self.module, user_id, filter, k, task_weights, history)
         kwargs = {}
         if self.timeout is not None and self.protocol == "grpc":
             kwargs["client_timeout"] = self.timeout

@@ -2,6 +2,7 @@
 
     python -m client query --user-id 42 --filter "category:comedy AND NOT language:en" -k 10
     python -m client query -i grpc -u 127.0.0.1:8001 --user-id 42 --weights 1,0,0
+    python -m client query --user-id 42 --history 1017,33,4096    # newest first
     python -m client update --item-id 9000000000001 --embedding-from-item 123 \
         --features "category=comedy,language=en,creator=7,tags=funny|live"
     python -m client update --item-id 9000000000001 --retire
@@ -33,6 +34,20 @@ def _url(a) -> str:
     return a.url or ("127.0.0.1:8001" if a.protocol == "grpc" else "127.0.0.1:8000")
 
 
+def parse_history(text: str) -> list:
+    """`--history`: raw item ids separated by commas and/or spaces, newest first; an empty
+    value is an empty history (sent as such: a user with none)."""
+    ids = []
+    for word in text.replace(",", " ").split():
+        try:
+            ids.append(int(word))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{word!r} is not an item id: give integers separated by commas or spaces, "
+                "newest first, e.g. --history 1017,33,4096") from None
+    return ids
+
+
 def load_titles(items_csv: Path) -> dict:
     """item_id -> title from item_titles.csv next to items.csv (catalogs with titles)."""
     import csv
@@ -44,11 +59,21 @@ def load_titles(items_csv: Path) -> dict:
         return {int(r["item_id"]): r["title"] for r in csv.DictReader(fh)}
 
 
+def describe_history(history, titles: dict) -> str:
+    """One line naming the history a query sent, with the items' titles when the catalog has
+    them: `history (3, newest first): 1017 "Heat (1995)", 33, 4096`."""
+    if not history:
+        return "history: none (sent empty)"
+    named = [f'{i} "{titles[i]}"' if i in titles else str(i) for i in history]
+    return f"history ({len(history)}, newest first): " + ", ".join(named)
+
+
 def print_results(result, user_id: int, filter: str, items_csv: Path, title: str = "",
-                  tasks=TASKS, items=None, titles=None) -> None:
+                  tasks=TASKS, items=None, titles=None, history=None) -> None:
     """A table of results: rank, id, title (when the catalog has titles), score, one column
     per task, the item's features as filters spell them. `items` / `titles` may be passed
-    already loaded (load_items, load_titles)."""
+    already loaded (load_items, load_titles). `history`, when the query sent one, is shown
+    above the table (a reader comparing results wants to see what they were based on)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -77,6 +102,8 @@ def print_results(result, user_id: int, filter: str, items_csv: Path, title: str
     console = Console()
     if not console.is_terminal:  # piped or logged: do not squeeze the table into 80 columns
         console = Console(width=160)
+    if history is not None:
+        console.print(describe_history(history, titles), markup=False, highlight=False)
     console.print(table)
 
 
@@ -140,7 +167,7 @@ def _update(a, parser) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m client", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -154,9 +181,19 @@ def main(argv=None) -> int:
     q.add_argument("--weights", default=None,
                    help="Value Model weights, one per served task in order (the synthetic "
                         "world's click,like,share e.g. 1,2,4; MovieLens rated,liked,loved)")
+    q.add_argument("--history", type=parse_history, default=None, metavar="ID[,ID...]",
+                   help="the user's latest raw item ids, newest first (commas or spaces; at "
+                        "most 100; ids the server does not know are skipped), in place of "
+                        "the history the server built from its logs; --history '' sends an "
+                        "empty one (a user with none)")
     q.add_argument("--items-csv", type=Path, default=DEFAULT_ITEMS_CSV,
                    help="catalog used to show the items' features")
     _add_update_parser(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     a = parser.parse_args(argv)
     if a.command == "update":
         return _update(a, parser)
@@ -166,7 +203,7 @@ def main(argv=None) -> int:
     weights = [float(x) for x in a.weights.split(",")] if a.weights else None
     try:
         with Retriever(_url(a), a.protocol, a.model, a.client_timeout, a.verbose) as r:
-            result = r.query(a.user_id, a.filter, a.k, weights)
+            result = r.query(a.user_id, a.filter, a.k, weights, a.history)
             tasks = r.tasks()
     except InferenceServerException as e:
         print(f"error: {e.message() if hasattr(e, 'message') else e}", file=sys.stderr)
@@ -174,7 +211,7 @@ def main(argv=None) -> int:
     except ConnectionError as e:
         print(f"error: cannot reach the server at {_url(a)}: {e}", file=sys.stderr)
         return 2
-    print_results(result, a.user_id, a.filter, a.items_csv, tasks=tasks)
+    print_results(result, a.user_id, a.filter, a.items_csv, tasks=tasks, history=a.history)
     return 0
 
 

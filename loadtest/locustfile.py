@@ -4,18 +4,22 @@
     make loadtest MODEL=unified USERS=16 DURATION=30s
     .venv/bin/locust -f loadtest/locustfile.py --headless -u 8 -r 8 -t 20s \\
         --host http://127.0.0.1:8000 --triton-model unified --triton-mix filtered
+    make loadtest HISTORY=20                    # every request sends a 20-item history
 
 `TritonUser` wraps the project's client (`client.Retriever`) and reports every call to
 Locust's request event: name `<model> <kind>`, response time in ms from
 `time.perf_counter()`, response_length = number of items returned, and the exception if any
 (an error answer, a timeout, or more than k results). Requests come from a `Workload`
 (loadtest/workload.py): filters of several selectivities built from the catalog, mixed by
-`--triton-mix`. Each user is a closed loop (`wait_time = constant(0)`): N users keep N
-requests in flight. At the end one summary line gives requests/s, p50/p95/p99, failures and
-the average batch size Triton formed per model (loadtest/metrics.py). It never starts a server.
+`--triton-mix`; with `--triton-history N` each request also sends the optional `history`
+input, N distinct item ids of the catalog drawn by the user's seeded generator (`retrieval`
+and `unified` take it, at most 100 ids; 0, the default, sends none). Each user is a closed
+loop (`wait_time = constant(0)`): N users keep N requests in flight. At the end one summary
+line gives requests/s, p50/p95/p99, failures and the average batch size Triton formed per
+model (loadtest/metrics.py). It never starts a server.
 
 Options (command line or environment): --triton-model (LOCUST_TRITON_MODEL), --triton-k,
---triton-mix, --triton-items-csv, --triton-grpc-url, --triton-metrics-url,
+--triton-mix, --triton-history, --triton-items-csv, --triton-grpc-url, --triton-metrics-url,
 --triton-timeout, --triton-summary-json; see `locust -f loadtest/locustfile.py --help`.
 """
 
@@ -54,6 +58,11 @@ def _options(parser):
     group.add_argument("--triton-mix", env_var="LOCUST_TRITON_MIX", default="mixed",
                        help="request mix: mixed, unfiltered, filtered, broad, selective, "
                             "one_creator, or weights like 'unfiltered=2,selective=1'")
+    group.add_argument("--triton-history", env_var="LOCUST_TRITON_HISTORY", type=int,
+                       default=0, metavar="N",
+                       help="send a history of N item ids with every request, drawn (seeded) "
+                            "from the catalog's items.csv; retrieval and unified take it, at "
+                            "most 100 (0: no history input, the server's own)")
     group.add_argument("--triton-items-csv", env_var="LOCUST_TRITON_ITEMS_CSV",
                        default=str(DEFAULT_ITEMS_CSV),
                        help="the served catalog (the builder's items.csv; users.csv beside it)")
@@ -99,7 +108,7 @@ def workload(environment) -> Workload:
     if cached is None:
         o = environment.parsed_options
         cached = Workload.from_catalog(Path(o.triton_items_csv), o.triton_mix, o.triton_k,
-                                       o.triton_seed)
+                                       o.triton_seed, o.triton_history)
         environment.triton_workload = cached
     return cached
 
@@ -134,7 +143,8 @@ class TritonUser(User):
         exception, returned = None, 0
         start = time.perf_counter()
         try:
-            result = self.retriever.query(request.user_id, request.filter, request.k)
+            result = self.retriever.query(request.user_id, request.filter, request.k,
+                                          history=request.history)
             returned = len(result.item_ids)
             if returned > request.k:
                 raise AssertionError(f"{returned} results for k={request.k}")
@@ -143,7 +153,8 @@ class TritonUser(User):
         self.environment.events.request.fire(
             request_type=self.protocol, name=f"{self.model} {kind}",
             response_time=(time.perf_counter() - start) * 1000.0, response_length=returned,
-            exception=exception, context={"filter": request.filter})
+            exception=exception,
+            context={"filter": request.filter, "history": len(request.history or ())})
 
     @task
     def unfiltered(self):
@@ -188,12 +199,14 @@ class Summary:
     p95_ms: float
     p99_ms: float
     batch_sizes: Dict[str, float]  # model -> average batch Triton formed during the run
+    history: int = 0  # item ids in every request's history input (0: none sent)
 
     def line(self) -> str:
         batches = ", ".join(f"{m} {b:.2f}" for m, b in sorted(self.batch_sizes.items())) or \
             "(no metrics)"
         share = self.failures / self.requests if self.requests else 0.0
-        return (f"{self.model} [{self.mix}]: {self.requests_per_s:.1f} req/s, p50 "
+        sent = f", history {self.history}" if self.history else ""
+        return (f"{self.model} [{self.mix}{sent}]: {self.requests_per_s:.1f} req/s, p50 "
                 f"{self.p50_ms:.0f} ms, p95 {self.p95_ms:.0f} ms, p99 {self.p99_ms:.0f} ms, "
                 f"failures {self.failures}/{self.requests} ({share:.2%}); "
                 f"avg batch: {batches}")
@@ -210,7 +223,7 @@ def summarize(environment, before: Optional[metrics.Counters],
         p50_ms=float(total.get_response_time_percentile(0.50) or 0),
         p95_ms=float(total.get_response_time_percentile(0.95) or 0),
         p99_ms=float(total.get_response_time_percentile(0.99) or 0),
-        batch_sizes=batches)
+        batch_sizes=batches, history=environment.parsed_options.triton_history)
 
 
 def _scrape(environment) -> Optional[metrics.Counters]:

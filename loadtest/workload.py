@@ -12,10 +12,18 @@ databases switch plans):
 The expressions are generated from `items.csv` (the builder's catalog, spelled as expressions
 spell values) and their match counts are computed from it, so a mix is reproducible from a
 build and its selectivity is measured, not assumed.
+
+Histories: with `history=N` (Locust's `--triton-history`) every request also carries the
+optional `history` input: N distinct item ids drawn, by the seeded generator that draws the
+rest of the request, from the `item_id` column of the same items.csv (the served catalog's
+ids, so the server resolves them rather than skipping them; a uniform sample, not a
+behaviour-shaped sequence). N = 0, the default, sends no history and draws exactly the
+requests it drew before histories existed.
 """
 
 from __future__ import annotations
 
+import copy
 import csv
 import random
 from collections import Counter
@@ -60,6 +68,7 @@ class Request:
     user_id: int
     filter: str
     k: int
+    history: Optional[Tuple[int, ...]] = None  # raw item ids, newest first; None = not sent
 
 
 def parse_mix(spec: str) -> Dict[str, int]:
@@ -82,16 +91,20 @@ def parse_mix(spec: str) -> Dict[str, int]:
 
 
 class Catalog:
-    """Per-value item masks of the filterable features, read from items.csv."""
+    """Per-value item masks of the filterable features, and the item ids, read from items.csv."""
 
     def __init__(self, items_csv: Path = DEFAULT_ITEMS_CSV):
         self.items_csv = Path(items_csv)
         columns: Dict[str, List[List[str]]] = {}
+        ids: List[int] = []
         with open(self.items_csv, newline="", encoding="utf-8") as fh:
             for row in csv.DictReader(fh):
                 for name, value in row.items():
-                    if name != "item_id":
+                    if name == "item_id":
+                        ids.append(int(value))
+                    else:
                         columns.setdefault(name, []).append(split_values(value))
+        self.item_ids = np.array(ids, dtype=np.int64)  # in items.csv order
         self.num_items = len(next(iter(columns.values())))
         self.masks: Dict[Tuple[str, str], np.ndarray] = {}
         for name in FEATURES:
@@ -150,7 +163,8 @@ def read_users(items_csv: Path = DEFAULT_ITEMS_CSV) -> List[int]:
 
 
 class Workload:
-    """Draws requests: a kind by the mix's weights, one of its filters, a known user.
+    """Draws requests: a kind by the mix's weights, one of its filters, a known user, and
+    (with `history` > 0) a history of that many distinct catalog items.
 
     Args:
         filters: kind -> filter cases (Catalog.filter_cases).
@@ -158,10 +172,13 @@ class Workload:
         mix: kind -> integer weight (parse_mix); kinds without filters are an error.
         k: results per request.
         num_items: catalog size (to report selectivity).
+        item_ids: raw item ids histories are drawn from (Catalog.item_ids).
+        history: item ids per request's `history` input; 0 = the input is not sent.
     """
 
     def __init__(self, filters: Dict[str, List[FilterCase]], users: Sequence[int],
-                 mix: Dict[str, int], k: int, num_items: int):
+                 mix: Dict[str, int], k: int, num_items: int, item_ids: Sequence[int] = (),
+                 history: int = 0):
         missing = [kind for kind, w in mix.items() if w > 0 and not filters.get(kind)]
         if missing:
             raise ValueError(f"the catalog has no filters of kind {missing}")
@@ -172,19 +189,42 @@ class Workload:
         self.mix = {kind: w for kind, w in mix.items() if w > 0}
         self.k = k
         self.num_items = num_items
+        self.item_ids = np.asarray(item_ids, dtype=np.int64)
+        self._check_history(history)
+        self.history = history
+
+    def _check_history(self, history: int) -> None:
+        if history < 0:
+            raise ValueError(f"history must be >= 0 item ids per request, not {history}")
+        if history > len(self.item_ids):
+            raise ValueError(f"a history of {history} distinct items needs that many item ids; "
+                             f"the workload has {len(self.item_ids)}")
 
     @classmethod
     def from_catalog(cls, items_csv: Path = DEFAULT_ITEMS_CSV, mix: str = "mixed", k: int = 10,
-                     seed: int = 0) -> Workload:
+                     seed: int = 0, history: int = 0) -> Workload:
         catalog = Catalog(items_csv)
         return cls(catalog.filter_cases(seed), read_users(items_csv), parse_mix(mix), k,
-                   catalog.num_items)
+                   catalog.num_items, catalog.item_ids, history)
+
+    def with_history(self, history: int) -> Workload:
+        """The same workload whose requests carry `history` item ids (0: none); the filters
+        and users are shared, not rebuilt from the catalog."""
+        self._check_history(history)
+        other = copy.copy(self)
+        other.history = history
+        return other
 
     def sample(self, rng: random.Random, kind: Optional[str] = None) -> Request:
         if kind is None:
             kind = rng.choices(list(self.mix), weights=list(self.mix.values()))[0]
         case = rng.choice(self.filters[kind])
-        return Request(kind, rng.choice(self.users), case.expression, self.k)
+        user = rng.choice(self.users)
+        history = None
+        if self.history:  # drawn last, and only then: without it the draws are as before
+            rows = rng.sample(range(len(self.item_ids)), self.history)
+            history = tuple(int(self.item_ids[r]) for r in rows)
+        return Request(kind, user, case.expression, self.k, history)
 
     def evaluation_set(self, per_kind: int, seed: int = 0) -> List[Request]:
         """`per_kind` requests of every kind in the mix, reproducible from `seed`."""
@@ -200,4 +240,7 @@ class Workload:
             lines.append(f"{kind}: weight {weight}, {len(cases)} filters matching {lo:,}-{hi:,} "
                          f"of {self.num_items:,} items ({lo / self.num_items:.2%}-"
                          f"{hi / self.num_items:.2%}), e.g. {cases[0].expression!r}")
+        if self.history:
+            lines.append(f"history: {self.history} distinct item ids per request, drawn from "
+                         f"the catalog's {len(self.item_ids):,} items")
         return "\n".join(lines)

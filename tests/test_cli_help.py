@@ -45,3 +45,31 @@ def test_help_prints_usage_and_does_nothing(module):
     assert time.monotonic() - t0 < 60
     after = {p for p in (ROOT / "build").rglob("*")} if (ROOT / "build").exists() else set()
     assert after == before, sorted(after - before)[:5]
+
+
+def test_client_query_history_flag(capsys):
+    """`client query --history`: ids by commas and/or spaces, newest first, kept in order; an
+    empty value is an empty history (sent as such); no flag sends none; a non-integer is an
+    argparse error (exit 2) that names --history; --help shows it."""
+    from client.__main__ import build_parser
+
+    parser = build_parser()
+
+    def history(*flags):
+        return parser.parse_args(["query", "--user-id", "7", *flags]).history
+
+    assert history() is None
+    assert history("--history", "1017,33,4096") == [1017, 33, 4096]
+    assert history("--history", "1017, 33 4096") == [1017, 33, 4096]
+    assert history("--history", "5") == [5]
+    assert history("--history", "") == []
+    for bad in ("1017,x", "1.5", "3,,a"):
+        with pytest.raises(SystemExit) as exit:
+            history("--history", bad)
+        assert exit.value.code == 2
+        error = capsys.readouterr().err
+        assert "argument --history" in error and "is not an item id" in error, error
+    with pytest.raises(SystemExit) as exit:
+        parser.parse_args(["query", "--help"])
+    assert exit.value.code == 0
+    assert "--history ID[,ID...]" in capsys.readouterr().out

@@ -55,6 +55,78 @@ def test_workload_filters_match_what_they_claim(small_build):
     assert workload.evaluation_set(3, seed=5) == workload.evaluation_set(3, seed=5)
 
 
+def tiny_catalog(directory: Path, num_items: int = 60) -> Path:
+    """items.csv (+ users.csv) of a few synthetic items: enough for the unfiltered kind and the
+    item ids histories are drawn from, with no build."""
+    items = directory / "items.csv"
+    with open(items, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["item_id", "category", "language", "creator", "tags"])
+        for i in range(num_items):
+            writer.writerow([10_000 + 7 * i, ("comedy", "news")[i % 2], ("en", "de")[i % 3 % 2],
+                             i % 5, "funny|live" if i % 4 else "live"])
+    (directory / "users.csv").write_text("user_id\n" + "".join(f"{u}\n" for u in range(1, 9)))
+    return items
+
+
+def test_workload_history_draws_reproducible_distinct_catalog_ids(tmp_path):
+    items = tiny_catalog(tmp_path)
+    catalog_ids = {10_000 + 7 * i for i in range(60)}
+    plain = Workload.from_catalog(items, "unfiltered", 10)
+    with_history = Workload.from_catalog(items, "unfiltered", 10, history=3)
+    assert set(with_history.item_ids.tolist()) == catalog_ids
+
+    drawn = with_history.evaluation_set(50, seed=4)
+    assert all(len(r.history) == 3 and len(set(r.history)) == 3 for r in drawn)
+    assert all(set(r.history) <= catalog_ids and all(type(i) is int for i in r.history)
+               for r in drawn)
+    assert with_history.evaluation_set(50, seed=4) == drawn  # reproducible from the seed
+    assert with_history.evaluation_set(50, seed=5) != drawn
+    assert len({r.history for r in drawn}) > 40  # drawn per request, not fixed per run
+    assert "history: 3 distinct item ids per request" in with_history.describe()
+
+    # without a history nothing is sent and the draws are those of before histories existed;
+    # the history is drawn last, so the first request has the same user and filter either way
+    before = plain.evaluation_set(50, seed=4)
+    assert all(r.history is None for r in before)
+    assert (before[0].user_id, before[0].filter) == (drawn[0].user_id, drawn[0].filter)
+    assert plain.with_history(3).evaluation_set(50, seed=4) == drawn
+    assert plain.history == 0 and "history" not in plain.describe()
+
+    for bad in (-1, 61):
+        with pytest.raises(ValueError, match="history"):
+            Workload.from_catalog(items, "unfiltered", 10, history=bad)
+    assert len(Workload.from_catalog(items, "unfiltered", 10, history=60).sample(
+        random.Random(0)).history) == 60
+
+
+def test_locust_triton_history_option_reaches_the_requests(tmp_path):
+    """`--triton-history 3` (Locust's parser, the locustfile's own option) builds the workload
+    whose requests carry 3 ids, the same in another process for the same seed. No server: the
+    users are not started."""
+    items = tiny_catalog(tmp_path)
+    script = f"""
+import json, random, types
+import loadtest.locustfile as lf
+from locust.argument_parser import get_parser
+options = get_parser().parse_args(["--triton-history", "3", "--triton-mix", "unfiltered",
+                                   "--triton-items-csv", {str(items)!r}])
+workload = lf.workload(types.SimpleNamespace(parsed_options=options))
+rng = random.Random("0/0")  # a user's generator: --triton-seed / user number
+print(json.dumps([list(workload.sample(rng).history) for _ in range(5)]))
+"""
+    runs = [subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                           text=True, timeout=60) for _ in range(2)]
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-3000:]
+    histories = [json.loads(run.stdout.strip().splitlines()[-1]) for run in runs]
+    assert histories[0] == histories[1]
+    rng = random.Random("0/0")
+    local = Workload.from_catalog(items, "unfiltered", 10, history=3)
+    assert histories[0] == [list(local.sample(rng).history) for _ in range(5)]
+    assert all(len(h) == 3 for h in histories[0])
+
+
 EXPOSITION = """\
 # HELP nv_inference_count Number of inferences performed
 # TYPE nv_inference_count counter
