@@ -60,14 +60,16 @@ def index_layout(catalog: Catalog, config: AnnConfig) -> IndexLayout:
 
 
 def build_ann_stage(indexed: Catalog, users: nn.Module, layout: IndexLayout,
-                    config: AnnConfig, item_vectors: Optional[torch.Tensor] = None
-                    ) -> "AnnStage":
+                    config: AnnConfig, history_vectors: Optional[torch.Tensor] = None,
+                    fresh_in_history: bool = True) -> "AnnStage":
     """The ANN layer over `indexed` (the catalog already reordered by `layout.order`).
-    `item_vectors`: the fp32 vectors request histories are pooled from (index row order;
+    `history_vectors`: the fp32 vectors request histories are pooled from (index row order;
     default: the catalog's embeddings; the builder passes the scorer's tensor, so that the
-    `unified` archive stores them once)."""
-    vectors = torch.from_numpy(indexed.embeddings) if item_vectors is None else item_vectors
-    pooling = HistoryPooling(torch.from_numpy(indexed.item_ids), vectors)
+    `unified` archive stores them once, or a model's own history side), `fresh_in_history`:
+    whether fresh items count in a history (stages/history.py)."""
+    vectors = torch.from_numpy(indexed.embeddings) if history_vectors is None \
+        else history_vectors
+    pooling = HistoryPooling(torch.from_numpy(indexed.item_ids), vectors, fresh_in_history)
     if layout.ivf is None:
         return AnnStage(users, ExactSearch(torch.from_numpy(indexed.embeddings)), pooling,
                         config.oversample)

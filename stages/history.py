@@ -8,7 +8,9 @@ history built from the logs (request-only computation: nothing per user is preco
 
 - ids of items neither in the index nor live in the fresh store are skipped;
 - a fresh item (fresh/store.py) counts with its fresh vector, also when it replaced an indexed
-  item of the same id; a retired item still counts (the user did engage with it);
+  item of the same id (unless the model pools histories from vectors of their own, the linear
+  model of training/linear.py: fresh items have none there and are skipped); a retired item
+  still counts (the user did engage with it);
 - a request whose history has no known item gets the user side's "no history" answer (the
   user tower's zero history vector), not the history built from the logs: what the request
   says replaces what the logs said.
@@ -61,11 +63,15 @@ class HistoryPooling(nn.Module):
 
     Args:
         item_ids: int64 [N] raw id of every index row.
-        item_vectors: float32 [N, D] the indexed item vectors, index row order (the builder
-            passes the scorer's tensor, so one archive stores them once).
+        item_vectors: float32 [N, D] what each item adds to a history, index row order: the
+            indexed item vectors (the builder passes the scorer's tensor, so one archive
+            stores them once) or a model's own history side.
+        fresh_counts: whether fresh items count (their vectors are in the index's space,
+            which must then be the history's).
     """
 
-    def __init__(self, item_ids: torch.Tensor, item_vectors: torch.Tensor):
+    def __init__(self, item_ids: torch.Tensor, item_vectors: torch.Tensor,
+                 fresh_counts: bool = True):
         super().__init__()
         if item_ids.shape[0] != item_vectors.shape[0]:
             raise ValueError(f"{item_ids.shape[0]} item ids for {item_vectors.shape[0]} vectors")
@@ -73,6 +79,7 @@ class HistoryPooling(nn.Module):
         self.register_buffer("sorted_ids", item_ids[order].to(torch.int64).contiguous())
         self.register_buffer("sorted_rows", order.to(torch.int64).contiguous())
         self.register_buffer("item_vectors", item_vectors.float().contiguous())
+        self.fresh_counts = fresh_counts
 
     def forward(self, history: RequestHistory, fresh_ids: Optional[torch.Tensor] = None,
                 fresh_vectors: Optional[torch.Tensor] = None,
@@ -83,8 +90,8 @@ class HistoryPooling(nn.Module):
         valid = ids >= 0
         found, vectors = self._lookup(ids, self.sorted_ids, self.sorted_rows, self.item_vectors)
         found = found & valid
-        if fresh_ids is not None and fresh_vectors is not None and fresh_live is not None \
-                and fresh_ids.shape[0] > 0:
+        if self.fresh_counts and fresh_ids is not None and fresh_vectors is not None \
+                and fresh_live is not None and fresh_ids.shape[0] > 0:
             live = torch.nonzero(fresh_live & (fresh_ids >= 0)).squeeze(1)
             if live.shape[0] > 0:
                 order = torch.argsort(fresh_ids[live])

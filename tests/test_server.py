@@ -135,14 +135,14 @@ def test_request_history_served_equals_in_process_on_both_models(server, small_b
     ids = [int(i) for i in small_build.world.catalog.item_ids]
     user = int(small_build.world.user_ids[7])
     histories = [ids[:1], ids[100:150], [], [ids[9], 123_456_789_012, ids[19]], None]
-    with Retriever(url, protocol, "retrieval") as ens, Retriever(url, protocol, "unified") as uni:
-        def ask(model, h):
-            return (ens if model == "retrieval" else uni).query(user, FILTERS[1], 20, history=h)
+    def ask(model, h):  # a client per call: tritonclient's HTTP client is not thread-safe
+        with Retriever(url, protocol, model) as r:
+            return r.query(user, FILTERS[1], 20, history=h)
 
-        with ThreadPoolExecutor(8) as pool:  # concurrent: requests of different lengths meet
-            got = {(m, i): pool.submit(ask, m, h) for m in ("retrieval", "unified")
-                   for i, h in enumerate(histories)}
-            got = {key: f.result() for key, f in got.items()}
+    with ThreadPoolExecutor(8) as pool:  # concurrent: requests of different lengths meet
+        got = {(m, i): pool.submit(ask, m, h) for m in ("retrieval", "unified")
+               for i, h in enumerate(histories)}
+        got = {key: f.result(timeout=120) for key, f in got.items()}
     for i, h in enumerate(histories):
         want = in_process(small_build.repository, user, FILTERS[1], 20, history=h)
         for model in ("retrieval", "unified"):

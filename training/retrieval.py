@@ -23,9 +23,12 @@ from training.weights import TrainedWeights
 from world.synthetic import Catalog
 
 
-def build_user_tower(weights: TrainedWeights) -> UserTower:
-    """The trained user tower (serving: the id map is only read)."""
+def build_user_tower(weights: TrainedWeights) -> nn.Module:
+    """The trained user side (serving: the id map is only read): the user tower, or for the
+    linear history model (training/linear.py) its table of user vectors."""
     spec = weights.user_tower
+    if spec.get("kind") == "linear":
+        return UserTable(spec["raw_ids"], spec["user_vectors"], spec["cold_start"]).eval()
     tower = UserTower(ZeroCollisionMap(ZeroCollisionConfig(**spec["id_map"])),
                       spec["feature_values"],
                       spec["feature_weights"], spec["num_feature_values"], spec["history"],
@@ -50,6 +53,9 @@ class RetrievalModel:
     item_vectors: float32 [N, D] what the ANN indexes, catalog order.
     item_extra / over_arch: the trained OverArch and its per-item vectors [N, E]; None for a
         pretrained model (dot-product scorer).
+    history_vectors: float32 [N, D] what each item adds to a request history's pooled vector
+        (stages/history.py), catalog order; None: the item vectors (the two towers share
+        them; the linear model has its own history side).
     """
 
     tasks: Tuple[str, ...]
@@ -57,12 +63,15 @@ class RetrievalModel:
     item_vectors: np.ndarray
     item_extra: Optional[np.ndarray] = None
     over_arch: Optional[nn.Module] = None
+    history_vectors: Optional[np.ndarray] = None
 
     @staticmethod
     def trained(weights: TrainedWeights) -> RetrievalModel:
+        history = weights.user_tower.get("history_vectors")
         return RetrievalModel(tuple(weights.tasks), build_user_tower(weights),
                               weights.item_vectors.numpy(), weights.item_extra.numpy(),
-                              build_over_arch(weights))
+                              build_over_arch(weights),
+                              None if history is None else history.numpy())
 
     @staticmethod
     def pretrained(user_ids: np.ndarray, user_vectors: np.ndarray, item_vectors: np.ndarray
@@ -84,14 +93,34 @@ class RetrievalModel:
 
     def with_items(self, rows: np.ndarray, new_vectors: np.ndarray) -> RetrievalModel:
         """The model over catalog rows `rows` followed by new items with `new_vectors` (in the
-        index's space; the OverArch gives them the mean per-item vector, as fresh items)."""
+        index's space; the OverArch gives them the mean per-item vector, as fresh items; a
+        separate history side gives them nothing: no history vector was learned for them)."""
         vectors = np.concatenate([self.item_vectors[rows], new_vectors.astype(np.float32)])
         extra = None
         if self.item_extra is not None:
             mean = self.item_extra.mean(0, keepdims=True)
             extra = np.concatenate([self.item_extra[rows],
                                     np.repeat(mean, len(new_vectors), 0)]).astype(np.float32)
-        return replace(self, item_vectors=vectors, item_extra=extra)
+        history = None
+        if self.history_vectors is not None:
+            history = np.concatenate([self.history_vectors[rows], np.zeros(
+                (len(new_vectors), self.history_vectors.shape[1]), np.float32)])
+        return replace(self, item_vectors=vectors, item_extra=extra, history_vectors=history)
+
+    @property
+    def fresh_in_history(self) -> bool:
+        """Whether a fresh item (its vector in the index's space) can count in a request
+        history: only when histories are pooled from the index's space too."""
+        return self.history_vectors is None
+
+    def history_table(self, order: np.ndarray, scorer: nn.Module) -> torch.Tensor:
+        """The vectors request histories are pooled from, index row order: the scorer's own
+        item vectors (one tensor, stored once in `unified`) unless the model has a separate
+        history side."""
+        if self.history_vectors is None:
+            return scorer.item_vectors
+        rows = torch.from_numpy(np.asarray(order, dtype=np.int64))
+        return torch.from_numpy(np.ascontiguousarray(self.history_vectors))[rows]
 
 
 class IndexedStages(NamedTuple):
@@ -117,9 +146,8 @@ def retrieval_stages(catalog: Catalog, model: RetrievalModel, ann: AnnConfig,
     indexed = learned.take(order)
     scorer = model.scorer(order)
     stages = {
-        # request histories are pooled from the scorer's item vectors: one tensor, stored once
-        # in the `unified` archive
-        "ann": build_ann_stage(indexed, model.users, layout, ann, scorer.item_vectors),
+        "ann": build_ann_stage(indexed, model.users, layout, ann,
+                               model.history_table(order, scorer), model.fresh_in_history),
         "scorer": scorer,
         "aggregator": ValueModel(torch.from_numpy(indexed.item_ids),
                                  torch.tensor(task_weights, dtype=torch.float32)),

@@ -1,7 +1,9 @@
 """Training of the whole learned retrieval model from logged data, and the weights cache.
 
-1. Two-tower (training/towers.py): user tower and item tower, on the logged clicks, with
-   in-batch negatives.
+1. Retrieval: the two-tower model (training/towers.py: user tower and item tower, on the
+   logged clicks, with in-batch negatives), or the linear history model (training/linear.py:
+   EASE factorized into a history side and an item side, in closed form) for sources without
+   logged impressions whose catalog fits its dense item x item matrix (`TrainConfig.retrieval`).
 2. OverArch + task heads (training/over_arch.py): on all logged impressions, towers frozen.
 
 `load_or_train` reuses a weights file when one was trained from the same data, holdout and
@@ -23,10 +25,14 @@ import torch
 
 from idmap.zero_collision import ZeroCollisionConfig, ZeroCollisionMap
 from stages.user import UserTower
+from training.anchors import EASE_MAX_ITEMS
 from training.data import LoggedData, holdout_split, split_interactions, subset
+from training.linear import LinearConfig, LinearQueries, fit_linear
 from training.over_arch import (
     OverArchModel,
     OverArchTrainConfig,
+    OverArchValidation,
+    auc,
     retrieved_negatives,
     task_losses,
     train_over_arch,
@@ -64,6 +70,25 @@ class TrainConfig:
     # towers train on the rest; the served history vectors and the OverArch use all of it.
     # 0: no cut, all `two_tower.epochs`
     validation_fraction: float = 0.1
+    # "two_tower", "linear" (training/linear.py) or "auto": linear for sources without logged
+    # impressions (their negatives are random items: MovieLens, catalogs of positives) whose
+    # items fit its dense matrix. ml-latest-small's validation cut, recall@10 / @50 of (a):
+    # two-tower 0.083 / 0.226, linear 0.10 / 0.26 (docs/quality.md)
+    retrieval: str = "auto"
+    linear: LinearConfig = field(default_factory=LinearConfig)
+
+    def __post_init__(self) -> None:
+        if self.retrieval not in ("auto", "two_tower", "linear"):
+            raise ValueError(f"TrainConfig.retrieval must be auto, two_tower or linear, got "
+                             f"{self.retrieval!r}")
+
+
+def retrieval_kind(data: LoggedData, config: TrainConfig) -> str:
+    """The retrieval model `train` fits for `data`: "two_tower" or "linear"."""
+    if config.retrieval != "auto":
+        return config.retrieval
+    fits = data.catalog.num_items <= EASE_MAX_ITEMS
+    return "linear" if fits and not data.logged_impressions else "two_tower"
 
 
 def make_id_map(raw_ids: torch.Tensor, now: int, config: TrainConfig
@@ -96,31 +121,13 @@ def rows_per_user(data: LoggedData, users_in_training: np.ndarray, now: int,
     return id_map, rows, values, weights
 
 
-def auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve (rank statistic; ties get their mean rank)."""
-    pos = labels > 0
-    if pos.all() or not pos.any():
-        return float("nan")
-    order = np.argsort(scores, kind="stable")
-    ranks = np.empty(len(scores))
-    sorted_scores = scores[order]
-    # mean rank of tied groups
-    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
-    mean_rank = first + (counts + 1) / 2.0
-    ranks[order] = np.repeat(mean_rank, counts)
-    n_pos, n_neg = pos.sum(), (~pos).sum()
-    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def train(data: LoggedData, train_mask: np.ndarray, config: TrainConfig = TrainConfig(),
-          progress: bool = True, holdout_mask: Optional[np.ndarray] = None) -> TrainedWeights:
-    """Trains the towers, then the OverArch, on the interactions selected by `train_mask`."""
-    t0 = time.perf_counter()
-    torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
-    log = subset(data.interactions, train_mask)
+def _two_tower(data: LoggedData, log, config: TrainConfig, generator: torch.Generator,
+               progress: bool):
+    """Trains the two towers on the training part `log` (early stopping on its validation
+    cut); returns (user tower with the served history vectors, item vectors [N, D], the
+    OverArch's example queries, epoch losses, validation recalls, the user side's weights,
+    training users sent to the cold-start row)."""
     tt = config.two_tower
-
     now = int(log.timestamp.max()) // 3600 if len(log.timestamp) else 0  # hours, as id_map.ttl
     id_map, user_rows, feature_values, feature_weights = rows_per_user(
         data, np.unique(log.user_index), now, config)
@@ -159,14 +166,75 @@ def train(data: LoggedData, train_mask: np.ndarray, config: TrainConfig = TrainC
     queries = ExampleQueries(users, user_rows, history)
     users.history[user_rows] = history.all_users()
     users.history[id_map.unknown_row] = 0.0
+    user_side = {"kind": "two_tower", "config": asdict(tt.user),
+                 "id_map": asdict(dataclasses.replace(config.id_map,
+                                                      num_slots=id_map.num_slots)),
+                 "feature_values": feature_values, "feature_weights": feature_weights,
+                 "history": users.history.clone(),
+                 "num_feature_values": data.user_features.num_values,
+                 "state": users.state_dict()}
+    # training users the id map sent to the cold-start row (full windows)
+    overflow = int((user_rows[torch.from_numpy(np.unique(log.user_index))]
+                    == id_map.unknown_row).sum())
+    return users, item_vectors, queries, tower_losses, validation_recalls, user_side, overflow
+
+
+def train(data: LoggedData, train_mask: np.ndarray, config: TrainConfig = TrainConfig(),
+          progress: bool = True, holdout_mask: Optional[np.ndarray] = None) -> TrainedWeights:
+    """Trains the towers, then the OverArch, on the interactions selected by `train_mask`."""
+    t0 = time.perf_counter()
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    log = subset(data.interactions, train_mask)
+
+    clicks = torch.from_numpy(log.labels[:, 0] > 0)
+    user_index = torch.from_numpy(log.user_index)
+    item_index = torch.from_numpy(log.item_index)
+    kind = retrieval_kind(data, config)
+    if kind == "linear":
+        t_fit = time.perf_counter()
+        fit = fit_linear(user_index[clicks], item_index[clicks], len(data.user_ids),
+                         data.catalog.num_items, config.linear, config.seed)
+        item_vectors = fit.item_vectors
+        pairs = torch.unique(user_index[clicks] * data.catalog.num_items + item_index[clicks])
+        queries = LinearQueries(fit, pairs // data.catalog.num_items,
+                                pairs % data.catalog.num_items)
+        tower_losses, validation_recalls = [], []
+        has_clicks = torch.bincount(user_index[clicks], minlength=len(data.user_ids)) > 0
+        user_side = {"kind": "linear", "config": asdict(config.linear),
+                     "raw_ids": torch.from_numpy(data.user_ids)[has_clicks],
+                     "user_vectors": fit.user_vectors[has_clicks],
+                     "cold_start": fit.cold_start, "history_vectors": fit.history_vectors,
+                     "fit_seconds": round(time.perf_counter() - t_fit, 1)}
+        id_overflow = 0
+
+        def serving_queries(rows: torch.Tensor) -> torch.Tensor:  # data user index
+            # as served: users without training positives are not in the table
+            return torch.where(has_clicks[rows].unsqueeze(1), fit.user_vectors[rows],
+                               fit.cold_start)
+    else:
+        users, item_vectors, queries, tower_losses, validation_recalls, user_side, \
+            id_overflow = _two_tower(data, log, config, generator, progress)
+
+        def serving_queries(rows: torch.Tensor) -> torch.Tensor:
+            return users(torch.from_numpy(data.user_ids)[rows])
     model = OverArchModel(int(item_vectors.shape[1]), data.catalog.num_items, len(data.tasks),
                           config.over_arch.model)
     labels = torch.from_numpy(log.labels)
     oa = config.over_arch
+    # the OverArch's validation cut (its epoch is chosen on it): the latest share of the
+    # training part, cut as the holdout; it trains on the rest
+    validation = None
+    if config.validation_fraction > 0:
+        inner, held = (torch.from_numpy(m) for m in split_interactions(
+            log, data.split, config.validation_fraction))
+        if held.any() and inner.any():
+            validation = OverArchValidation(user_index[held], item_index[held], labels[held])
+            user_index, item_index, labels = user_index[inner], item_index[inner], labels[inner]
     added_negatives = 0
     if oa.retrieved_negatives > 0:
         with torch.no_grad():
-            query = users(torch.from_numpy(data.user_ids))
+            query = serving_queries(torch.arange(len(data.user_ids)))
         neg_users, neg_items = retrieved_negatives(
             query, item_vectors, user_index, item_index, labels[:, 0] > 0,
             oa.retrieved_negatives, oa.negative_pool, generator)
@@ -174,22 +242,26 @@ def train(data: LoggedData, train_mask: np.ndarray, config: TrainConfig = TrainC
         user_index = torch.cat([user_index, neg_users])
         item_index = torch.cat([item_index, neg_items])
         labels = torch.cat([labels, torch.zeros(added_negatives, labels.shape[1])])
-    bce_history = train_over_arch(model, queries, item_vectors, user_index, item_index, labels,
-                                  oa, generator, progress)
+    bce_history, overarch_aucs = train_over_arch(model, queries, item_vectors, user_index,
+                                                 item_index, labels, oa, generator, progress,
+                                                 validation)
 
     metrics: Dict = {"tower_loss": [round(x, 4) for x in tower_losses],
                      "validation_recall@50": [round(x, 4) for x in validation_recalls],
                      "overarch_bce": [[round(x, 4) for x in e] for e in bce_history],
+                     # validation AUC before training (the fit on the dot product) and after
+                     # each epoch; the served OverArch is the best one's
+                     "overarch_validation_auc": [round(x, 4) for x in overarch_aucs],
                      "train_impressions": int(log.labels.shape[0]),
                      "train_clicks": int(clicks.sum()),
                      "retrieved_negatives": added_negatives,
+                     "retrieval": kind,
                      # training users the id map sent to the cold-start row (full windows)
-                     "id_map_overflow": int((user_rows[torch.from_numpy(
-                         np.unique(log.user_index))] == id_map.unknown_row).sum())}
+                     "id_map_overflow": id_overflow}
     if holdout_mask is not None and holdout_mask.any():
         held = subset(data.interactions, holdout_mask)
         with torch.no_grad():
-            u = users(torch.from_numpy(data.user_ids[held.user_index]))
+            u = serving_queries(torch.from_numpy(held.user_index))
             rows = torch.from_numpy(held.item_index)
             logits = model(u, item_vectors[rows], rows)
             dot = (u * item_vectors[rows]).sum(1)
@@ -203,13 +275,7 @@ def train(data: LoggedData, train_mask: np.ndarray, config: TrainConfig = TrainC
 
     return TrainedWeights(
         tasks=tuple(data.tasks),
-        user_tower={"config": asdict(tt.user),
-                    "id_map": asdict(dataclasses.replace(config.id_map,
-                                                         num_slots=id_map.num_slots)),
-                    "feature_values": feature_values, "feature_weights": feature_weights,
-                    "history": users.history.clone(),
-                    "num_feature_values": data.user_features.num_values,
-                    "state": users.state_dict()},
+        user_tower=user_side,
         item_vectors=item_vectors.contiguous(),
         over_arch={"config": asdict(config.over_arch.model),
                    "state": model.over_arch.state_dict()},
@@ -220,8 +286,13 @@ def train(data: LoggedData, train_mask: np.ndarray, config: TrainConfig = TrainC
 def metrics_line(data: LoggedData, weights: TrainedWeights) -> str:
     m = weights.metrics
     tasks = data.tasks
-    loss = m["tower_loss"] or [float("nan")]
-    parts = [f"{data.name}: two-tower loss {loss[0]:.3f} -> {loss[-1]:.3f}"]
+    if m.get("retrieval") == "linear":
+        spec = weights.user_tower
+        parts = [f"{data.name}: linear history model rank {spec['config']['rank']}, lambda "
+                 f"{spec['config']['l2']:g}, fitted in {spec['fit_seconds']:.0f} s"]
+    else:
+        loss = m["tower_loss"] or [float("nan")]
+        parts = [f"{data.name}: two-tower loss {loss[0]:.3f} -> {loss[-1]:.3f}"]
     recalls = m.get("validation_recall@50") or []
     if recalls:
         parts.append(f"validation recall@50 (dot product) {recalls[0]:.4f} -> best "
@@ -229,6 +300,11 @@ def metrics_line(data: LoggedData, weights: TrainedWeights) -> str:
                      f"{len(recalls)}")
     parts.append("OverArch BCE " + " ".join(f"{t} {v:.4f}" for t, v in zip(
         tasks, m["overarch_bce"][-1])))
+    aucs = m.get("overarch_validation_auc") or []
+    if aucs:
+        parts.append(f"OverArch validation AUC {aucs[0]:.3f} (dot product fit) -> "
+                     + ", ".join(f"{a:.3f}" for a in aucs[1:])
+                     + f", kept epoch {len(aucs) - 1 - aucs[::-1].index(max(aucs))}")
     if "holdout_auc" in m:
         parts.append("held-out AUC OverArch/dot " + " ".join(
             f"{t} {a:.3f}/{d:.3f}" for t, a, d in zip(tasks, m["holdout_auc"],

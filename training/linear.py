@@ -1,0 +1,129 @@
+"""The linear history model: EASE's item-item weights factorized into two towers.
+
+EASE (Steck, 2019; the anchor of training/anchors.py) scores s_uj = sum_{i in H_u} B_ij, with
+P = (X^T X + lambda I)^-1 over the training positives X and B = -P / diag(P) (zero diagonal).
+B is a dense item x item matrix: no index can serve it. Its rank-k SVD B ~ U_k S_k W_k^T
+splits it into a history-side vector h_i = (U_k S_k^1/2)_i and a target-side vector
+v_j = (W_k S_k^1/2)_j per item, and then
+
+    s_uj ~ < sum_{i in H_u} h_i , v_j >
+
+is a two-tower score: the user side pools the h vectors of the user's history (once per
+request, from the request's `history` input or from the history built from the logs,
+stages/history.py), the ANN index holds the v vectors, and the OverArch and the Value Model
+reorder the candidates as for the trained towers. The user vector is the mean of the h vectors
+rather than their sum: one user's ranking does not depend on the scale.
+
+It is fitted in closed form (one inverse and one truncated SVD; no epochs) and needs the dense
+item x item matrix, so it is limited to catalogs of EASE_MAX_ITEMS items with training
+positives. Settings (rank, lambda) were chosen on the validation cut of ml-latest-small
+(`python -m training.evaluate --validation`, docs/quality.md), never on its held-out part.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from training.anchors import EASE_MAX_ITEMS
+
+
+@dataclass
+class LinearConfig:
+    """Chosen on ml-latest-small's validation cut (exact scoring of h . v, recall@10 /
+    recall@50 / NDCG@10; EASE with lambda 300 there: 0.1037 / 0.2672 / 0.0858):
+
+    | lambda | rank 256 | rank 512 |
+    |---|---|---|
+    | 100 | 0.0995 / 0.2568 / 0.0834 | **0.1044 / 0.2692 / 0.0864** |
+    | 200 | 0.1002 / 0.2615 / 0.0857 | 0.1030 / 0.2688 / 0.0864 |
+    | 300 | 0.1026 / 0.2674 / 0.0858 | 0.1038 / 0.2659 / 0.0864 |
+    | 500 | 0.0975 / 0.2643 / 0.0822 | 0.1016 / 0.2646 / 0.0843 |
+
+    (rank 64: 0.094, 128: 0.098 recall@10 at lambda 300.)
+    """
+
+    rank: int = 512  # width of h and v: the ANN index dimension
+    l2: float = 100.0  # lambda of the closed form
+
+
+class LinearFit(NamedTuple):
+    """The fitted towers, catalog order for items and data-user order for users."""
+
+    history_vectors: torch.Tensor  # float32 [N, k] h: what a history item contributes
+    item_vectors: torch.Tensor  # float32 [N, k] v: what the index holds
+    user_vectors: torch.Tensor  # float32 [U, k] mean h over each user's positives (0: none)
+    cold_start: torch.Tensor  # float32 [k] the mean user vector of users with positives
+
+
+def fit_linear(user_index: torch.Tensor, item_index: torch.Tensor, num_users: int,
+               num_items: int, config: LinearConfig = LinearConfig(), seed: int = 0
+               ) -> LinearFit:
+    """Fits the factorized EASE on positive (user, item) pairs (repeats count once).
+
+    Items without a positive get h = v = 0 (nothing predicts them, as in EASE)."""
+    keys = torch.unique(user_index.to(torch.int64) * num_items + item_index.to(torch.int64))
+    users, items = keys // num_items, keys % num_items
+    active = torch.unique(items)
+    if active.numel() > EASE_MAX_ITEMS:
+        raise ValueError(f"the linear model needs a dense item x item matrix: "
+                         f"{active.numel():,} items with positives, at most "
+                         f"{EASE_MAX_ITEMS:,} (use the two-tower model)")
+    column = torch.full((num_items,), -1, dtype=torch.int64)
+    column[active] = torch.arange(active.numel())
+    x = torch.sparse_coo_tensor(torch.stack([users, column[items]]),
+                                torch.ones(keys.numel(), dtype=torch.float64),
+                                (num_users, active.numel())).coalesce()
+    gram = torch.sparse.mm(x.t().coalesce(), x).to_dense()
+    gram.diagonal().add_(config.l2)
+    p = torch.linalg.inv(gram)
+    del gram
+    b = -p / p.diagonal().unsqueeze(0)
+    del p
+    b.diagonal().zero_()
+    rank = min(config.rank, active.numel())
+    torch.manual_seed(seed)  # svd_lowrank draws its random projection from the global RNG
+    u, s, w = torch.svd_lowrank(b, q=min(rank + 16, active.numel()), niter=6)
+    root = s[:rank].sqrt()
+    history = torch.zeros(num_items, rank)
+    target = torch.zeros(num_items, rank)
+    history[active] = (u[:, :rank] * root).float()
+    target[active] = (w[:, :rank] * root).float()
+    counts = torch.bincount(users, minlength=num_users).float()
+    sums = torch.zeros(num_users, rank).index_add_(0, users, history[items])
+    user_vectors = sums / counts.clamp(min=1.0).unsqueeze(1)
+    cold = user_vectors[counts > 0].mean(0) if bool((counts > 0).any()) else torch.zeros(rank)
+    return LinearFit(history, target, user_vectors, cold)
+
+
+class LinearQueries:
+    """Query vectors of training examples for the OverArch (training/over_arch.py takes any
+    callable like training/towers.py `ExampleQueries`): the mean h of the user's positives,
+    without the example's own item when it is one of them (leave-one-out); `cold` examples
+    get the cold-start vector.
+
+    Args:
+        fit: the fitted model; user_index, item_index: int64 [P] the positives it was fitted
+            on.
+    """
+
+    def __init__(self, fit: LinearFit, user_index: torch.Tensor, item_index: torch.Tensor):
+        self.fit = fit
+        num_users = fit.user_vectors.shape[0]
+        self.counts = torch.bincount(user_index, minlength=num_users).float()
+        self.sums = torch.zeros(num_users, fit.history_vectors.shape[1]).index_add_(
+            0, user_index, fit.history_vectors[item_index])
+
+    def __call__(self, user_index: torch.Tensor, item_rows: torch.Tensor,
+                 clicked: torch.Tensor, cold: torch.Tensor) -> torch.Tensor:
+        out = clicked.float().unsqueeze(1)
+        sums = self.sums[user_index] - out * self.fit.history_vectors[item_rows]
+        counts = (self.counts[user_index] - out.squeeze(1)).clamp(min=1.0).unsqueeze(1)
+        return torch.where(cold.unsqueeze(1), self.fit.cold_start.expand_as(sums),
+                           sums / counts)
+
+    def all_users(self) -> torch.Tensor:
+        """Every user's serving query vector [U, k] (no item left out)."""
+        return self.fit.user_vectors
