@@ -75,7 +75,7 @@ def fit_linear(user_index: torch.Tensor, item_index: torch.Tensor, num_users: in
     column[active] = torch.arange(active.numel())
     x = torch.sparse_coo_tensor(torch.stack([users, column[items]]),
                                 torch.ones(keys.numel(), dtype=torch.float64),
-                                (num_users, active.numel())).coalesce()
+                                (num_users, active.numel()), check_invariants=True).coalesce()
     gram = torch.sparse.mm(x.t().coalesce(), x).to_dense()
     gram.diagonal().add_(config.l2)
     p = torch.linalg.inv(gram)
