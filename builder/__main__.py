@@ -19,6 +19,7 @@ from pathlib import Path
 from builder.build import ROOT, TEMPLATE, BuildConfig, build, catalog_build_dir, is_built
 from catalog import CatalogError
 from stages.ann import AnnConfig
+from training.train import TrainConfig
 from world.synthetic import WorldConfig
 
 
@@ -53,6 +54,12 @@ def config_from_args(argv=None) -> tuple:
                    help="version 1: drop the fresh store's items instead of folding them in")
     p.add_argument("--if-missing", action="store_true",
                    help="do nothing when every stage artifact already exists")
+    p.add_argument("--retrieval", choices=("auto", "two_tower", "linear"),
+                   default=TrainConfig.retrieval,
+                   help="retrieval model trained from interactions: two_tower, linear (EASE "
+                        "factorized, training/linear.py; catalogs up to 20,000 items with "
+                        "positives) or auto: linear for logs without impressions (ratings, "
+                        "purchases) when it fits (default: %(default)s)")
     a = p.parse_args(argv)
     if a.version < 1:
         p.error(f"--version must be >= 1, got {a.version}")
@@ -72,7 +79,8 @@ def config_from_args(argv=None) -> tuple:
                       catalog=a.catalog, unknown_items=a.unknown_items,
                       repository=repository, items_csv=items_csv,
                       ann=AnnConfig(oversample=a.oversample), version=a.version,
-                      fresh_capacity=a.fresh_capacity, fold_fresh=not a.discard_fresh)
+                      fresh_capacity=a.fresh_capacity, fold_fresh=not a.discard_fresh,
+                      training=TrainConfig(retrieval=a.retrieval))
     return cfg, a.if_missing
 
 

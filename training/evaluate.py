@@ -371,6 +371,14 @@ def main() -> None:
                    help="OverArch negatives from the retrieval per positive (default: 4 for "
                         "sources without logged impressions, MovieLens; 0 for the synthetic "
                         "world); 0 turns them off")
+    p.add_argument("--retrieval", choices=("auto", "two_tower", "linear"),
+                   default=TrainConfig.retrieval,
+                   help="the retrieval model (training/train.py TrainConfig.retrieval; "
+                        "default: %(default)s)")
+    p.add_argument("--no-overarch-early-stopping", dest="overarch_early_stopping",
+                   action="store_false",
+                   help="serve the OverArch of its last epoch instead of the one that is best "
+                        "on the validation cut (an ablation)")
     p.add_argument("--validation", action="store_true",
                    help="evaluate on the validation cut instead of the held-out part: train on "
                         "the training part minus its latest share (cut as the holdout) and "
@@ -379,7 +387,7 @@ def main() -> None:
                    help="write the table and the command into this markdown file")
     a = p.parse_args()
     config = EvalConfig(max_users=a.max_users, truth_users=a.truth_users)
-    train_config = TrainConfig()
+    train_config = TrainConfig(retrieval=a.retrieval)
     sources = [] if a.no_synthetic else [lambda: from_world(generate_world(WorldConfig(
         seed=a.seed, num_items=a.num_items, num_users=a.num_users)))]
     if not a.no_movielens:
@@ -397,6 +405,9 @@ def main() -> None:
         if a.retrieved_negatives is not None:
             chosen = dataclasses.replace(chosen, over_arch=dataclasses.replace(
                 chosen.over_arch, retrieved_negatives=a.retrieved_negatives))
+        if not a.overarch_early_stopping:
+            chosen = dataclasses.replace(chosen, over_arch=dataclasses.replace(
+                chosen.over_arch, early_stopping=False))
         results.append(evaluate(data, config, chosen))
         print(results[-1]["training"])
     text = table(results, config)
