@@ -113,5 +113,15 @@ def test_ml_latest_small_genre_filters_are_exact(tmp_path):
                 want = {m for m, gs in movies.items()
                         if "(no genres listed)" in gs or ("Film-Noir" in gs and "Crime" not in gs)}
                 assert set(r.query(1, expression, k).item_ids.tolist()) == want
+                # request history: 20 horror movies as the history pull horror into the
+                # unfiltered top 20 of users 1..5, whatever they rated before
+                horror = {m for m, gs in movies.items() if "Horror" in gs}
+                history = sorted(horror)[:20]
+                for user in range(1, 6):
+                    before = r.query(user, "", 20).item_ids.tolist()
+                    after = r.query(user, "", 20, history=history).item_ids.tolist()
+                    share = [float(np.mean([m in horror for m in ids]))
+                             for ids in (before, after)]
+                    assert share[1] >= 0.5 and share[1] > share[0], (model, user, share)
     finally:
         server.stop()
