@@ -25,7 +25,9 @@ It builds the repository from the checked-out code into runs/benchmark/ (so it m
 code as it is; --repository reuses a build), writes runs/benchmark/results.json (with several
 --history sizes, its `history` list holds the with / without ratios), the plots
 docs/img/serving_*.png and the generated part of the section "Serving: unified vs ensemble vs
-baseline (issues 7 & 8)" of docs/performance.md.
+baseline (issues 7 & 8)" of docs/performance.md. A run whose requests send histories (any
+--history size above 0) writes the section "Serving with request history (issue 17)" and
+docs/img/serving_*-history.png instead, and leaves the other section as it is.
 
 Definitions.
   throughput   successful requests per second over the measured interval (after a warm-up)
@@ -78,6 +80,9 @@ MEMBERS = {"unified": ("unified",), "retrieval": ("filter", "ann", "scorer", "ag
            "baseline": ("baseline_filter", "baseline_ann", "scorer", "aggregator")}
 SECTION = "## Serving: unified vs ensemble vs baseline (issues 7 & 8)"
 GPU_SECTION = "## Serving on a GPU host (issue 8)"
+# a run with request histories writes its own section and plots, leaving the above as they are
+HISTORY_SECTION = "## Serving with request history (issue 17)"
+GPU_HISTORY_SECTION = "## Serving with request history on a GPU host (issue 17)"
 BEGIN, END = "<!-- benchmarks/serving.py: begin -->", "<!-- benchmarks/serving.py: end -->"
 OUT = ROOT / "runs" / "benchmark"
 HISTORY_BOUND, HISTORY_CLIENTS = 1.3, 16  # issue 17: with history within 1.3x at 16 clients
@@ -647,7 +652,8 @@ def main(argv=None) -> int:
                         "retrieval take histories; the baseline has no history input and is "
                         "measured at 0 only, so with baseline among --models the sizes must "
                         "include 0. Recall is measured without history, as the exact "
-                        "reference takes none (default 0: no history input)")
+                        "reference takes none. A run with a size above 0 writes its own "
+                        "section and plots (*-history.png). Default 0: no history input")
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--protocol", choices=("http", "grpc"), default="http")
     p.add_argument("--recall-queries", type=int, default=50, help="per request kind")
@@ -766,8 +772,11 @@ def main(argv=None) -> int:
     print(f"wrote {out / 'results.json'}")
     if args.no_docs:
         return 0
-    images = plots(points, args.img, "-gpu" if args.gpu else "")
-    write_section(args.doc, GPU_SECTION if args.gpu else SECTION,
+    suffix = ("-gpu" if args.gpu else "") + ("-history" if any(sizes) else "")
+    images = plots(points, args.img, suffix)
+    title = {(False, False): SECTION, (True, False): GPU_SECTION,
+             (False, True): HISTORY_SECTION, (True, True): GPU_HISTORY_SECTION}
+    write_section(args.doc, title[args.gpu, any(sizes)],
                   markdown(args, info, workload, sizes, recalls, matched, costs, points,
                            all_rounds, with_history, images, args.doc))
     print(f"wrote {args.doc} and {', '.join(str(i) for i in images)}")
