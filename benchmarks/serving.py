@@ -664,7 +664,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-docs", action="store_true", help="only <out>/results.json")
     p.add_argument("--no-match-recall", dest="match_recall", action="store_false",
                    help="serve the baseline at its built nprobe instead of the smallest nprobe "
-                        "that reaches unified's recall (the default, when this run builds)")
+                        "that reaches unified's recall (the default, when this run builds "
+                        "and measures the baseline)")
     p.add_argument("--gpu", action="store_true",
                    help="a GPU host run (the Dockerfile image): checks that CUDA is visible, "
                         "writes its own section and plots (*-gpu.png)")
@@ -721,7 +722,7 @@ def main(argv=None) -> int:
     print(f"exact reference for {len(queries)} queries in {time.perf_counter() - t0:.0f} s",
           flush=True)
     matched: Dict[str, float] = {}
-    if args.match_recall:
+    if args.match_recall and "baseline" in models:  # (nothing to match without it)
         matched = match_baseline_recall(repository, queries, exact)
         print("baseline matched to unified's recall: " + ", ".join(
             f"{k} {v:.3f}" for k, v in matched.items()), flush=True)
