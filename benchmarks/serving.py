@@ -17,7 +17,7 @@ ratios (throughput without / with, p50 with / without) against the 1.3x bound at
         --no-docs                                                # smoke run
     .venv/bin/python -m benchmarks.serving --gpu                 # on a GPU host (Dockerfile)
     .venv/bin/python -m benchmarks.serving --models unified,retrieval --history 0,100 \\
-        --concurrency 16                                         # with against without history
+        --concurrency 16 --rounds 5                              # with against without history
     .venv/bin/python -m benchmarks.serving --models unified,retrieval --history 20
                                                                  # every request sends one
 
