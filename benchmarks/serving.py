@@ -7,17 +7,27 @@ every level, in several rounds, and the median round counts, so that changes in 
 background load hit all models alike and one disturbed round does not decide a number.
 Recall@k of every model is measured against exact search on a fixed evaluation set.
 
+Request histories (issue 17): `--history 0,100` measures every model that takes the optional
+`history` input both without one and with 100-item histories, as two variants (`unified` and
+`unified+history100`) that take turns with the other models like models do, and reports the
+ratios (throughput without / with, p50 with / without) against the 1.3x bound at 16 clients.
+
     .venv/bin/python -m benchmarks.serving                       # 200k items, a few minutes
     .venv/bin/python -m benchmarks.serving --num-items 6000 --seconds 3 --concurrency 1,4 \\
         --no-docs                                                # smoke run
     .venv/bin/python -m benchmarks.serving --gpu                 # on a GPU host (Dockerfile)
+    .venv/bin/python -m benchmarks.serving --models unified,retrieval --history 0,100 \\
+        --concurrency 16 --rounds 5                              # with against without history
     .venv/bin/python -m benchmarks.serving --models unified,retrieval --history 20
-                                                                 # load requests send histories
+                                                                 # every request sends one
 
 It builds the repository from the checked-out code into runs/benchmark/ (so it measures the
-code as it is; --repository reuses a build), writes runs/benchmark/results.json, the plots
+code as it is; --repository reuses a build), writes runs/benchmark/results.json (with several
+--history sizes, its `history` list holds the with / without ratios), the plots
 docs/img/serving_*.png and the generated part of the section "Serving: unified vs ensemble vs
-baseline (issues 7 & 8)" of docs/performance.md.
+baseline (issues 7 & 8)" of docs/performance.md. A run whose requests send histories (any
+--history size above 0) writes the section "Serving with request history (issue 17)" and
+docs/img/serving_*-history.png instead, and leaves the other section as it is.
 
 Definitions.
   throughput   successful requests per second over the measured interval (after a warm-up)
@@ -29,6 +39,8 @@ Definitions.
   avg batch    delta nv_inference_count / delta nv_inference_exec_count per member model
   CPU          cores busy on average: the server (tritonserver and its Python-backend stubs),
                this process (the load generator), and everything else on the machine
+  history      `<model>+history<N>`: the model's requests carry N distinct catalog item ids
+               drawn uniformly (loadtest/workload.py); recall is measured without history
 """
 
 from gevent import monkey
@@ -57,9 +69,10 @@ from benchmarks import doc_sections  # noqa: E402
 from builder.build import ROOT, BuildConfig, build, is_built  # noqa: E402
 from client import Retriever  # noqa: E402
 from loadtest import locustfile, metrics  # noqa: E402
-from loadtest.workload import Request, Workload  # noqa: E402
+from loadtest.workload import Request, Workload, parse_history_sizes  # noqa: E402
 from serving.inprocess import InProcessChain, exact_reference  # noqa: E402
 from serving.launcher import ServerConfig, TritonServer, free_ports  # noqa: E402
+from stages.history import MAX_HISTORY  # noqa: E402
 from world.synthetic import WorldConfig  # noqa: E402
 
 MODELS = ("unified", "retrieval", "baseline")
@@ -67,14 +80,28 @@ MEMBERS = {"unified": ("unified",), "retrieval": ("filter", "ann", "scorer", "ag
            "baseline": ("baseline_filter", "baseline_ann", "scorer", "aggregator")}
 SECTION = "## Serving: unified vs ensemble vs baseline (issues 7 & 8)"
 GPU_SECTION = "## Serving on a GPU host (issue 8)"
+# a run with request histories writes its own section and plots, leaving the above as they are
+HISTORY_SECTION = "## Serving with request history (issue 17)"
+GPU_HISTORY_SECTION = "## Serving with request history on a GPU host (issue 17)"
 BEGIN, END = "<!-- benchmarks/serving.py: begin -->", "<!-- benchmarks/serving.py: end -->"
 OUT = ROOT / "runs" / "benchmark"
+HISTORY_BOUND, HISTORY_CLIENTS = 1.3, 16  # issue 17: with history within 1.3x at 16 clients
 CLOCK = os.sysconf("SC_CLK_TCK")
+
+
+def variant(model: str, history: int) -> str:
+    """What a (model, history size) pair is called in results.json, the tables and plots."""
+    return f"{model}+history{history}" if history else model
+
+
+def served_model(label: str) -> str:
+    """The Triton model of a variant label."""
+    return label.split("+", 1)[0]
 
 
 @dataclass
 class Point:
-    model: str
+    model: str  # the variant: the Triton model, `+history<N>` when requests send histories
     concurrency: int
     seconds: float
     requests: int
@@ -88,6 +115,7 @@ class Point:
     client_cores: float  # ... of this process (the load generator)
     other_cores: float  # ... of everything else on the machine
     latency_histogram: Dict[int, int] = field(default_factory=dict)  # ms -> requests
+    history: int = 0  # item ids in every measured request's history input (0: not sent)
 
 
 # --- CPU accounting ---------------------------------------------------------------------------
@@ -140,13 +168,14 @@ class CpuMeter:
 # --- one measured point ------------------------------------------------------------------------
 def drive(server: TritonServer, workload: Workload, model: str, concurrency: int,
           protocol: str, warmup: float, seconds: float, cpu: CpuMeter) -> Point:
-    """Closed-loop Locust users of `model` at `concurrency` for `warmup` + `seconds`."""
+    """Closed-loop Locust users of `model` at `concurrency` for `warmup` + `seconds`, sending
+    `workload`'s requests (with its histories, if any)."""
     c = server.config
     metrics_url = f"http://{c.host}:{c.metrics_port}/metrics"
     options = get_parser().parse_args(args=[
         "--host", f"http://{c.http_url}", "--triton-grpc-url", c.grpc_url,
         "--triton-metrics-url", metrics_url, "--triton-model", model,
-        "--triton-k", str(workload.k)])
+        "--triton-k", str(workload.k), "--triton-history", str(workload.history)])
     user = locustfile.GrpcTritonUser if protocol == "grpc" else locustfile.HttpTritonUser
     env = Environment(user_classes=[user], events=locust.events, host=f"http://{c.http_url}",
                       parsed_options=options)
@@ -166,11 +195,12 @@ def drive(server: TritonServer, workload: Workload, model: str, concurrency: int
     elapsed = cpu_end[0] - cpu_start[0]
     sizes = metrics.batch_sizes(before, after)
     server_cores, client_cores, other_cores = CpuMeter.cores(cpu_start, cpu_end)
-    return Point(model, concurrency, round(elapsed, 2), requests, failures,
+    return Point(variant(model, workload.history), concurrency, round(elapsed, 2), requests,
+                 failures,
                  (requests - failures) / elapsed, p50, p95, p99,
                  {m: round(sizes[m], 2) for m in MEMBERS.get(model, (model,)) if m in sizes},
                  round(server_cores, 2), round(client_cores, 2), round(other_cores, 2),
-                 {int(k): v for k, v in histogram.items()})
+                 {int(k): v for k, v in histogram.items()}, workload.history)
 
 
 # --- recall ------------------------------------------------------------------------------------
@@ -335,13 +365,14 @@ def plots(points: List[Point], img: Path, suffix: str) -> List[Path]:
     img.mkdir(parents=True, exist_ok=True)
     models = list(dict.fromkeys(p.model for p in points))  # in the order they ran
     levels = sorted({p.concurrency for p in points})
+    style = _styles(points)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, value, label in ((axes[0], lambda p: p.requests_per_s, "requests / s"),
                              (axes[1], _per_core, "requests / server CPU-second")):
         for m in models:
             mine = sorted((p for p in points if p.model == m), key=lambda p: p.concurrency)
             ax.plot([p.concurrency for p in mine], [value(p) for p in mine], marker="o",
-                    label=m)
+                    label=m, **style[m])
         ax.set_xscale("log", base=2)
         ax.set_xticks(levels, [str(c) for c in levels])
         ax.xaxis.set_minor_formatter(NullFormatter())
@@ -367,7 +398,7 @@ def plots(points: List[Point], img: Path, suffix: str) -> List[Path]:
         if counts.sum() == 0:
             continue
         ax.plot(ms, np.cumsum(counts) / counts.sum(), drawstyle="steps-post",
-                label=f"{m} ({point.requests_per_s:.0f} req/s)")
+                label=f"{m} ({point.requests_per_s:.0f} req/s)", **style[m])
     ax.set_xscale("log")
     ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(ScalarFormatter())
@@ -384,9 +415,21 @@ def plots(points: List[Point], img: Path, suffix: str) -> List[Path]:
     return [throughput, latency]
 
 
-def markdown(args, info, workload: Workload, recalls: Dict[str, Dict[str, float]],
-             matched: Dict[str, float], costs: Dict[str, Dict[str, float]],
-             points: List[Point], all_rounds: List[dict], images: List[Path], doc: Path) -> str:
+def _styles(points: List[Point]) -> Dict[str, dict]:
+    """Line style per variant: a colour per Triton model, dashed (dotted, ...) with histories."""
+    served = list(dict.fromkeys(served_model(p.model) for p in points))
+    sizes = sorted({p.history for p in points})
+    dashes = ("-", "--", ":", "-.")
+    return {p.model: {"color": f"C{served.index(served_model(p.model)) % 10}",
+                      "linestyle": dashes[sizes.index(p.history) % len(dashes)]}
+            for p in points}
+
+
+def markdown(args, info, workload: Workload, sizes: List[int],
+             recalls: Dict[str, Dict[str, float]], matched: Dict[str, float],
+             costs: Dict[str, Dict[str, float]], points: List[Point], all_rounds: List[dict],
+             with_history: List[dict], images: List[Path], doc: Path) -> str:
+    """The generated block; `workload` sends no history, `sizes` are the --history sizes."""
     kinds = list(workload.mix)
     command = " ".join([".venv/bin/python -m benchmarks.serving"] + args.argv)
     lines = [BEGIN, "", f"Command: `{command}`", ""]
@@ -395,15 +438,21 @@ def markdown(args, info, workload: Workload, recalls: Dict[str, Dict[str, float]
     lines += ["", f"Catalog: {workload.num_items:,} items; k = {workload.k}; protocol "
               f"{args.protocol}. Every (model, clients) point is the median of {args.rounds} "
               f"rounds of {args.warmup:g} s warm-up + {args.seconds:g} s measured, the models "
-              "taking turns; failures are counted over all rounds. The load generator (Locust, "
+              "taking turns" + ("" if not any(sizes) else " (a model sending N-item "
+                                "histories, `<model>+history<N>`, takes its own turn)")
+              + "; failures are counted over all rounds. The load generator (Locust, "
               "one process) shares the machine with the server. Request mix "
               f"`{args.mix}` (loadtest/workload.py):", ""]
     lines += [f"- {line}" for line in workload.describe().splitlines()]
+    lines += [f"- {workload.with_history(n).describe().splitlines()[-1]} (`<model>+history{n}`"
+              f"{'' if 0 in sizes else '; no model is measured without history'})"
+              for n in sizes if n]
     lines += ["", f"### Recall@{workload.k} against exact search "
               f"({args.recall_queries} queries per kind)", ""]
-    if workload.history:
+    if any(sizes):
+        sent = ", ".join(f"`+history{n}`" for n in sizes if n)
         lines += ["Measured without a `history` input (the exact reference takes none); the "
-                  f"throughput points below send {workload.history}-item histories.", ""]
+                  f"throughput points of {sent} send histories.", ""]
     lines += ["| model | all | " + " | ".join(kinds) + " |",
               "| --- | ---: | " + " | ".join("---:" for _ in kinds) + " |"]
     for m, r in recalls.items():
@@ -474,10 +523,79 @@ def markdown(args, info, workload: Workload, recalls: Dict[str, Dict[str, float]
                   f"{ru:.3f} (unified) vs {rb:.3f} (baseline). Goal: at least 3x at equal or "
                   f"better recall: **{'reached' if ratio >= 3 and ru >= rb else 'not reached'}"
                   f"**."]
+    if with_history:
+        lines += [""] + history_markdown(with_history)
     rel = [os.path.relpath(i, doc.parent) for i in images]
     lines += ["", f"![throughput vs concurrency]({rel[0]})", "",
               f"![latency distribution]({rel[1]})", "", END]
     return "\n".join(lines)
+
+
+def history_ratios(all_rounds: List[dict], points: List[Point]) -> List[dict]:
+    """Every model measured both without history and with N-item histories, at every level:
+    the median points of both, and medians over rounds of throughput without / with and p50
+    with / without, each pair measured back to back in the same round (> 1: history costs)."""
+    median = {(p.model, p.concurrency): p for p in points}
+    rows = []
+    for p in points:
+        base = median.get((served_model(p.model), p.concurrency))
+        if not p.history or base is None or base.history:
+            continue
+        by_round: Dict[int, Dict[str, dict]] = {}
+        for r in all_rounds:
+            if r["concurrency"] == p.concurrency and r["model"] in (base.model, p.model):
+                by_round.setdefault(r["round"], {})[r["model"]] = r
+        pairs = [(x[base.model], x[p.model]) for x in by_round.values()
+                 if base.model in x and p.model in x]
+        throughput = [a["requests_per_s"] / b["requests_per_s"] for a, b in pairs
+                      if b["requests_per_s"] > 0]
+        p50 = [b["p50_ms"] / a["p50_ms"] for a, b in pairs if a["p50_ms"] > 0]
+        ratio = {"throughput": float(np.median(throughput)) if throughput else float("nan"),
+                 "p50": float(np.median(p50)) if p50 else float("nan")}
+        rows.append({
+            "model": base.model, "history": p.history, "concurrency": p.concurrency,
+            "requests_per_s_without": base.requests_per_s, "requests_per_s_with": p.requests_per_s,
+            "throughput_ratio": ratio["throughput"],  # without / with
+            "p50_ms_without": base.p50_ms, "p50_ms_with": p.p50_ms,
+            "p50_ratio": ratio["p50"],  # with / without
+            "within_bound": bool(ratio["throughput"] <= HISTORY_BOUND
+                                 and ratio["p50"] <= HISTORY_BOUND),
+            "paired_rounds": len(pairs)})
+    order = list(dict.fromkeys(p.model for p in points))  # the models in the order they ran
+    return sorted(rows, key=lambda r: (order.index(r["model"]), r["history"], r["concurrency"]))
+
+
+def history_markdown(rows: List[dict]) -> List[str]:
+    """The with-against-without table of history_ratios and the verdict at 16 clients."""
+    lines = ["### Request history: with against without (same run)", "",
+             "Each model that takes the `history` input is measured without one and with "
+             "N-item histories (`<model>+history<N>`, as variants taking turns with the others "
+             "at every level and round). Ratios are medians over rounds of pairs measured back "
+             "to back in the same round: throughput without / with, p50 with / without (above "
+             "1: history costs). p50 values are Locust's rounded ones (whole ms below 100 ms, "
+             f"10 ms steps above). Goal (issue 17): at {HISTORY_CLIENTS} clients, throughput "
+             f"and p50 with history within {HISTORY_BOUND:g}x of without.", "",
+             "| model | history | clients | req/s without | req/s with | without / with | "
+             "p50 ms without | p50 ms with | with / without | both within "
+             f"{HISTORY_BOUND:g}x |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['history']} | {r['concurrency']} | "
+                     f"{r['requests_per_s_without']:.1f} | {r['requests_per_s_with']:.1f} | "
+                     f"{r['throughput_ratio']:.2f}x | {r['p50_ms_without']:.0f} | "
+                     f"{r['p50_ms_with']:.0f} | {r['p50_ratio']:.2f}x | "
+                     f"{'yes' if r['within_bound'] else 'no'} |")
+    at = [r for r in rows if r["concurrency"] == HISTORY_CLIENTS]
+    if at:
+        verdicts = "; ".join(
+            f"{r['model']} with {r['history']}-item histories: throughput "
+            f"{r['throughput_ratio']:.2f}x, p50 {r['p50_ratio']:.2f}x, "
+            f"**{'reached' if r['within_bound'] else 'not reached'}**" for r in at)
+        lines += ["", f"At {HISTORY_CLIENTS} clients: {verdicts}."]
+    else:
+        lines += ["", f"{HISTORY_CLIENTS} clients were not measured in this run "
+                  "(--concurrency): no verdict on the goal."]
+    return lines
 
 
 def _paired_ratios(all_rounds: List[dict], concurrency: int, num: str = "unified",
@@ -525,11 +643,17 @@ def main(argv=None) -> int:
                    help="rounds per (model, level); the median round (by throughput) counts")
     p.add_argument("--warmup", type=float, default=3.0, help="unmeasured time per point")
     p.add_argument("--mix", default="mixed", help="request mix (loadtest/workload.py)")
-    p.add_argument("--history", type=int, default=0, metavar="N",
-                   help="the measured requests send a history of N item ids drawn from the "
-                        "catalog (Locust's --triton-history; unified and retrieval only, at "
-                        "most 100); recall is measured without one, as the exact reference "
-                        "takes none (default 0: no history input)")
+    p.add_argument("--history", default="0", metavar="N[,N...]",
+                   help="item ids in the history input of the measured requests, drawn from "
+                        "the catalog (Locust's --triton-history), 0 to "
+                        f"{MAX_HISTORY}; several sizes (e.g. 0,100) measure every model at "
+                        "each, as variants <model>+history<N> taking turns like models, and "
+                        "report with / without ratios (sizes > 0 next to 0). unified and "
+                        "retrieval take histories; the baseline has no history input and is "
+                        "measured at 0 only, so with baseline among --models the sizes must "
+                        "include 0. Recall is measured without history, as the exact "
+                        "reference takes none. A run with a size above 0 writes its own "
+                        "section and plots (*-history.png). Default 0: no history input")
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--protocol", choices=("http", "grpc"), default="http")
     p.add_argument("--recall-queries", type=int, default=50, help="per request kind")
@@ -540,7 +664,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-docs", action="store_true", help="only <out>/results.json")
     p.add_argument("--no-match-recall", dest="match_recall", action="store_false",
                    help="serve the baseline at its built nprobe instead of the smallest nprobe "
-                        "that reaches unified's recall (the default, when this run builds)")
+                        "that reaches unified's recall (the default, when this run builds "
+                        "and measures the baseline)")
     p.add_argument("--gpu", action="store_true",
                    help="a GPU host run (the Dockerfile image): checks that CUDA is visible, "
                         "writes its own section and plots (*-gpu.png)")
@@ -548,11 +673,16 @@ def main(argv=None) -> int:
     args.argv = sys.argv[1:] if argv is None else list(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     levels = [int(c) for c in args.concurrency.split(",")]
-    if args.history < 0:
-        p.error("--history: N must be >= 0 item ids")
-    if args.history and "baseline" in models:
+    try:
+        sizes = parse_history_sizes(args.history, MAX_HISTORY)
+    except ValueError as e:
+        p.error(f"--history: {e}")
+    if "baseline" in models and 0 not in sizes:
         p.error("--history: the baseline model takes no history input; measure the models "
-                "that do, e.g. --models unified,retrieval")
+                "that do, e.g. --models unified,retrieval, or include size 0 (e.g. "
+                f"--history 0,{args.history}): the baseline is measured at 0 only")
+    variants = [(m, n) for m in models for n in sizes if n == 0 or m != "baseline"]
+    width = max(len(variant(m, n)) for m, n in variants)
 
     if args.gpu:
         import torch
@@ -580,18 +710,19 @@ def main(argv=None) -> int:
     print(workload.describe(), flush=True)
     queries = workload.evaluation_set(args.recall_queries, seed=1)  # no history: see --history
     try:
-        load = workload.with_history(args.history)  # the requests Locust sends
+        loads = {n: workload.with_history(n) for n in sizes}  # the requests Locust sends
     except ValueError as e:
         print(f"--history: {e}", file=sys.stderr)
         return 2
-    if args.history:
-        print(load.describe().splitlines()[-1], flush=True)
+    for n in sizes:
+        if n:
+            print(loads[n].describe().splitlines()[-1], flush=True)
     t0 = time.perf_counter()
     exact = exact_results(repository, queries)
     print(f"exact reference for {len(queries)} queries in {time.perf_counter() - t0:.0f} s",
           flush=True)
     matched: Dict[str, float] = {}
-    if args.match_recall:
+    if args.match_recall and "baseline" in models:  # (nothing to match without it)
         matched = match_baseline_recall(repository, queries, exact)
         print("baseline matched to unified's recall: " + ", ".join(
             f"{k} {v:.3f}" for k, v in matched.items()), flush=True)
@@ -613,32 +744,42 @@ def main(argv=None) -> int:
             print(f"recall@{args.k} {m}: " + ", ".join(f"{k} {v:.3f}"
                                                       for k, v in recalls[m].items()), flush=True)
         for c in levels:
-            rounds: Dict[str, List[Point]] = {m: [] for m in models}
+            rounds: Dict[str, List[Point]] = {variant(m, n): [] for m, n in variants}
             for r in range(args.rounds):
-                for m in models:  # models take turns at every level, round after round
-                    point = drive(server, load, m, c, args.protocol, args.warmup,
-                                  args.seconds, cpu)
-                    rounds[m].append(point)
+                for m, n in variants:  # models (and history sizes) take turns at every
+                    point = drive(server, loads[n], m, c, args.protocol,  # level, every round
+                                  args.warmup, args.seconds, cpu)
+                    rounds[point.model].append(point)
                     all_rounds.append({**asdict(point), "round": r})
-                    print(f"round {r + 1}: {m:>9} x{c:<3} {point.requests_per_s:8.1f} req/s  "
+                    print(f"round {r + 1}: {point.model:>{width}} x{c:<3} "
+                          f"{point.requests_per_s:8.1f} req/s  "
                           f"p50 {point.p50_ms:.0f} p95 {point.p95_ms:.0f} p99 "
                           f"{point.p99_ms:.0f} ms  failures {point.failures}  batch "
                           f"{point.batch_sizes}  cpu server {point.server_cores} client "
                           f"{point.client_cores} other {point.other_cores}", flush=True)
-            for m in models:
-                ranked = sorted(rounds[m], key=lambda p: p.requests_per_s)
+            for mine in rounds.values():
+                ranked = sorted(mine, key=lambda p: p.requests_per_s)
                 points.append(ranked[len(ranked) // 2])
+    with_history = history_ratios(all_rounds, points)
+    for row in with_history:
+        print(f"history {row['model']} +{row['history']} x{row['concurrency']}: throughput "
+              f"without / with {row['throughput_ratio']:.2f}x, p50 with / without "
+              f"{row['p50_ratio']:.2f}x", flush=True)
     results = {"machine": info, "args": {k: str(v) for k, v in vars(args).items()},
                "recall": recalls, "baseline_recall_match": matched, "cpu_ms_per_query": costs,
-               "points": [asdict(p) for p in points], "rounds": all_rounds}
+               "points": [asdict(p) for p in points], "rounds": all_rounds,
+               "history": with_history}
     (out / "results.json").write_text(json.dumps(results, indent=1))
     print(f"wrote {out / 'results.json'}")
     if args.no_docs:
         return 0
-    images = plots(points, args.img, "-gpu" if args.gpu else "")
-    write_section(args.doc, GPU_SECTION if args.gpu else SECTION,
-                  markdown(args, info, load, recalls, matched, costs, points, all_rounds,
-                           images, args.doc))
+    suffix = ("-gpu" if args.gpu else "") + ("-history" if any(sizes) else "")
+    images = plots(points, args.img, suffix)
+    title = {(False, False): SECTION, (True, False): GPU_SECTION,
+             (False, True): HISTORY_SECTION, (True, True): GPU_HISTORY_SECTION}
+    write_section(args.doc, title[args.gpu, any(sizes)],
+                  markdown(args, info, workload, sizes, recalls, matched, costs, points,
+                           all_rounds, with_history, images, args.doc))
     print(f"wrote {args.doc} and {', '.join(str(i) for i in images)}")
     failures = sum(p["failures"] for p in all_rounds)
     return 1 if failures else 0

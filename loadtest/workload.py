@@ -90,6 +90,27 @@ def parse_mix(spec: str) -> Dict[str, int]:
     return {k: w for k, w in weights.items() if w > 0}
 
 
+def parse_history_sizes(spec: str, most: int) -> List[int]:
+    """`--history` of the serving benchmark: item ids per request's history, one size or
+    several separated by commas (`0,100`: every model without and with 100-item histories), in
+    the order given; each an integer from 0 (no history input) to `most` (the server's limit,
+    stages/history.py MAX_HISTORY), none twice."""
+    sizes: List[int] = []
+    for part in spec.split(","):
+        part = part.strip()
+        try:
+            size = int(part)
+        except ValueError:
+            raise ValueError(f"history sizes are integers separated by commas (e.g. 0,100), "
+                             f"not {spec!r}") from None
+        if not 0 <= size <= most:
+            raise ValueError(f"a history holds 0 to {most} item ids, not {size}")
+        if size in sizes:
+            raise ValueError(f"history size {size} is listed twice in {spec!r}")
+        sizes.append(size)
+    return sizes
+
+
 class Catalog:
     """Per-value item masks of the filterable features, and the item ids, read from items.csv."""
 

@@ -14,8 +14,9 @@ import torch
 
 from filtering.bits import popcount
 from loadtest import metrics
-from loadtest.workload import BROAD, KINDS, SELECTIVE, Workload, parse_mix
+from loadtest.workload import BROAD, KINDS, SELECTIVE, Workload, parse_history_sizes, parse_mix
 from serving.runners import RUNNERS
+from stages.history import MAX_HISTORY
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,6 +28,20 @@ def test_parse_mix():
     for bad in ("most", "broad=x", "unfiltered=0", "tiny=1"):
         with pytest.raises(ValueError):
             parse_mix(bad)
+
+
+def test_parse_history_sizes():
+    """benchmarks/serving.py --history: one size (as before) or several, each 0..MAX_HISTORY
+    (the server refuses longer histories), in the order given, none twice."""
+    assert parse_history_sizes("0,100", MAX_HISTORY) == [0, 100]
+    assert parse_history_sizes("20", MAX_HISTORY) == [20]
+    assert parse_history_sizes(" 100 , 0 ", MAX_HISTORY) == [100, 0]
+    assert parse_history_sizes(str(MAX_HISTORY), MAX_HISTORY) == [MAX_HISTORY]
+    for bad, says in (("-1", "0 to 100"), ("0,-5", "0 to 100"), (str(MAX_HISTORY + 1), "0 to 100"),
+                      ("x", "integers"), ("0,1.5", "integers"), ("", "integers"),
+                      ("0,,3", "integers"), ("3,3", "twice")):
+        with pytest.raises(ValueError, match=says):
+            parse_history_sizes(bad, MAX_HISTORY)
 
 
 def test_workload_filters_match_what_they_claim(small_build):
