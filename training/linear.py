@@ -80,6 +80,8 @@ def fit_linear(user_index: torch.Tensor, item_index: torch.Tensor, num_users: in
     gram.diagonal().add_(config.l2)
     p = torch.linalg.inv(gram)
     del gram
+    # float64 throughout: a float32 SVD with fewer iterations is twice as fast, but lost
+    # 0.0014 of recall@10 on the validation cut (0.1030 against 0.1044)
     b = -p / p.diagonal().unsqueeze(0)
     del p
     b.diagonal().zero_()

@@ -252,6 +252,9 @@ def train(data: LoggedData, train_mask: np.ndarray, config: TrainConfig = TrainC
                      # validation AUC before training (the fit on the dot product) and after
                      # each epoch; the served OverArch is the best one's
                      "overarch_validation_auc": [round(x, 4) for x in overarch_aucs],
+                     "overarch_kept_epoch": (len(overarch_aucs) - 1 - overarch_aucs[::-1].index(
+                         max(overarch_aucs))) if overarch_aucs and oa.early_stopping
+                     else len(bce_history),
                      "train_impressions": int(log.labels.shape[0]),
                      "train_clicks": int(clicks.sum()),
                      "retrieved_negatives": added_negatives,
@@ -304,7 +307,7 @@ def metrics_line(data: LoggedData, weights: TrainedWeights) -> str:
     if aucs:
         parts.append(f"OverArch validation AUC {aucs[0]:.3f} (dot product fit) -> "
                      + ", ".join(f"{a:.3f}" for a in aucs[1:])
-                     + f", kept epoch {len(aucs) - 1 - aucs[::-1].index(max(aucs))}")
+                     + f", served epoch {m.get('overarch_kept_epoch', len(aucs) - 1)}")
     if "holdout_auc" in m:
         parts.append("held-out AUC OverArch/dot " + " ".join(
             f"{t} {a:.3f}/{d:.3f}" for t, a, d in zip(tasks, m["holdout_auc"],
