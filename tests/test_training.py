@@ -16,9 +16,11 @@ from training.evaluate import ndcg
 from training.over_arch import (
     OverArchModel,
     OverArchTrainConfig,
+    OverArchValidation,
     retrieved_negatives,
     task_losses,
     train_over_arch,
+    validation_auc,
 )
 from training.retrieval import RetrievalModel, build_user_tower
 from training.towers import (
@@ -131,12 +133,36 @@ def test_over_arch_training_improves_on_its_calibrated_dot_product_start():
             return task_losses(model(u, item_vectors[ii], ii), labels)
 
     start = bce()
-    history = train_over_arch(model, queries, item_vectors, ui, ii, labels,
-                              dataclasses.replace(train_config, epochs=4),
-                              torch.Generator().manual_seed(1), progress=False)
+    history, aucs = train_over_arch(model, queries, item_vectors, ui, ii, labels,
+                                    dataclasses.replace(train_config, epochs=4),
+                                    torch.Generator().manual_seed(1), progress=False)
     end = bce()
-    assert len(history) == 4
+    assert len(history) == 4 and aucs == []  # no validation cut: the last epoch
     assert torch.all(end < start), (start, end)
+
+
+def test_over_arch_keeps_the_epoch_best_on_its_validation_cut():
+    """With a validation cut: one AUC before training (the dot-product fit) and one per
+    epoch, and the model ends with the best one's weights (recomputed here, not taken from the
+    list); without early stopping, with the last epoch's."""
+    config = TwoTowerConfig(epochs=1, batch_size=256, cold_start_rate=0.0)
+    torch.manual_seed(0)
+    queries, items, ui, ii, _, log = towers(config)
+    item_vectors = items.all_items()
+    queries.history.refresh(item_vectors)
+    labels = torch.from_numpy(log.labels)
+    cut = torch.arange(len(ui)) % 5 == 0
+    validation = OverArchValidation(ui[cut], ii[cut], labels[cut])
+    for early in (True, False):
+        model = OverArchModel(64, DATA.catalog.num_items, 3, OverArchConfig())
+        train_config = OverArchTrainConfig(epochs=3, cold_start_rate=0.0, early_stopping=early)
+        history, aucs = train_over_arch(model, queries, item_vectors, ui[~cut], ii[~cut],
+                                        labels[~cut], train_config,
+                                        torch.Generator().manual_seed(1), progress=False,
+                                        validation=validation)
+        assert len(history) == 3 and len(aucs) == 4
+        final = validation_auc(model, queries, item_vectors, validation)
+        assert final == pytest.approx(max(aucs) if early else aucs[-1], abs=1e-9), (early, aucs)
 
 
 def test_training_metrics_and_determinism(weights):
