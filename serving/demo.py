@@ -146,8 +146,10 @@ def main(argv=None) -> int:
         console.rule("[bold]3/4 sample requests to the `retrieval` ensemble")
         user = users[min(7, len(users) - 1)]
         with Retriever(config.http_url) as r:
+            shown: List[int] = []  # items recommended to `user`, for the history example
             for filter, weights, label in samples:
                 res = r.query(user, filter, 5, weights)
+                shown += [int(i) for i in res.item_ids if int(i) not in shown]
                 print_results(res, user, filter, items_csv, tasks=tasks, items=items,
                               titles=titles,
                               title=f"{label}: user {user}, filter {filter!r}"
@@ -159,6 +161,13 @@ def main(argv=None) -> int:
             print_results(res, unknown, samples[1][0] if len(samples) > 1 else "", items_csv,
                           tasks=tasks, items=items, titles=titles,
                           title=f"unknown user {unknown} (cold start)")
+            # a request may carry the user's recent items (input `history`): the user side
+            # pools them instead of the history built from the logs, or the cold start
+            history = shown[:3]
+            res = r.query(unknown, "", 5, history=history)
+            print_results(res, unknown, "", items_csv, tasks=tasks, items=items, titles=titles,
+                          title=f"unknown user {unknown} whose request says they just "
+                                f"engaged with items {history} (input `history`)")
             bad = (samples[1][0] if len(samples) > 1 else "x:y") + " AND ("
             try:
                 r.query(users[0], bad, 5)

@@ -115,13 +115,18 @@ def test_validation_cut_recall_matches_a_per_user_loop():
     assert got == pytest.approx(np.mean(recalls))
 
 
-def test_over_arch_training_improves_on_its_calibrated_dot_product_start():
-    config = TwoTowerConfig(epochs=2, batch_size=256, cold_start_rate=0.0)
+def over_arch_inputs(tower_epochs: int):
+    """Trained towers (as `towers`), their item vectors, and the impressions' labels."""
     torch.manual_seed(0)
-    queries, items, ui, ii, _, log = towers(config)
+    queries, items, ui, ii, _, log = towers(TwoTowerConfig(epochs=tower_epochs, batch_size=256,
+                                                           cold_start_rate=0.0))
     item_vectors = items.all_items()
     queries.history.refresh(item_vectors)
-    labels = torch.from_numpy(log.labels)
+    return queries, item_vectors, ui, ii, torch.from_numpy(log.labels)
+
+
+def test_over_arch_training_improves_on_its_calibrated_dot_product_start():
+    queries, item_vectors, ui, ii, labels = over_arch_inputs(2)
     model = OverArchModel(64, DATA.catalog.num_items, 3, OverArchConfig())
     train_config = OverArchTrainConfig(epochs=0, cold_start_rate=0.0)
     train_over_arch(model, queries, item_vectors, ui, ii, labels, train_config,
@@ -144,25 +149,23 @@ def test_over_arch_training_improves_on_its_calibrated_dot_product_start():
 def test_over_arch_keeps_the_epoch_best_on_its_validation_cut():
     """With a validation cut: one AUC before training (the dot-product fit) and one per
     epoch, and the model ends with the best one's weights (recomputed here, not taken from the
-    list); without early stopping, with the last epoch's."""
-    config = TwoTowerConfig(epochs=1, batch_size=256, cold_start_rate=0.0)
-    torch.manual_seed(0)
-    queries, items, ui, ii, _, log = towers(config)
-    item_vectors = items.all_items()
-    queries.history.refresh(item_vectors)
-    labels = torch.from_numpy(log.labels)
+    list); without early stopping, with the last epoch's. A learning rate far too high makes
+    the later epochs worse, so that the two differ."""
+    queries, item_vectors, ui, ii, labels = over_arch_inputs(1)
     cut = torch.arange(len(ui)) % 5 == 0
     validation = OverArchValidation(ui[cut], ii[cut], labels[cut])
     for early in (True, False):
         model = OverArchModel(64, DATA.catalog.num_items, 3, OverArchConfig())
-        train_config = OverArchTrainConfig(epochs=3, cold_start_rate=0.0, early_stopping=early)
+        train_config = OverArchTrainConfig(epochs=2, cold_start_rate=0.0, learning_rate=0.3,
+                                           early_stopping=early)
         history, aucs = train_over_arch(model, queries, item_vectors, ui[~cut], ii[~cut],
                                         labels[~cut], train_config,
                                         torch.Generator().manual_seed(1), progress=False,
                                         validation=validation)
-        assert len(history) == 3 and len(aucs) == 4
+        assert len(history) == 2 and len(aucs) == 3
         final = validation_auc(model, queries, item_vectors, validation)
         assert final == pytest.approx(max(aucs) if early else aucs[-1], abs=1e-9), (early, aucs)
+        assert max(aucs) > aucs[-1]  # else the two would not differ
 
 
 def test_training_metrics_and_determinism(weights):
