@@ -2,6 +2,8 @@
 training/anchors.py, an independent closed form); its leave-one-out queries; and, built from a
 MovieLens-style catalog, the served user side pools request histories from the history side."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -13,7 +15,7 @@ from catalog.read import read_catalog
 from stages.history import batch_history
 from stages.user import UserTable
 from training.anchors import EASE, interaction_matrix
-from training.linear import LinearConfig, LinearQueries, fit_linear
+from training.linear import LinearConfig, LinearQueries, covered_share, fit_linear, kept_items
 from training.train import TrainConfig, retrieval_kind
 
 
@@ -51,6 +53,26 @@ def test_a_lower_rank_keeps_the_top_of_the_spectrum():
     torch.testing.assert_close(b_low, best, rtol=1e-3, atol=1e-3)
 
 
+def test_a_catalog_beyond_max_items_keeps_its_most_frequent_items():
+    """With max_items = 10 the fit keeps the 10 items with the most users and equals a fit on
+    their positives alone; the others get zero vectors; covered_share counts what it keeps."""
+    users, items = random_positives()
+    pairs = torch.unique(users * 25 + items)
+    counts = torch.bincount(pairs % 25, minlength=25)
+    want = sorted(sorted(range(25), key=lambda i: (-int(counts[i]), i))[:10])
+    assert kept_items(pairs % 25, 25, 10).tolist() == want
+    assert covered_share(users, items, 25, 10) == pytest.approx(
+        float(counts[want].sum()) / len(pairs))
+    assert covered_share(users, items, 25, 25) == 1.0
+    capped = fit_linear(users, items, 60, 25, LinearConfig(rank=10, l2=7.0, max_items=10))
+    keep = torch.isin(items, torch.tensor(want))
+    alone = fit_linear(users[keep], items[keep], 60, 25, LinearConfig(rank=10, l2=7.0))
+    torch.testing.assert_close(capped.history_vectors @ capped.item_vectors.T,
+                               alone.history_vectors @ alone.item_vectors.T)
+    dropped = [i for i in range(25) if i not in want]
+    assert torch.all(capped.item_vectors[dropped] == 0)
+
+
 def test_leave_one_out_queries():
     users, items = random_positives()
     fit = fit_linear(users, items, 60, 25, LinearConfig(rank=10, l2=7.0))
@@ -74,6 +96,12 @@ def movielens_build(tmp_path_factory):
 def test_a_catalog_without_impressions_serves_the_linear_model(movielens_build):
     source, built = movielens_build
     assert retrieval_kind(source.data, TrainConfig()) == "linear"
+    # a catalog larger than the dense matrix: linear only when the kept items hold nearly all
+    # positives (here 2 of its 5 movies cannot), and never for logged impressions
+    small = TrainConfig(linear=LinearConfig(max_items=2))
+    assert retrieval_kind(source.data, small) == "two_tower"
+    assert retrieval_kind(dataclasses.replace(source.data, logged_impressions=True),
+                          TrainConfig()) == "two_tower"
     ann = built.modules["ann"]
     assert isinstance(ann.users, UserTable)
     # histories are pooled from the history side, not from the indexed item vectors

@@ -14,9 +14,13 @@ stages/history.py), the ANN index holds the v vectors, and the OverArch and the 
 reorder the candidates as for the trained towers. The user vector is the mean of the h vectors
 rather than their sum: one user's ranking does not depend on the scale.
 
-It is fitted in closed form (one inverse and one truncated SVD; no epochs) and needs the dense
-item x item matrix, so it is limited to catalogs of EASE_MAX_ITEMS items with training
-positives. Settings (rank, lambda) were chosen on the validation cut of ml-latest-small
+It is fitted in closed form (one inverse and one truncated SVD; no epochs) over a dense
+item x item matrix, so it keeps at most `LinearConfig.max_items` items, those with the most
+training positives (a larger catalog's other items get h = v = 0: they score 0 for every
+user, below the kept items a user is likely to get, and count for nothing in a history).
+`covered_share` says how much of a log that keeps; training/train.py picks this model only
+where it keeps nearly all.
+Settings (rank, lambda) were chosen on the validation cut of ml-latest-small
 (`python -m training.evaluate --validation`, docs/quality.md), never on its held-out part.
 """
 
@@ -47,6 +51,8 @@ class LinearConfig:
 
     rank: int = 512  # width of h and v: the ANN index dimension
     l2: float = 100.0  # lambda of the closed form
+    # items kept in the dense matrix (three float64 copies of it: 9.6 GB at 20,000)
+    max_items: int = EASE_MAX_ITEMS
 
 
 class LinearFit(NamedTuple):
@@ -56,6 +62,7 @@ class LinearFit(NamedTuple):
     item_vectors: torch.Tensor  # float32 [N, k] v: what the index holds
     user_vectors: torch.Tensor  # float32 [U, k] mean h over each user's positives (0: none)
     cold_start: torch.Tensor  # float32 [k] the mean user vector of users with positives
+    kept: torch.Tensor  # int64 [M] the catalog rows the fit kept (the others: zero vectors)
 
 
 def fit_linear(user_index: torch.Tensor, item_index: torch.Tensor, num_users: int,
@@ -63,18 +70,17 @@ def fit_linear(user_index: torch.Tensor, item_index: torch.Tensor, num_users: in
                ) -> LinearFit:
     """Fits the factorized EASE on positive (user, item) pairs (repeats count once).
 
-    Items without a positive get h = v = 0 (nothing predicts them, as in EASE)."""
+    Items without a positive, and beyond `config.max_items` those with the fewest, get
+    h = v = 0 (nothing predicts them, as in EASE)."""
     keys = torch.unique(user_index.to(torch.int64) * num_items + item_index.to(torch.int64))
     users, items = keys // num_items, keys % num_items
-    active = torch.unique(items)
-    if active.numel() > EASE_MAX_ITEMS:
-        raise ValueError(f"the linear model needs a dense item x item matrix: "
-                         f"{active.numel():,} items with positives, at most "
-                         f"{EASE_MAX_ITEMS:,} (use the two-tower model)")
+    active = kept_items(items, num_items, config.max_items)
+    keep = torch.isin(items, active)
+    users, items = users[keep], items[keep]
     column = torch.full((num_items,), -1, dtype=torch.int64)
     column[active] = torch.arange(active.numel())
     x = torch.sparse_coo_tensor(torch.stack([users, column[items]]),
-                                torch.ones(keys.numel(), dtype=torch.float64),
+                                torch.ones(users.numel(), dtype=torch.float64),
                                 (num_users, active.numel()), check_invariants=True).coalesce()
     gram = torch.sparse.mm(x.t().coalesce(), x).to_dense()
     gram.diagonal().add_(config.l2)
@@ -97,7 +103,28 @@ def fit_linear(user_index: torch.Tensor, item_index: torch.Tensor, num_users: in
     sums = torch.zeros(num_users, rank).index_add_(0, users, history[items])
     user_vectors = sums / counts.clamp(min=1.0).unsqueeze(1)
     cold = user_vectors[counts > 0].mean(0) if bool((counts > 0).any()) else torch.zeros(rank)
-    return LinearFit(history, target, user_vectors, cold)
+    return LinearFit(history, target, user_vectors, cold, active)
+
+
+def kept_items(items: torch.Tensor, num_items: int, max_items: int) -> torch.Tensor:
+    """The catalog rows the fit keeps, ascending: those with positives in `items` (one entry
+    per distinct user and item), at most `max_items` of the most frequent (ties: lower row)."""
+    counts = torch.bincount(items, minlength=num_items)
+    active = torch.nonzero(counts > 0).squeeze(1)
+    if active.numel() > max_items:
+        order = torch.argsort(-counts[active], stable=True)[:max_items]
+        active = torch.sort(active[order]).values
+    return active
+
+
+def covered_share(user_index: torch.Tensor, item_index: torch.Tensor, num_items: int,
+                  max_items: int = EASE_MAX_ITEMS) -> float:
+    """The share of distinct positive (user, item) pairs on the items a fit would keep."""
+    keys = torch.unique(user_index.to(torch.int64) * num_items + item_index.to(torch.int64))
+    items = keys % num_items
+    if items.numel() == 0:
+        return 0.0
+    return float(torch.isin(items, kept_items(items, num_items, max_items)).float().mean())
 
 
 class LinearQueries:

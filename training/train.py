@@ -25,9 +25,8 @@ import torch
 
 from idmap.zero_collision import ZeroCollisionConfig, ZeroCollisionMap
 from stages.user import UserTower
-from training.anchors import EASE_MAX_ITEMS
 from training.data import LoggedData, holdout_split, split_interactions, subset
-from training.linear import LinearConfig, LinearQueries, fit_linear
+from training.linear import LinearConfig, LinearQueries, covered_share, fit_linear
 from training.over_arch import (
     OverArchModel,
     OverArchTrainConfig,
@@ -72,8 +71,9 @@ class TrainConfig:
     validation_fraction: float = 0.1
     # "two_tower", "linear" (training/linear.py) or "auto": linear for sources without logged
     # impressions (their negatives are random items: MovieLens, catalogs of positives) whose
-    # items fit its dense matrix. ml-latest-small's validation cut, recall@10 / @50 of (a):
-    # two-tower 0.083 / 0.226, linear 0.10 / 0.26 (docs/quality.md)
+    # items fit its dense matrix, or nearly all of whose positives do (LINEAR_MIN_COVERAGE).
+    # ml-latest-small's validation cut, recall@10 / @50 of (a): two-tower 0.078 / 0.229,
+    # linear 0.104 / 0.266 (docs/quality.md)
     retrieval: str = "auto"
     linear: LinearConfig = field(default_factory=LinearConfig)
 
@@ -83,12 +83,26 @@ class TrainConfig:
                              f"{self.retrieval!r}")
 
 
+# "auto" fits the linear model to a catalog larger than its dense matrix when the items it
+# keeps hold at least this share of the positives: a ratings log whose rarely rated tail holds
+# under 1% of them loses little; a catalog whose tail matters stays on the two towers (which
+# describe every item by its features)
+LINEAR_MIN_COVERAGE = 0.99
+
+
 def retrieval_kind(data: LoggedData, config: TrainConfig) -> str:
     """The retrieval model `train` fits for `data`: "two_tower" or "linear"."""
     if config.retrieval != "auto":
         return config.retrieval
-    fits = data.catalog.num_items <= EASE_MAX_ITEMS
-    return "linear" if fits and not data.logged_impressions else "two_tower"
+    if data.logged_impressions:
+        return "two_tower"
+    if data.catalog.num_items <= config.linear.max_items:
+        return "linear"
+    positive = data.interactions.labels[:, 0] > 0
+    share = covered_share(torch.from_numpy(data.interactions.user_index[positive]),
+                          torch.from_numpy(data.interactions.item_index[positive]),
+                          data.catalog.num_items, config.linear.max_items)
+    return "linear" if share >= LINEAR_MIN_COVERAGE else "two_tower"
 
 
 def make_id_map(raw_ids: torch.Tensor, now: int, config: TrainConfig
@@ -197,10 +211,13 @@ def train(data: LoggedData, train_mask: np.ndarray, config: TrainConfig = TrainC
                          data.catalog.num_items, config.linear, config.seed)
         item_vectors = fit.item_vectors
         pairs = torch.unique(user_index[clicks] * data.catalog.num_items + item_index[clicks])
+        pairs = pairs[torch.isin(pairs % data.catalog.num_items, fit.kept)]  # as the fit's
         queries = LinearQueries(fit, pairs // data.catalog.num_items,
                                 pairs % data.catalog.num_items)
         tower_losses, validation_recalls = [], []
-        has_clicks = torch.bincount(user_index[clicks], minlength=len(data.user_ids)) > 0
+        # users with a positive on a kept item: the others get the cold start
+        has_clicks = torch.bincount(pairs // data.catalog.num_items,
+                                    minlength=len(data.user_ids)) > 0
         user_side = {"kind": "linear", "config": asdict(config.linear),
                      "raw_ids": torch.from_numpy(data.user_ids)[has_clicks],
                      "user_vectors": fit.user_vectors[has_clicks],
