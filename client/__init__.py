@@ -210,6 +210,14 @@ class Retriever:
                 else ""
         return tuple(t for t in text.split(",") if t) or TASKS
 
+    def input_names(self) -> tuple:
+        """The names of the served model's inputs (from its config): e.g. whether a repository
+        built by an older version takes `history`."""
+        if self.protocol == "http":
+            inputs = self.client.get_model_config(self.model).get("input", [])
+            return tuple(i["name"] for i in inputs)
+        return tuple(i.name for i in self.client.get_model_config(self.model).config.input)
+
     def is_ready(self) -> bool:
         try:
             return bool(self.client.is_model_ready(self.model))

@@ -164,10 +164,16 @@ def main(argv=None) -> int:
             # a request may carry the user's recent items (input `history`): the user side
             # pools them instead of the history built from the logs, or the cold start
             history = shown[:3]
-            res = r.query(unknown, "", 5, history=history)
-            print_results(res, unknown, "", items_csv, tasks=tasks, items=items, titles=titles,
-                          title=f"unknown user {unknown} whose request says they just "
-                                f"engaged with items {history} (input `history`)")
+            if "history" in r.input_names():
+                res = r.query(unknown, "", 5, history=history)
+                print_results(res, unknown, "", items_csv, tasks=tasks, items=items,
+                              titles=titles,
+                              title=f"unknown user {unknown} whose request says they just "
+                                    f"engaged with items {history} (input `history`)")
+            else:
+                console.print("[yellow]this repository was built before request histories "
+                              f"(input `history`): rebuild it to try them: python -m builder "
+                              f"{' '.join(build_cmd)}[/]")
             bad = (samples[1][0] if len(samples) > 1 else "x:y") + " AND ("
             try:
                 r.query(users[0], bad, 5)

@@ -149,3 +149,7 @@ def test_request_history_served_equals_in_process_on_both_models(server, small_b
             np.testing.assert_array_equal(got[(model, i)].item_ids, want[0], err_msg=str(i))
             np.testing.assert_allclose(got[(model, i)].scores, want[1], rtol=1e-5, atol=1e-6)
     assert not np.array_equal(got[("unified", 1)].item_ids, got[("unified", 4)].item_ids)
+    for model in ("retrieval", "unified", "baseline"):  # what a client can ask before sending
+        with Retriever(url, protocol, model) as r:
+            assert ("history" in r.input_names()) == (model != "baseline"), model
+            assert {"user_id", "filter", "k", "task_weights"} <= set(r.input_names())
