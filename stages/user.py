@@ -101,7 +101,8 @@ class UserTable(nn.Module):
     A pretrained model comes without its user tower, so a request's history cannot go through
     it: a request whose history holds known items queries with the mean of their item vectors
     (the usual item-to-item fallback) instead of its user's row; an empty or unknown history
-    keeps the row.
+    keeps the row. With `normalize` (the linear history model, training/linear.py, whose rows
+    are unit vectors) that mean is scaled to unit length like the rows.
 
     Args:
         raw_ids: int64 [U] known user ids (any order, distinct).
@@ -109,8 +110,10 @@ class UserTable(nn.Module):
         cold_start: float32 [D] the embedding served to users not in `raw_ids`.
     """
 
-    def __init__(self, raw_ids: torch.Tensor, embeddings: torch.Tensor, cold_start: torch.Tensor):
+    def __init__(self, raw_ids: torch.Tensor, embeddings: torch.Tensor, cold_start: torch.Tensor,
+                 normalize: bool = False):
         super().__init__()
+        self.normalize = normalize
         order = torch.argsort(raw_ids)
         self.register_buffer("sorted_ids", raw_ids[order].contiguous())
         table = torch.cat([embeddings[order], cold_start.reshape(1, -1)]).float().contiguous()
@@ -125,4 +128,5 @@ class UserTable(nn.Module):
         rows = self.table[torch.where(found, pos, torch.full_like(pos, n))]
         if history is None:
             return rows
-        return torch.where((history.count > 0).unsqueeze(1), history.vectors, rows)
+        pooled = F.normalize(history.vectors, dim=1) if self.normalize else history.vectors
+        return torch.where((history.count > 0).unsqueeze(1), pooled, rows)

@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from catalogs import movielens_dir
 
 from builder.build import BuildConfig, build_modules
@@ -31,9 +32,11 @@ def test_at_full_rank_the_scores_are_eases():
     fit = fit_linear(users, items, 60, 25, LinearConfig(rank=22, l2=7.0))
     ease = EASE(interaction_matrix(users.numpy(), items.numpy(), 60, 25), l2=7.0)
     all_users = np.arange(60)
-    counts = torch.tensor([len(set(items[users == u].tolist())) for u in all_users])
-    got = (fit.user_vectors * counts[:, None]) @ fit.item_vectors.T  # sum, not mean, of h
+    x = interaction_matrix(users.numpy(), items.numpy(), 60, 25).to_dense()
+    got = (x @ fit.history_vectors) @ fit.item_vectors.T  # x_u H V^T
     want = ease.scores(all_users)
+    # the served user vector is x_u H at unit length: the same ranking
+    torch.testing.assert_close(fit.user_vectors, F.normalize(x @ fit.history_vectors, dim=1))
     active = torch.isfinite(want[0])
     assert int(active.sum()) == 22
     torch.testing.assert_close(got[:, active], want[:, active], rtol=1e-4, atol=1e-4)
@@ -82,7 +85,7 @@ def test_leave_one_out_queries():
     others = sorted(set(items[users == u].tolist()) - {i})
     got = queries(torch.tensor([u, u, 5]), torch.tensor([i, i, 0]),
                   torch.tensor([True, False, False]), torch.tensor([False, False, True]))
-    torch.testing.assert_close(got[0], fit.history_vectors[others].mean(0))
+    torch.testing.assert_close(got[0], F.normalize(fit.history_vectors[others].sum(0), dim=0))
     torch.testing.assert_close(got[1], fit.user_vectors[u])
     torch.testing.assert_close(got[2], fit.cold_start)
 
@@ -113,5 +116,5 @@ def test_a_catalog_without_impressions_serves_the_linear_model(movielens_build):
     user = torch.tensor([int(source.user_ids[0])] * 2)
     pooled = ann.pooling(batch_history([history, None]))
     query = ann.users(user, pooled)
-    torch.testing.assert_close(query[0], pooling[[1, 3]].mean(0))
+    torch.testing.assert_close(query[0], F.normalize(pooling[[1, 3]].mean(0), dim=0))
     torch.testing.assert_close(query[1], ann.users(user[:1])[0])

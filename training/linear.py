@@ -11,8 +11,11 @@ v_j = (W_k S_k^1/2)_j per item, and then
 is a two-tower score: the user side pools the h vectors of the user's history (once per
 request, from the request's `history` input or from the history built from the logs,
 stages/history.py), the ANN index holds the v vectors, and the OverArch and the Value Model
-reorder the candidates as for the trained towers. The user vector is the mean of the h vectors
-rather than their sum: one user's ranking does not depend on the scale.
+reorder the candidates as for the trained towers. The user vector is the sum of the h vectors
+scaled to unit length: one user's ranking does not depend on the scale, and without it a
+three-item history (a long vector) and a 300-item one (a short one, its items pointing many
+ways) would put the dot products, which the OverArch calibrates into probabilities, on scales
+far apart (a short request history saturated every probability at 1).
 
 It is fitted in closed form (one inverse and one truncated SVD; no epochs) over a dense
 item x item matrix, so it keeps at most `LinearConfig.max_items` items, those with the most
@@ -30,6 +33,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from training.anchors import EASE_MAX_ITEMS
 
@@ -60,8 +64,8 @@ class LinearFit(NamedTuple):
 
     history_vectors: torch.Tensor  # float32 [N, k] h: what a history item contributes
     item_vectors: torch.Tensor  # float32 [N, k] v: what the index holds
-    user_vectors: torch.Tensor  # float32 [U, k] mean h over each user's positives (0: none)
-    cold_start: torch.Tensor  # float32 [k] the mean user vector of users with positives
+    user_vectors: torch.Tensor  # float32 [U, k] unit sum of h over a user's positives (0: none)
+    cold_start: torch.Tensor  # float32 [k] unit mean user vector of the users with positives
     kept: torch.Tensor  # int64 [M] the catalog rows the fit kept (the others: zero vectors)
 
 
@@ -101,8 +105,9 @@ def fit_linear(user_index: torch.Tensor, item_index: torch.Tensor, num_users: in
     target[active] = (w[:, :rank] * root).float()
     counts = torch.bincount(users, minlength=num_users).float()
     sums = torch.zeros(num_users, rank).index_add_(0, users, history[items])
-    user_vectors = sums / counts.clamp(min=1.0).unsqueeze(1)
-    cold = user_vectors[counts > 0].mean(0) if bool((counts > 0).any()) else torch.zeros(rank)
+    user_vectors = F.normalize(sums, dim=1)  # zeros stay zeros
+    cold = F.normalize(user_vectors[counts > 0].mean(0), dim=0) if bool((counts > 0).any()) \
+        else torch.zeros(rank)
     return LinearFit(history, target, user_vectors, cold, active)
 
 
@@ -129,9 +134,9 @@ def covered_share(user_index: torch.Tensor, item_index: torch.Tensor, num_items:
 
 class LinearQueries:
     """Query vectors of training examples for the OverArch (training/over_arch.py takes any
-    callable like training/towers.py `ExampleQueries`): the mean h of the user's positives,
-    without the example's own item when it is one of them (leave-one-out); `cold` examples
-    get the cold-start vector.
+    callable like training/towers.py `ExampleQueries`): the unit sum of h over the user's
+    positives, without the example's own item when it is one of them (leave-one-out); `cold`
+    examples get the cold-start vector.
 
     Args:
         fit: the fitted model; user_index, item_index: int64 [P] the positives it was fitted
@@ -149,9 +154,8 @@ class LinearQueries:
                  clicked: torch.Tensor, cold: torch.Tensor) -> torch.Tensor:
         out = clicked.float().unsqueeze(1)
         sums = self.sums[user_index] - out * self.fit.history_vectors[item_rows]
-        counts = (self.counts[user_index] - out.squeeze(1)).clamp(min=1.0).unsqueeze(1)
         return torch.where(cold.unsqueeze(1), self.fit.cold_start.expand_as(sums),
-                           sums / counts)
+                           F.normalize(sums, dim=1))
 
     def all_users(self) -> torch.Tensor:
         """Every user's serving query vector [U, k] (no item left out)."""

@@ -28,7 +28,8 @@ def build_user_tower(weights: TrainedWeights) -> nn.Module:
     linear history model (training/linear.py) its table of user vectors."""
     spec = weights.user_tower
     if spec.get("kind") == "linear":
-        return UserTable(spec["raw_ids"], spec["user_vectors"], spec["cold_start"]).eval()
+        return UserTable(spec["raw_ids"], spec["user_vectors"], spec["cold_start"],
+                         normalize=True).eval()
     tower = UserTower(ZeroCollisionMap(ZeroCollisionConfig(**spec["id_map"])),
                       spec["feature_values"],
                       spec["feature_weights"], spec["num_feature_values"], spec["history"],
