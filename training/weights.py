@@ -13,7 +13,7 @@ from typing import Dict, Tuple
 import torch
 
 # bump when the meaning of a saved field changes: older files are then retrained, not reused
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the linear model's user vectors are unit length
 
 
 @dataclass
