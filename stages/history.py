@@ -11,9 +11,10 @@ history built from the logs (request-only computation: nothing per user is preco
   item of the same id (unless the model pools histories from vectors of their own, the linear
   model of training/linear.py: fresh items have none there and are skipped); a retired item
   still counts (the user did engage with it);
-- a request whose history has no known item gets the user side's "no history" answer (the
-  user tower's zero history vector), not the history built from the logs: what the request
-  says replaces what the logs said.
+- a request whose history has no known item gets the user side's "no history" answer: the
+  user tower's zero history vector, not the history built from the logs (what the request
+  says replaces what the logs said); a user table (the linear model, pretrained vectors,
+  stages/user.py `UserTable`) has no history-free answer and keeps the user's row.
 """
 
 from typing import NamedTuple, Optional, Sequence
