@@ -63,7 +63,7 @@ class FaissAnnRunner(AnnRunner):
     The service chain predates request histories: no `history` input.
     """
 
-    INPUTS = AnnRunner.INPUTS[:3]
+    INPUTS = tuple(s for s in AnnRunner.INPUTS if s.name != "history")
 
     def __init__(self, version_dir, params=None):
         import faiss  # the ANN service's library; only this model needs it

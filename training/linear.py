@@ -156,7 +156,3 @@ class LinearQueries:
         sums = self.sums[user_index] - out * self.fit.history_vectors[item_rows]
         return torch.where(cold.unsqueeze(1), self.fit.cold_start.expand_as(sums),
                            F.normalize(sums, dim=1))
-
-    def all_users(self) -> torch.Tensor:
-        """Every user's serving query vector [U, k] (no item left out)."""
-        return self.fit.user_vectors
