@@ -20,7 +20,8 @@ model (loadtest/metrics.py). It never starts a server.
 
 Options (command line or environment): --triton-model (LOCUST_TRITON_MODEL), --triton-k,
 --triton-mix, --triton-history, --triton-items-csv, --triton-grpc-url, --triton-metrics-url,
---triton-timeout, --triton-summary-json; see `locust -f loadtest/locustfile.py --help`.
+--triton-timeout, --triton-summary-json, with their help text in `_options` below (Locust
+2.47 prints its --help before it loads a locustfile, so they are not listed there).
 """
 
 from __future__ import annotations
