@@ -37,6 +37,7 @@ from catalog import CatalogSource, read_catalog
 from filtering.spelling import join_values
 from fresh.store import LOG_NAME, FreshStore, create_store, fresh_dir_for, header_for
 from stages.ann import AnnConfig
+from stages.archive import TensorFiles
 from stages.filter import FilterConfig, build_filter_stage
 from stages.fresh import FreshAnn, FreshFilter
 from stages.unified import UnifiedRetrieval
@@ -392,10 +393,11 @@ def _write(built: Built, source: BuildInput, cfg: BuildConfig, staging: Staging,
            t0: float) -> None:
     exported = export_modules(built)
     schema = built.catalog.schema.to_json()
+    files = TensorFiles()  # each catalog tensor written once, linked into every model
     for name in STAGES:
         steps.set_postfix_str(f"scripting {name}")
         out = staging.model_dir(name)
-        torch.jit.script(exported[name].eval()).save(str(out / "model.pt"))
+        files.save(exported[name], out)
         if name in ("filter", "unified"):  # the models that parse filter expressions
             (out / "schema.json").write_text(schema)
         steps.update()

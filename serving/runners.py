@@ -24,6 +24,7 @@ import torch
 import kernels  # noqa: F401  (registers torch.ops.iam.* before TorchScript graphs load)
 from filtering.expression import FilterError, batch_plans, parse_plan
 from fresh.tables import FreshView
+from stages import archive
 from stages.history import MAX_HISTORY, batch_history
 from world.schema import Schema
 
@@ -33,7 +34,7 @@ DEVICE_ENV = "IAM_DEVICE"  # where the modules run when the config does not say:
 # catalog's tasks there); a TensorSpec dimension TASKS_DIM stands for their number.
 DEFAULT_TASKS = ("click", "like", "share")
 TASKS_DIM = -2
-ARTIFACT = "model.pt"
+ARTIFACT = archive.ARTIFACT
 
 log = logging.getLogger(__name__)
 
@@ -234,8 +235,10 @@ class StageRunner(ABC):
             raise FileNotFoundError(f"missing model artifact {artifact}: run `make build`")
         try:
             # TorchScript archives are read by torch's own restricted unpickler (tensors and
-            # TorchScript types only), never by Python's pickle: no code runs from the file
-            self.module = torch.jit.load(str(artifact), map_location=self.device)
+            # TorchScript types only), never by Python's pickle, and its large tensors are
+            # .npy files, mapped (shared by every model of the build) and read without
+            # pickles (stages/archive.py): no code runs from a file
+            self.module = archive.load(self.version_dir, self.device)
         except Exception as e:  # a truncated or foreign file
             raise RuntimeError(f"cannot load model artifact {artifact}: {_summary(e)}") from e
         self.module.eval()

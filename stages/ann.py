@@ -19,7 +19,8 @@ from torch import nn
 from ann.ivf import IVFConfig, IVFIndex, build_ivf_index
 from ann.search import IVFInt8Search, IVFSearchConfig
 from filtering.bits import unpack_bits
-from stages.history import HistoryPooling, PooledHistory
+from stages.history import PooledHistory
+from stages.item_vectors import Fp32Vectors, Int8Vectors
 from world.synthetic import Catalog
 
 
@@ -32,11 +33,18 @@ class AnnConfig:
     # index build knobs (nlist, k-means) and search defaults (nprobe, min_candidates, ...)
     ivf: IVFConfig = field(default_factory=IVFConfig)
     ivf_search: IVFSearchConfig = field(default_factory=IVFSearchConfig)
+    # what the scorer and the history pooling read (stages/item_vectors.py): "int8", the
+    # index's own codes (one copy of the vectors), or "fp32", a float copy of their own
+    # (4x the bytes; exact search always shares its fp32 table)
+    item_vectors: str = "int8"
 
     def __post_init__(self) -> None:
         if self.search not in ("ivf_int8", "exact"):
             raise ValueError(f"AnnConfig.search must be 'ivf_int8' or 'exact', got "
                              f"{self.search!r}")
+        if self.item_vectors not in ("int8", "fp32"):
+            raise ValueError(f"AnnConfig.item_vectors must be 'int8' or 'fp32', got "
+                             f"{self.item_vectors!r}")
         if self.oversample < 1:
             raise ValueError(f"AnnConfig.oversample must be >= 1, got {self.oversample}")
 
@@ -52,32 +60,32 @@ class IndexLayout(NamedTuple):
 
 def index_layout(catalog: Catalog, config: AnnConfig) -> IndexLayout:
     """Clusters the catalog's vectors (IVF: items stored contiguous by list) and returns the
-    row order with the index; `build_ann_stage` takes both."""
+    row order with the index; `build_search` takes both."""
     if config.search == "exact":
         return IndexLayout(np.arange(catalog.num_items), None)
     index = build_ivf_index(torch.from_numpy(catalog.embeddings), config.ivf)
     return IndexLayout(index.permutation.numpy(), index)
 
 
-def build_ann_stage(indexed: Catalog, users: nn.Module, layout: IndexLayout,
-                    config: AnnConfig, history_vectors: Optional[torch.Tensor] = None,
-                    fresh_in_history: bool = True) -> "AnnStage":
-    """The ANN layer over `indexed` (the catalog already reordered by `layout.order`).
-    `history_vectors`: the fp32 vectors request histories are pooled from (index row order;
-    default: the catalog's embeddings; the builder passes the scorer's tensor, so that the
-    `unified` archive stores them once, or a model's own history side), `fresh_in_history`:
-    whether fresh items count in a history (stages/history.py)."""
-    vectors = torch.from_numpy(indexed.embeddings) if history_vectors is None \
-        else history_vectors
-    pooling = HistoryPooling(torch.from_numpy(indexed.item_ids), vectors, fresh_in_history)
+def build_search(indexed: Catalog, layout: IndexLayout, config: AnnConfig) -> nn.Module:
+    """The search layer over `indexed` (the catalog already reordered by `layout.order`)."""
     if layout.ivf is None:
-        return AnnStage(users, ExactSearch(torch.from_numpy(indexed.embeddings)), pooling,
-                        config.oversample)
+        return ExactSearch(torch.from_numpy(indexed.embeddings))
     if layout.ivf.num_items != indexed.num_items:
         raise ValueError(f"the index holds {layout.ivf.num_items} items, the catalog "
                          f"{indexed.num_items}")
-    return AnnStage(users, IVFInt8Search(layout.ivf, config.ivf_search), pooling,
-                    config.oversample)
+    return IVFInt8Search(layout.ivf, config.ivf_search)
+
+
+def item_vectors_of(search: nn.Module, indexed: Catalog, config: AnnConfig) -> nn.Module:
+    """The item vectors the scorer and the history pooling read (stages/item_vectors.py): the
+    search's own tensors (int8 codes, or exact search's fp32 table), or with
+    `item_vectors="fp32"` a float copy of the indexed vectors."""
+    if isinstance(search, ExactSearch):
+        return Fp32Vectors(search.item_embeddings)
+    if config.item_vectors == "fp32":
+        return Fp32Vectors(torch.from_numpy(indexed.embeddings))
+    return Int8Vectors(search.codes, search.scales)
 
 
 class AnnResult(NamedTuple):
@@ -126,7 +134,7 @@ class AnnStage(nn.Module):
             reorder more than the final k (a larger factor = better final quality, more work).
     """
 
-    def __init__(self, users: nn.Module, search: nn.Module, pooling: HistoryPooling,
+    def __init__(self, users: nn.Module, search: nn.Module, pooling: nn.Module,
                  oversample: int = 4):
         super().__init__()
         self.users = users

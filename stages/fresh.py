@@ -8,7 +8,7 @@ functions of their inputs. With `fresh=None` every module behaves exactly as wit
 Row space: a candidate row is a bit position of the filter bitmap. The filter layer hands on
 `[main words | fresh words]`: bits 0..N-1 are the main index rows, and fresh row r is bit
 `fresh_row_offset(N) + r` (the first bit of the fresh words). Every stage maps a row back to
-its table with `gather_rows`.
+its table with `gather_rows` (stages/rows.py).
 
     filter:     main bits (minus retired/replaced main rows) ++ exact filter over fresh rows
     ann:        main search ++ brute-force search over passing fresh rows, merged by score
@@ -25,6 +25,7 @@ from filtering.bits import num_words, pack_bits, unpack_bits
 from stages.ann import AnnResult
 from stages.history import PooledHistory, RequestHistory
 from stages.plan import PostfixPlan
+from stages.rows import fresh_row_offset, gather_rows  # noqa: F401  (the row space: stages/rows.py)
 
 
 class FreshItems(NamedTuple):
@@ -45,34 +46,6 @@ class FreshItems(NamedTuple):
     item_ids: torch.Tensor
     live: torch.Tensor
     main_live: torch.Tensor
-
-
-def fresh_row_offset(num_items: int) -> int:
-    """The row of fresh row 0 next to a main index of `num_items` rows: the first bit after
-    the main words of the bitmap."""
-    return num_words(num_items) * 64
-
-
-def gather_rows(main: torch.Tensor, fresh: Optional[torch.Tensor], rows: torch.Tensor
-                ) -> torch.Tensor:
-    """`main[rows]` where rows address the main table [N, ...] and, at and past
-    fresh_row_offset(N), the fresh table [C, ...]. Negative rows (padding) read main row 0;
-    a row in neither table is an error (a direct caller's bad candidate list must fail, not
-    read a neighbour's row)."""
-    n = main.shape[0]
-    offset = fresh_row_offset(n)
-    fresh_rows = 0 if fresh is None else fresh.shape[0]
-    if bool(((rows >= n) & ((rows < offset) | (rows >= offset + fresh_rows))).any()):
-        raise RuntimeError(f"row out of range: the main index has {n} rows and the fresh "
-                           f"store {fresh_rows} (from row {offset})")
-    if fresh is None or fresh.shape[0] == 0 or not bool((rows >= offset).any()):
-        return main[rows.clamp(min=0, max=n - 1)]
-    is_fresh = rows >= offset
-    from_main = main[rows.clamp(min=0, max=n - 1)]
-    from_fresh = fresh[(rows - offset).clamp(min=0, max=fresh.shape[0] - 1)]
-    while is_fresh.dim() < from_main.dim():
-        is_fresh = is_fresh.unsqueeze(-1)
-    return torch.where(is_fresh, from_fresh, from_main)
 
 
 class FreshFilter(nn.Module):

@@ -17,11 +17,13 @@ history built from the logs (request-only computation: nothing per user is preco
   stages/user.py `UserTable`) has no history-free answer and keeps the user's row.
 """
 
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch import nn
+
+from stages.item_vectors import Fp32Vectors
 
 MAX_HISTORY = 100  # most item ids one request's history may hold
 
@@ -64,22 +66,25 @@ class HistoryPooling(nn.Module):
 
     Args:
         item_ids: int64 [N] raw id of every index row.
-        item_vectors: float32 [N, D] what each item adds to a history, index row order: the
-            indexed item vectors (the builder passes the scorer's tensor, so one archive
-            stores them once) or a model's own history side.
+        item_vectors: what each item adds to a history, index row order (stages/item_vectors.py:
+            the index's own int8 vectors, shared with the scorer, or a model's own history
+            side in fp32); a float32 [N, D] tensor is taken as fp32 vectors.
         fresh_counts: whether fresh items count (their vectors are in the index's space,
             which must then be the history's).
     """
 
-    def __init__(self, item_ids: torch.Tensor, item_vectors: torch.Tensor,
+    def __init__(self, item_ids: torch.Tensor, item_vectors: Union[nn.Module, torch.Tensor],
                  fresh_counts: bool = True):
         super().__init__()
-        if item_ids.shape[0] != item_vectors.shape[0]:
-            raise ValueError(f"{item_ids.shape[0]} item ids for {item_vectors.shape[0]} vectors")
+        if isinstance(item_vectors, torch.Tensor):
+            item_vectors = Fp32Vectors(item_vectors)
+        if item_ids.shape[0] != item_vectors.num_items():
+            raise ValueError(f"{item_ids.shape[0]} item ids for {item_vectors.num_items()} "
+                             "vectors")
         order = torch.argsort(item_ids)
         self.register_buffer("sorted_ids", item_ids[order].to(torch.int64).contiguous())
         self.register_buffer("sorted_rows", order.to(torch.int64).contiguous())
-        self.register_buffer("item_vectors", item_vectors.float().contiguous())
+        self.item_vectors = item_vectors
         self.fresh_counts = fresh_counts
 
     def forward(self, history: RequestHistory, fresh_ids: Optional[torch.Tensor] = None,
@@ -89,17 +94,18 @@ class HistoryPooling(nn.Module):
         fresh_live bool [C]: the fresh store's rows (stages/fresh.py FreshItems)."""
         ids = history.ids
         valid = ids >= 0
-        found, vectors = self._lookup(ids, self.sorted_ids, self.sorted_rows, self.item_vectors)
+        found, rows = self._lookup(ids, self.sorted_ids, self.sorted_rows)
         found = found & valid
+        vectors = self.item_vectors(rows)
         if self.fresh_counts and fresh_ids is not None and fresh_vectors is not None \
                 and fresh_live is not None and fresh_ids.shape[0] > 0:
             live = torch.nonzero(fresh_live & (fresh_ids >= 0)).squeeze(1)
             if live.shape[0] > 0:
                 order = torch.argsort(fresh_ids[live])
-                in_fresh, fresh = self._lookup(ids, fresh_ids[live][order], live[order],
-                                               fresh_vectors)
+                in_fresh, fresh_rows = self._lookup(ids, fresh_ids[live][order], live[order])
                 in_fresh = in_fresh & valid
-                vectors = torch.where(in_fresh.unsqueeze(-1), fresh, vectors)
+                vectors = torch.where(in_fresh.unsqueeze(-1),
+                                      fresh_vectors[fresh_rows].to(vectors.dtype), vectors)
                 found = found | in_fresh
         weight = found.to(vectors.dtype).unsqueeze(-1)
         count = found.sum(1)
@@ -108,15 +114,14 @@ class HistoryPooling(nn.Module):
         return PooledHistory(mean, count)
 
     @staticmethod
-    def _lookup(ids: torch.Tensor, sorted_ids: torch.Tensor, rows: torch.Tensor,
-                vectors: torch.Tensor):
-        """(found bool [B, L], vectors [B, L, D]) of raw `ids` in a table whose raw ids are
-        `sorted_ids` (ascending) at `rows` of `vectors`."""
+    def _lookup(ids: torch.Tensor, sorted_ids: torch.Tensor, rows: torch.Tensor
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(found bool [B, L], table rows int64 [B, L]) of raw `ids` in a table whose raw ids
+        are `sorted_ids` (ascending) at `rows`; rows of ids not found are valid but
+        meaningless (found masks them)."""
         n = sorted_ids.shape[0]
         if n == 0:
             return (torch.zeros(ids.shape, dtype=torch.bool, device=ids.device),
-                    torch.zeros([ids.shape[0], ids.shape[1], vectors.shape[1]],
-                                dtype=vectors.dtype, device=ids.device))
+                    torch.zeros(ids.shape, dtype=torch.int64, device=ids.device))
         pos = torch.searchsorted(sorted_ids, ids).clamp(max=n - 1)
-        found = sorted_ids[pos] == ids
-        return found, vectors[rows[pos]]
+        return sorted_ids[pos] == ids, rows[pos]

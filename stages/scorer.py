@@ -18,7 +18,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from stages.fresh import FreshItems, gather_rows
+from stages.fresh import FreshItems
+from stages.rows import gather_rows
 
 
 @dataclass
@@ -77,15 +78,15 @@ class OverArchScorer(nn.Module):
     """Task probabilities of candidate rows for one user vector per request.
 
     Args:
-        item_vectors: float32 [N, D] item tower outputs in index row order (what the ANN
-            indexes).
+        item_vectors: the candidates' vectors, index row order (stages/item_vectors.py: the
+            index's int8 vectors, or fp32 ones): what the ANN indexes.
         item_extra: float32 [N, E] the OverArch's per-item vectors, index row order.
         over_arch: the trained OverArch.
     """
 
-    def __init__(self, item_vectors: torch.Tensor, item_extra: torch.Tensor, over_arch: OverArch):
+    def __init__(self, item_vectors: nn.Module, item_extra: torch.Tensor, over_arch: OverArch):
         super().__init__()
-        self.register_buffer("item_vectors", item_vectors.float().contiguous())
+        self.item_vectors = item_vectors
         self.register_buffer("item_extra", item_extra.float().contiguous())
         # fresh items (stages/fresh.py) have no learned per-item vector yet: the mean item's
         self.register_buffer("fresh_item_extra", item_extra.float().mean(0, keepdim=True))
@@ -96,10 +97,10 @@ class OverArchScorer(nn.Module):
         """user_embedding [B, D], rows int64 [B, C] (-1 = padding; fresh rows read `fresh`,
         stages/fresh.py) -> task scores [B, C, T]."""
         if fresh is None:
-            safe = rows.clamp(min=0)
-            items, extra = self.item_vectors[safe], self.item_extra[safe]
+            items = self.item_vectors.gather(rows, None)
+            extra = gather_rows(self.item_extra, None, rows)
         else:
-            items = gather_rows(self.item_vectors, fresh.embeddings, rows)
+            items = self.item_vectors.gather(rows, fresh.embeddings)
             extra = gather_rows(self.item_extra, self.fresh_item_extra.expand(
                 fresh.embeddings.shape[0], -1), rows)
         return torch.sigmoid(self.over_arch(user_embedding, items, extra))
@@ -111,20 +112,17 @@ class DotProductScorer(nn.Module):
     the Value Model keeps the ANN's order; not a calibrated probability).
 
     Args:
-        item_vectors: float32 [N, D] the indexed item vectors, index row order.
+        item_vectors: the indexed item vectors, index row order (stages/item_vectors.py).
     """
 
     TASKS = ("similarity",)
 
-    def __init__(self, item_vectors: torch.Tensor):
+    def __init__(self, item_vectors: nn.Module):
         super().__init__()
-        self.register_buffer("item_vectors", item_vectors.float().contiguous())
+        self.item_vectors = item_vectors
 
     def forward(self, user_embedding: torch.Tensor, rows: torch.Tensor,
                 fresh: Optional[FreshItems] = None) -> torch.Tensor:
         """user_embedding [B, D], rows int64 [B, C] (-1 = padding) -> task scores [B, C, 1]."""
-        if fresh is None:
-            items = self.item_vectors[rows.clamp(min=0)]
-        else:
-            items = gather_rows(self.item_vectors, fresh.embeddings, rows)
+        items = self.item_vectors.gather(rows, None if fresh is None else fresh.embeddings)
         return torch.sigmoid(torch.einsum("bd,bcd->bc", user_embedding, items)).unsqueeze(-1)

@@ -53,6 +53,8 @@ BROKEN = [  # model, file, damage, words of the message
     ("scorer", "model.pt", "missing", "missing model artifact"),
     ("ann", "model.pt", "truncated", "cannot load model artifact"),
     ("filter", "schema.json", "garbage", "cannot load model artifact"),
+    # a tensor file the archive maps (stages/archive.py)
+    ("unified", "ann.ann.search.codes.npy", "truncated", "cannot load model artifact"),
 ]
 
 
@@ -95,6 +97,14 @@ def test_artifact_with_a_pickle_payload_is_loaded_without_running_it(small_build
         RUNNERS["aggregator"](version)
     with pytest.raises(pickle.UnpicklingError):  # the rule for any torch.load in the project
         torch.load(version / "model.pt", weights_only=True)
+    # the same payload as a tensor file (an object array: a pickle after the .npy header)
+    version = _copy_model(small_build.repository, tmp_path / "repo", "scorer")
+    with open(version / "item_vectors.codes.npy", "wb") as fh:
+        np.lib.format.write_array_header_1_0(
+            fh, {"descr": "|O", "fortran_order": False, "shape": (1,)})
+        fh.write(pickle.dumps(np.array([Payload()], dtype=object)))
+    with pytest.raises(RuntimeError, match="item_vectors.codes.npy"):
+        RUNNERS["scorer"](version)
     assert not marker.exists(), "unpickling ran the payload"
 
 

@@ -80,7 +80,7 @@ def test_the_user_tower_reads_the_pooled_history_in_place_of_the_built_one(built
     hist = [np.array(catalog.item_ids[[3, 30, 300]]), None, np.array([5_000_000_000])]
     found = _query(built, users, batch_history(hist))
     rows = tower.id_map(users)
-    mean = scorer.item_vectors[[3, 30, 300]].mean(0)
+    mean = scorer.item_vectors(torch.tensor([3, 30, 300])).mean(0)
     want = [tower.encode(rows[:1], mean[None]), tower.encode(rows[1:2], tower.history[rows[1:2]]),
             tower.encode(rows[2:3], torch.zeros(1, mean.shape[0]))]
     for b in range(3):

@@ -108,9 +108,10 @@ def test_a_catalog_without_impressions_serves_the_linear_model(movielens_build):
     ann = built.modules["ann"]
     assert isinstance(ann.users, UserTable)
     # histories are pooled from the history side, not from the indexed item vectors
-    pooling = ann.pooling.item_vectors
-    assert pooling.shape == built.modules["scorer"].item_vectors.shape
-    assert not torch.equal(pooling, built.modules["scorer"].item_vectors)
+    every = torch.arange(built.catalog.num_items)
+    pooling = ann.pooling.item_vectors(every)
+    indexed = built.modules["scorer"].item_vectors(every)
+    assert pooling.shape == indexed.shape and not torch.allclose(pooling, indexed)
     ids = built.catalog.item_ids
     history = np.array([ids[1], ids[3], 10**15])  # and an unknown id
     user = torch.tensor([int(source.user_ids[0])] * 2)

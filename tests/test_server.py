@@ -153,3 +153,22 @@ def test_request_history_served_equals_in_process_on_both_models(server, small_b
         with Retriever(url, protocol, model) as r:
             assert ("history" in r.input_names()) == (model != "baseline"), model
             assert {"user_id", "filter", "k", "task_weights"} <= set(r.input_names())
+
+
+def test_every_model_process_maps_the_one_file_of_the_index_vectors(server, small_build):
+    """The index's int8 vectors are one file (hard links in each model's folder, one inode),
+    and the `ann`, `scorer` and `unified` stub processes all map that inode: one copy in
+    memory, not one per process (stages/archive.py)."""
+    repo = small_build.repository
+    links = [repo / "ann" / "1" / "ann.search.codes.npy",
+             repo / "ann" / "1" / "ann.pooling.item_vectors.codes.npy",
+             repo / "scorer" / "1" / "item_vectors.codes.npy",
+             repo / "unified" / "1" / "ann.ann.search.codes.npy",
+             repo / "unified" / "1" / "scorer.item_vectors.codes.npy"]
+    (inode,) = {p.stat().st_ino for p in links}
+    mapping = set()
+    for stub in (s for group in server.stubs().values() for s in group):
+        with open(f"/proc/{stub.pid}/maps") as fh:
+            if any(len(f := line.split()) >= 6 and int(f[4]) == inode for line in fh):
+                mapping.add(stub.model)
+    assert {"ann", "scorer", "unified"} <= mapping, mapping

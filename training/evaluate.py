@@ -379,6 +379,10 @@ def main() -> None:
                    action="store_false",
                    help="serve the OverArch of its last epoch instead of the one that is best "
                         "on the validation cut (an ablation)")
+    p.add_argument("--item-vectors", choices=("int8", "fp32"), default=AnnConfig.item_vectors,
+                   help="what the scorer and the history pooling read: the index's int8 "
+                        "vectors or an fp32 copy (stages/item_vectors.py; default: "
+                        "%(default)s)")
     p.add_argument("--validation", action="store_true",
                    help="evaluate on the validation cut instead of the held-out part: train on "
                         "the training part minus its latest share (cut as the holdout) and "
@@ -386,7 +390,8 @@ def main() -> None:
     p.add_argument("--write", type=Path, default=None,
                    help="write the table and the command into this markdown file")
     a = p.parse_args()
-    config = EvalConfig(max_users=a.max_users, truth_users=a.truth_users)
+    config = EvalConfig(max_users=a.max_users, truth_users=a.truth_users,
+                        ann=AnnConfig(item_vectors=a.item_vectors))
     train_config = TrainConfig(retrieval=a.retrieval)
     sources = [] if a.no_synthetic else [lambda: from_world(generate_world(WorldConfig(
         seed=a.seed, num_items=a.num_items, num_users=a.num_users)))]

@@ -16,7 +16,9 @@ from torch import nn
 
 from idmap.zero_collision import ZeroCollisionConfig, ZeroCollisionMap
 from stages.aggregator import ValueModel
-from stages.ann import AnnConfig, build_ann_stage, index_layout
+from stages.ann import AnnConfig, AnnStage, build_search, index_layout, item_vectors_of
+from stages.history import HistoryPooling
+from stages.item_vectors import Fp32Vectors
 from stages.scorer import DotProductScorer, OverArch, OverArchConfig, OverArchScorer
 from stages.user import UserTable, UserTower, UserTowerConfig
 from training.weights import TrainedWeights
@@ -83,14 +85,18 @@ class RetrievalModel:
         return RetrievalModel(DotProductScorer.TASKS, table.eval(),
                               np.ascontiguousarray(item_vectors, dtype=np.float32))
 
-    def scorer(self, order: np.ndarray) -> nn.Module:
+    def scorer(self, order: np.ndarray, item_vectors: Optional[nn.Module] = None
+               ) -> nn.Module:
         """The scorer stage with its per-item tensors in index row order (`order[r]` = the
-        catalog row at index row r)."""
+        catalog row at index row r), reading `item_vectors` (stages/item_vectors.py; None: an
+        fp32 copy of the model's item vectors)."""
         rows = torch.from_numpy(np.asarray(order, dtype=np.int64))
-        vectors = torch.from_numpy(self.item_vectors)[rows]
+        if item_vectors is None:
+            item_vectors = Fp32Vectors(torch.from_numpy(self.item_vectors)[rows])
         if self.over_arch is None:
-            return DotProductScorer(vectors)
-        return OverArchScorer(vectors, torch.from_numpy(self.item_extra)[rows], self.over_arch)
+            return DotProductScorer(item_vectors)
+        return OverArchScorer(item_vectors, torch.from_numpy(self.item_extra)[rows],
+                              self.over_arch)
 
     def with_items(self, rows: np.ndarray, new_vectors: np.ndarray) -> RetrievalModel:
         """The model over catalog rows `rows` followed by new items with `new_vectors` (in the
@@ -114,14 +120,13 @@ class RetrievalModel:
         history: only when histories are pooled from the index's space too."""
         return self.history_vectors is None
 
-    def history_table(self, order: np.ndarray, scorer: nn.Module) -> torch.Tensor:
-        """The vectors request histories are pooled from, index row order: the scorer's own
-        item vectors (one tensor, stored once in `unified`) unless the model has a separate
-        history side."""
+    def history_table(self, order: np.ndarray, item_vectors: nn.Module) -> nn.Module:
+        """The vectors request histories are pooled from, index row order: the item vectors
+        the scorer reads (one copy) unless the model has a separate history side."""
         if self.history_vectors is None:
-            return scorer.item_vectors
+            return item_vectors
         rows = torch.from_numpy(np.asarray(order, dtype=np.int64))
-        return torch.from_numpy(np.ascontiguousarray(self.history_vectors))[rows]
+        return Fp32Vectors(torch.from_numpy(np.ascontiguousarray(self.history_vectors))[rows])
 
 
 class IndexedStages(NamedTuple):
@@ -145,11 +150,14 @@ def retrieval_stages(catalog: Catalog, model: RetrievalModel, ann: AnnConfig,
     layout = index_layout(learned, ann)
     order = layout.order
     indexed = learned.take(order)
-    scorer = model.scorer(order)
+    search = build_search(indexed, layout, ann)
+    # one copy of the item vectors: the index's, read by the scorer and the history pooling
+    vectors = item_vectors_of(search, indexed, ann)
+    pooling = HistoryPooling(torch.from_numpy(indexed.item_ids),
+                             model.history_table(order, vectors), model.fresh_in_history)
     stages = {
-        "ann": build_ann_stage(indexed, model.users, layout, ann,
-                               model.history_table(order, scorer), model.fresh_in_history),
-        "scorer": scorer,
+        "ann": AnnStage(model.users, search, pooling, ann.oversample),
+        "scorer": model.scorer(order, vectors),
         "aggregator": ValueModel(torch.from_numpy(indexed.item_ids),
                                  torch.tensor(task_weights, dtype=torch.float32)),
     }
