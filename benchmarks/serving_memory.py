@@ -1,0 +1,185 @@
+"""Memory of a served repository: every process of the Triton server, after loading and a
+warm-up of queries.
+
+    .venv/bin/python -m benchmarks.serving_memory                        # model_repository/
+    .venv/bin/python -m benchmarks.serving_memory --repository R --models unified,item_updates
+    .venv/bin/python -m benchmarks.serving_memory --repository R --write docs/performance.md
+
+Starts tritonserver (serving/launcher.py) on the repository with the given models loaded
+(`--models all`: every model of the repository), sends `--requests` queries with mixed
+filters to `unified` and `retrieval` when loaded (so that the served pages are resident, as
+under traffic), then reads /proc/<pid>/smaps_rollup of every process of the server's process
+group: RSS (counts a page shared by several processes once per process), PSS (shares it
+among them: the sum is the memory the tree uses) and the part of RSS that maps files (the
+catalog tensors, stages/archive.py, and shared libraries). Also prints the files the models
+map, once per inode: the catalog's memory whatever the number of processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict, List
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import doc_sections  # noqa: E402
+from serving import launcher  # noqa: E402
+
+SECTION = "## Serving memory (issue 14)"
+BEGIN = "<!-- benchmarks/serving_memory.py: begin -->"
+END = "<!-- benchmarks/serving_memory.py: end -->"
+FILTERS = ["", "category:comedy", "language:en AND NOT tags:short", "creator:5 OR creator:17",
+           "NOT language:en"]
+GIB = 2 ** 30
+
+
+def smaps_rollup(pid: int) -> Dict[str, int]:
+    """Bytes of Rss, Pss, Rss of files (Rss - Anonymous) and Private pages of a process."""
+    out: Dict[str, int] = {}
+    with open(f"/proc/{pid}/smaps_rollup") as fh:
+        for line in fh:
+            parts = line.split()
+            if len(parts) >= 3 and parts[-1] == "kB":
+                out[parts[0].rstrip(":")] = int(parts[1]) * 1024
+    out["File"] = out.get("Rss", 0) - out.get("Anonymous", 0)
+    out["Private"] = out.get("Private_Clean", 0) + out.get("Private_Dirty", 0)
+    return out
+
+
+def process_name(pid: int, repository: Path) -> str:
+    argv = launcher.cmdline(pid)
+    if not argv:
+        return "?"
+    if argv[0].endswith("triton_python_backend_stub") and len(argv) > 1:
+        version_dir = Path(argv[1]).parent
+        return f"stub {version_dir.parent.name}/{version_dir.name}"
+    return Path(argv[0]).name
+
+
+def mapped_catalog_files(pids: List[int], repository: Path) -> Dict[int, tuple]:
+    """inode -> (size, one path) of the repository's .npy files any process maps."""
+    found: Dict[int, tuple] = {}
+    root = str(Path(repository).resolve())
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/maps") as fh:
+                for line in fh:
+                    f = line.split(maxsplit=5)
+                    if len(f) == 6 and f[5].strip().startswith(root) and \
+                            f[5].strip().endswith(".npy"):
+                        path = Path(f[5].strip())
+                        found[int(f[4])] = (path.stat().st_size, path)
+        except FileNotFoundError:
+            continue
+    return found
+
+
+def warm_up(server: launcher.TritonServer, models: List[str], requests: int,
+            users: List[int]) -> float:
+    from client import Retriever
+
+    served = [m for m in ("unified", "retrieval") if m in models or models == ["all"]]
+    t0 = time.perf_counter()
+    for model in served:
+        with Retriever(server.config.http_url, "http", model=model) as r:
+            for i in range(requests):
+                r.query(users[i % len(users)], FILTERS[i % len(FILTERS)], 10)
+    return time.perf_counter() - t0
+
+
+def read_users(repository: Path) -> List[int]:
+    users_csv = Path(repository).parent / "users.csv"
+    if not users_csv.exists():
+        return [1]
+    lines = users_csv.read_text().split()[1:101]
+    return [int(u) for u in lines] or [1]
+
+
+def measure(repository: Path, models: List[str], requests: int) -> str:
+    http, grpc, metrics = launcher.free_ports(3)
+    explicit = models != ["all"]
+    config = launcher.ServerConfig(repository=repository, http_port=http, grpc_port=grpc,
+                          metrics_port=metrics,
+                          model_control="explicit" if explicit else "none",
+                          load_models=models if explicit else [],
+                          admin_key="memory-benchmark",
+                          log_path=ROOT / "logs" / "serving_memory.log")
+    t0 = time.perf_counter()
+    server = launcher.TritonServer(config)
+    server.start(timeout=1800)
+    try:
+        ready = time.perf_counter() - t0
+        seconds = warm_up(server, models, requests, read_users(repository))
+        pids = launcher.group_members(server.process.pid)
+        rows = []
+        for pid in pids:
+            try:
+                rows.append((process_name(pid, repository), smaps_rollup(pid)))
+            except FileNotFoundError:
+                continue
+        files = mapped_catalog_files(pids, repository)
+    finally:
+        server.stop()
+    return report(repository, models, rows, files, ready, requests, seconds)
+
+
+def report(repository, models, rows, files, ready, requests, seconds) -> str:
+    by_name: Dict[str, Dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for name, m in rows:
+        for key in ("Rss", "Pss", "File", "Private"):
+            by_name[name][key] += m.get(key, 0)
+    total = {k: sum(v[k] for v in by_name.values()) for k in ("Rss", "Pss", "File", "Private")}
+    lines = ["| process | RSS | PSS | RSS of files | private |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for name in sorted(by_name, key=lambda n: -by_name[n]["Pss"]):
+        v = by_name[name]
+        lines.append(f"| {name} | {v['Rss'] / GIB:.2f} GiB | {v['Pss'] / GIB:.2f} GiB | "
+                     f"{v['File'] / GIB:.2f} GiB | {v['Private'] / GIB:.2f} GiB |")
+    lines.append(f"| **all {len(rows)} processes** | **{total['Rss'] / GIB:.2f} GiB** | "
+                 f"**{total['Pss'] / GIB:.2f} GiB** | {total['File'] / GIB:.2f} GiB | "
+                 f"{total['Private'] / GIB:.2f} GiB |")
+    mapped = sum(size for size, _ in files.values())
+    head = (f"Repository `{repository}`, models {', '.join(models)}; ready after {ready:.0f} s, "
+            f"then {requests} warm-up queries per served model in {seconds:.1f} s. "
+            f"Catalog tensor files mapped: {len(files)} distinct (one per inode), "
+            f"{mapped / GIB:.2f} GiB.")
+    return head + "\n\n" + "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.serving_memory", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repository", type=Path, default=ROOT / "model_repository")
+    p.add_argument("--models", default="retrieval,unified,item_updates",
+                   help="models to load (comma-separated), or 'all' (default: %(default)s)")
+    p.add_argument("--requests", type=int, default=200,
+                   help="warm-up queries per served model (default: %(default)s)")
+    p.add_argument("--write", type=Path, default=None,
+                   help="write the table into this markdown file (its own section)")
+    a = p.parse_args(argv)
+    if a.requests < 0:
+        p.error("--requests must be >= 0")
+    if not (a.repository / "unified" / "config.pbtxt").exists():
+        p.error(f"{a.repository}: not a built repository (python -m builder)")
+    models = [m for m in a.models.split(",") if m]
+    text = measure(a.repository.resolve(), models, a.requests)
+    print(text)
+    if a.write is not None:
+        command = " ".join([".venv/bin/python -m benchmarks.serving_memory"] + sys.argv[1:])
+        stamp = f"{datetime.date.today()}, {platform.processor() or platform.machine()}, " \
+                f"{os.cpu_count()} cores"
+        generated = f"{BEGIN}\n```bash\n{command}\n```\n\n{stamp}. {text}\n{END}"
+        doc_sections.write_section(a.write, SECTION, generated, BEGIN, END)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
