@@ -131,6 +131,30 @@ def measure(repository: Path, models: List[str], requests: int) -> str:
     return report(repository, models, rows, files, ready, requests, seconds)
 
 
+def file_table(repository: Path, files: Dict[int, tuple]) -> str:
+    """One row per mapped tensor file (inode): its size, bytes per item and the attributes
+    of every model that read it."""
+    import numpy as np
+
+    codes = Path(repository) / "ann" / "1" / "ann.search.codes.npy"
+    items = int(np.load(codes, mmap_mode="r").shape[0]) if codes.exists() else 0
+    readers: Dict[int, List[str]] = defaultdict(list)
+    for path in sorted(Path(repository).glob("*/*/*.npy")):
+        readers[path.stat().st_ino].append(f"{path.parent.parent.name}:{path.stem}")
+    lines = [f"{items:,} items. | tensor file | bytes | per item | read by (model:attribute) |",
+             "| --- | ---: | ---: | --- |"]
+    total = 0
+    for inode, (size, path) in sorted(files.items(), key=lambda kv: -kv[1][0]):
+        total += size
+        per_item = f"{size / items:.1f} B" if items else ""
+        lines.append(f"| {path.stem.split('.')[-1]} | {size / 2**20:,.1f} MiB | {per_item} | "
+                     f"{', '.join(readers.get(inode, [path.name]))} |")
+    lines.append(f"| **all** | **{total / 2**20:,.1f} MiB** | "
+                 f"**{total / max(items, 1):.1f} B** | |")
+    lines[0] = lines[0].split(". ", 1)[1]
+    return f"Tensor files ({items:,} items):\n\n" + "\n".join(lines)
+
+
 def report(repository, models, rows, files, ready, requests, seconds) -> str:
     by_name: Dict[str, Dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for name, m in rows:
@@ -151,7 +175,7 @@ def report(repository, models, rows, files, ready, requests, seconds) -> str:
             f"then {requests} warm-up queries per served model in {seconds:.1f} s. "
             f"Catalog tensor files mapped: {len(files)} distinct (one per inode), "
             f"{mapped / GIB:.2f} GiB.")
-    return head + "\n\n" + "\n".join(lines)
+    return head + "\n\n" + "\n".join(lines) + "\n\n" + file_table(repository, files)
 
 
 def main(argv=None) -> int:
