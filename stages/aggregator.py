@@ -12,7 +12,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
-from stages.fresh import FreshItems, gather_rows
+from stages.fresh import FreshItems
+from stages.rows import gather_rows
 
 
 class Ranked(NamedTuple):

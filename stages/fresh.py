@@ -25,7 +25,7 @@ from filtering.bits import num_words, pack_bits, unpack_bits
 from stages.ann import AnnResult
 from stages.history import PooledHistory, RequestHistory
 from stages.plan import PostfixPlan
-from stages.rows import fresh_row_offset, gather_rows  # noqa: F401  (the row space: stages/rows.py)
+from stages.rows import fresh_row_offset
 
 
 class FreshItems(NamedTuple):

@@ -12,7 +12,7 @@ from filtering.expression import batch_plans, evaluate, join_values, parse, pars
 from fresh.store import FreshStore, create_store, header_for
 from fresh.tables import FreshView
 from stages.ann import AnnConfig
-from stages.fresh import fresh_row_offset, gather_rows
+from stages.rows import fresh_row_offset, gather_rows
 from world.synthetic import WorldConfig, generate_world
 
 WORLD = generate_world(WorldConfig(seed=5, num_items=1000, num_users=200, num_creators=40,
