@@ -236,3 +236,26 @@ def test_unknown_items_are_an_error_naming_the_first(tmp_path, fmt):
     for name in ("user_index", "item_index", "labels", "timestamp"):
         assert_same(getattr(source.interactions, name), expected[name], name)
     assert_same(source.user_ids, expected["user_ids"], "user_ids")
+
+
+VECTOR_ERRORS = {  # edits of the items' vectors -> the error, as one table read whole gave it
+    "no vector beats a later width": (
+        {150: [1.0] * 5, 200: None}, r"row 201, column 'embedding': no vector"),
+    "width": ({150: [1.0] * 5, 220: [1.0, None] + [1.0] * 6},
+              r"row 151, column 'embedding': vector of 5 values, row 1 has 8"),
+    "null inside": ({120: [1.0, None] + [1.0] * 6},
+                    r"row 121, column 'embedding': null inside the vector"),
+    "NaN beats an earlier zero": ({40: [0.0] * 8, 90: [float("nan")] * 8},
+                                  r"column 'embedding': row 91: vector has NaN or infinity"),
+    "zero": ({240: [0.0] * 8}, r"column 'embedding': row 241: vector has all zeros"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(VECTOR_ERRORS))
+def test_vector_errors_across_row_groups_name_the_first_row(tmp_path, case):
+    edits, message = VECTOR_ERRORS[case]
+    rows = awkward_rows()
+    for r, vector in edits.items():
+        rows["items"][r]["embedding"] = vector
+    with pytest.raises(CatalogError, match=r"items.parquet: " + message):
+        read_catalog(awkward_catalog(tmp_path / "pq", "parquet", "skip", rows))
