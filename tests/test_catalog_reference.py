@@ -3,7 +3,8 @@
 multi-valued str and int features, values with spaces, repeated values, missing values), item
 vectors, users with features, and interactions naming unknown items (skipped, or an error).
 Parquet tables are written in many small row groups, so that reading column by column and
-batch by batch meets values on either side of a row-group boundary."""
+batch by batch meets values on either side of a row-group boundary. And catalog/write.py's
+write_world, which writes slice by slice from arrays, against tables built row by row."""
 
 from __future__ import annotations
 
@@ -12,10 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
+import catalog.write
 from catalog import CatalogError, read_catalog
+from world.synthetic import WorldConfig, generate_world
 
 ROW_GROUP_ROWS = 37  # small and odd: most rows sit in a later row group than the first
 BRANDS = ["Procter & Gamble", " padded ", "Acme (EU)", 'say "hi"', "ünïcode", "plain"]
@@ -259,3 +263,57 @@ def test_vector_errors_across_row_groups_name_the_first_row(tmp_path, case):
         rows["items"][r]["embedding"] = vector
     with pytest.raises(CatalogError, match=r"items.parquet: " + message):
         read_catalog(awkward_catalog(tmp_path / "pq", "parquet", "skip", rows))
+
+
+# --- the writer ------------------------------------------------------------------------------
+def rows_of_world(world) -> dict:
+    """The world's tables as columns of Python values, one row at a time."""
+    c = world.catalog
+    items = {"item_id": c.item_ids.tolist()}
+    for spec, values in zip(c.schema.features, c.features):
+        def raw(v, spec=spec):
+            return v if spec.kind == "int" else spec.vocabulary[v]
+        items[spec.name] = [[raw(v) for v in row if v >= 0] if spec.multi_valued
+                            else raw(row[0]) if row[0] >= 0 else None
+                            for row in values.tolist()]
+    log = world.interactions
+    inter = {"user_id": [int(world.user_ids[u]) for u in log.user_index],
+             "item_id": [int(c.item_ids[i]) for i in log.item_index],
+             "timestamp": log.timestamp.tolist()}
+    for t, task in enumerate(world.tasks):
+        inter[task] = [int(v) for v in log.labels[:, t]]
+    languages = c.schema.features[c.schema.feature_id("language")].vocabulary
+    users = {"user_id": world.user_ids.tolist(),
+             "language": [languages[v] for v in world.user_language]}
+    return {"items": items, "interactions": inter, "users": users}
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_write_world_equals_tables_built_row_by_row(tmp_path, monkeypatch, fmt):
+    monkeypatch.setattr(catalog.write, "ROW_GROUP_ROWS", 333)  # many slices, a short last one
+    world = generate_world(WorldConfig(seed=5, num_items=1200, num_users=90, num_creators=50,
+                                       impressions_per_user=11))
+    world.catalog.features[2][::7] = -1  # items without a creator: null cells
+    d = catalog.write.write_world(world, tmp_path / fmt, fmt=fmt)
+    types = {"creator": pa.int64(), "interactions": {t: pa.int8() for t in world.tasks}}
+    for stem, columns in rows_of_world(world).items():
+        expected = pa.table({n: pa.array(v, types.get(n) or types.get(stem, {}).get(n))
+                             for n, v in columns.items()})
+        if stem == "items" and fmt == "parquet":
+            e = world.catalog.embeddings
+            expected = expected.append_column("embedding", pa.FixedSizeListArray.from_arrays(
+                pa.array(e.reshape(-1)), e.shape[1]))
+        if fmt == "parquet":
+            written = pq.read_table(d / f"{stem}.parquet")
+            assert pq.ParquetFile(d / f"{stem}.parquet").metadata.num_row_groups == \
+                -(-len(written) // 333)
+            assert written.equals(expected), stem
+        else:
+            joined = {n: ["|".join(map(str, v)) for v in col] if n == "tags" else col
+                      for n, col in columns.items()}
+            sink = pa.BufferOutputStream()
+            pacsv.write_csv(pa.table({n: pa.array(v, types.get(n) or types.get(stem, {}).get(n))
+                                      for n, v in joined.items()}), sink)
+            assert (d / f"{stem}.csv").read_bytes() == sink.getvalue().to_pybytes(), stem
+    if fmt == "csv":
+        np.testing.assert_array_equal(np.load(d / "item_vectors.npy"), world.catalog.embeddings)
