@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from world.synthetic import World
+from world.synthetic import Catalog, World
 
 CATALOG_TOML = """\
 name = "{name}"
@@ -70,23 +70,28 @@ def feature_column(spec, values: np.ndarray) -> list:
     return feature_array(spec, values).to_pylist()
 
 
-def write_table(slices: Iterable[pa.Table], path: Path) -> None:
-    """A table given as consecutive slices of rows: Parquet (a row group per slice), or CSV
-    with list columns joined by '|'."""
-    writer = None
-    try:
-        for table in slices:
-            if path.suffix != ".parquet":
-                table = pa.table({name: pc.binary_join(col.cast(pa.list_(pa.string())), "|")
-                                  if pa.types.is_list(col.type) else col
-                                  for name, col in zip(table.column_names, table.columns)})
-            if writer is None:
-                writer = pq.ParquetWriter(path, table.schema) if path.suffix == ".parquet" \
-                    else pacsv.CSVWriter(path, table.schema)
-            writer.write_table(table)
-    finally:
-        if writer is not None:
-            writer.close()
+class TableWriter:
+    """One table written a slice of rows at a time: Parquet (a row group per slice), or CSV
+    with list columns joined by '|'. The file is created by the first slice."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.writer = None
+
+    def write(self, table: pa.Table) -> None:
+        parquet = self.path.suffix == ".parquet"
+        if not parquet:
+            table = pa.table({name: pc.binary_join(col.cast(pa.list_(pa.string())), "|")
+                              if pa.types.is_list(col.type) else col
+                              for name, col in zip(table.column_names, table.columns)})
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.path, table.schema) if parquet \
+                else pacsv.CSVWriter(self.path, table.schema)
+        self.writer.write_table(table)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 def _row_slices(num_rows: int) -> Iterator[slice]:
@@ -102,48 +107,69 @@ def write_world(world: World, directory: Path, fmt: str = "parquet",
     column in Parquet or item_vectors.npy beside CSV), interactions, users, catalog.toml.
     Each table is written a slice of rows at a time, from the world's arrays (no per-row
     Python objects)."""
+    return write_worlds([world], directory, fmt, with_vectors)
+
+
+def write_worlds(worlds: Iterable[World], directory: Path, fmt: str = "parquet",
+                 with_vectors: bool = True) -> Path:
+    """Several worlds as the tables of one catalog directory, one after the other (a
+    generator of worlds holds one in memory at a time): shards of one catalog, so their
+    item ids and user ids must be distinct and their schemas and tasks the same. Vectors
+    beside CSV (item_vectors.npy) are written for one world only."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if fmt not in ("parquet", "csv"):
         raise ValueError(f"format must be parquet or csv, not {fmt!r}")
-    c = world.catalog
-    vectors = ""
-    if with_vectors and fmt == "parquet":
-        vectors = 'vectors = "embedding"\n'
-    elif with_vectors:
-        np.save(directory / "item_vectors.npy", c.embeddings)
-        vectors = 'vectors = "item_vectors.npy"\n'
-
-    def items(rows: slice) -> pa.Table:
-        columns = {"item_id": pa.array(c.item_ids[rows])}
-        for spec, values in zip(c.schema.features, c.features):
-            columns[spec.name] = feature_array(spec, values[rows])
-        if with_vectors and fmt == "parquet":
-            block = c.embeddings[rows]
-            columns["embedding"] = pa.FixedSizeListArray.from_arrays(
-                pa.array(block.reshape(-1)), c.embeddings.shape[1])
-        return pa.table(columns)
-
-    log = world.interactions
-
-    def interactions(rows: slice) -> pa.Table:
-        columns = {"user_id": pa.array(world.user_ids[log.user_index[rows]]),
-                   "item_id": pa.array(c.item_ids[log.item_index[rows]]),
-                   "timestamp": pa.array(log.timestamp[rows])}
-        for t, task in enumerate(world.tasks):
-            columns[task] = pa.array(log.labels[rows, t].astype(np.int8))
-        return pa.table(columns)
-
-    languages = pa.array(c.schema.features[c.schema.feature_id("language")].vocabulary)
-
-    def users(rows: slice) -> pa.Table:
-        return pa.table({"user_id": pa.array(world.user_ids[rows]),
-                         "language": languages.take(pa.array(world.user_language[rows]))})
-
-    write_table(map(items, _row_slices(c.num_items)), directory / f"items.{fmt}")
-    write_table(map(interactions, _row_slices(len(log.user_index))),
-                directory / f"interactions.{fmt}")
-    write_table(map(users, _row_slices(len(world.user_ids))), directory / f"users.{fmt}")
+    vectors = 'vectors = "embedding"\n' if fmt == "parquet" else \
+        'vectors = "item_vectors.npy"\n'
+    tables = {stem: TableWriter(directory / f"{stem}.{fmt}")
+              for stem in ("items", "interactions", "users")}
+    num_items = 0
+    try:
+        for shard, world in enumerate(worlds):
+            c = world.catalog
+            if with_vectors and fmt == "csv":
+                if shard:
+                    raise ValueError("item vectors beside CSV (item_vectors.npy) are written "
+                                     "for one world only: write Parquet")
+                np.save(directory / "item_vectors.npy", c.embeddings)
+            for rows in _row_slices(c.num_items):
+                tables["items"].write(_items(c, rows, with_vectors and fmt == "parquet"))
+            for rows in _row_slices(len(world.interactions.user_index)):
+                tables["interactions"].write(_interactions(world, rows))
+            for rows in _row_slices(len(world.user_ids)):
+                tables["users"].write(_users(world, rows))
+            num_items += c.num_items
+    finally:
+        for table in tables.values():
+            table.close()
     (directory / "catalog.toml").write_text(CATALOG_TOML.format(
-        name=f"synthetic-{c.num_items}", ext=fmt, vectors=vectors))
+        name=f"synthetic-{num_items}", ext=fmt, vectors=vectors if with_vectors else ""))
     return directory
+
+
+def _items(c: Catalog, rows: slice, vector_column: bool) -> pa.Table:
+    columns = {"item_id": pa.array(c.item_ids[rows])}
+    for spec, values in zip(c.schema.features, c.features):
+        columns[spec.name] = feature_array(spec, values[rows])
+    if vector_column:
+        columns["embedding"] = pa.FixedSizeListArray.from_arrays(
+            pa.array(c.embeddings[rows].reshape(-1)), c.embeddings.shape[1])
+    return pa.table(columns)
+
+
+def _interactions(world: World, rows: slice) -> pa.Table:
+    log = world.interactions
+    columns = {"user_id": pa.array(world.user_ids[log.user_index[rows]]),
+               "item_id": pa.array(world.catalog.item_ids[log.item_index[rows]]),
+               "timestamp": pa.array(log.timestamp[rows])}
+    for t, task in enumerate(world.tasks):
+        columns[task] = pa.array(log.labels[rows, t].astype(np.int8))
+    return pa.table(columns)
+
+
+def _users(world: World, rows: slice) -> pa.Table:
+    schema = world.catalog.schema
+    languages = pa.array(schema.features[schema.feature_id("language")].vocabulary)
+    return pa.table({"user_id": pa.array(world.user_ids[rows]),
+                     "language": languages.take(pa.array(world.user_language[rows]))})

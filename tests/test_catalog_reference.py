@@ -317,3 +317,23 @@ def test_write_world_equals_tables_built_row_by_row(tmp_path, monkeypatch, fmt):
             assert (d / f"{stem}.csv").read_bytes() == sink.getvalue().to_pybytes(), stem
     if fmt == "csv":
         np.testing.assert_array_equal(np.load(d / "item_vectors.npy"), world.catalog.embeddings)
+
+
+def test_a_world_written_in_shards_reads_as_one_catalog(tmp_path):
+    """benchmarks/catalog_build.py writes a large world in shards (write_worlds); one shard is
+    write_world's catalog."""
+    from benchmarks.catalog_build import write_synthetic
+
+    counts = write_synthetic(tmp_path / "sharded", 2500, 200, seed=4, shard_items=1000)
+    source = read_catalog(tmp_path / "sharded")
+    assert counts == (2500, 200 * WorldConfig.impressions_per_user, 200)
+    assert source.num_items == 2500 and len(np.unique(source.catalog.item_ids)) == 2500
+    assert len(source.interactions.item_index) == counts[1] and len(source.user_ids) == 200
+    assert source.catalog.embeddings.shape == (2500, WorldConfig.embedding_dim)
+    whole = write_synthetic(tmp_path / "whole", 1000, 80, seed=4, shard_items=1000)
+    world = generate_world(WorldConfig(seed=4, num_items=1000, num_users=80))
+    catalog.write.write_world(world, tmp_path / "direct")
+    assert whole == (1000, 80 * WorldConfig.impressions_per_user, 80)
+    for stem in ("items", "interactions", "users"):
+        assert pq.read_table(tmp_path / "whole" / f"{stem}.parquet").equals(
+            pq.read_table(tmp_path / "direct" / f"{stem}.parquet")), stem
