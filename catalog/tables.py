@@ -8,7 +8,7 @@ row once an error is certain.
 
 Memory: a Parquet column is read when it is converted and dropped after, and a vector column
 is copied batch by batch into its array, so a catalog's peak stays near the size of the arrays
-it becomes (docs/performance.md, building a catalog).
+it becomes (docs/catalog.md, "Large catalogs").
 """
 
 from __future__ import annotations
