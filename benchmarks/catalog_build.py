@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import numpy as np
+import pyarrow as pa
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -175,6 +176,7 @@ def synthetic_worlds(num_items: int, num_users: int, seed: int, shard_items: int
         if shards > 1:
             print(f"  shard {k + 1}/{shards}: {items:,} items, {users:,} users", flush=True)
         yield world
+        del world  # before the next shard is drawn: one in memory at a time
 
 
 def write_synthetic(directory: Path, num_items: int, num_users: int, seed: int,
@@ -195,9 +197,11 @@ def write_synthetic(directory: Path, num_items: int, num_users: int, seed: int,
             counts[2] += len(world.user_ids)
             user_ids.append(world.user_ids)
             yield world
+            del world
 
     write_worlds(counted(synthetic_worlds(num_items, num_users, seed, shard_items)), directory)
     gc.collect()
+    pa.default_memory_pool().release_unused()  # what this process holds during the builds
     if len(np.unique(np.concatenate(user_ids))) != counts[2]:  # 63-bit random ids: ~never
         raise RuntimeError("two shards drew the same user id: run again with another --seed")
     size = sum(p.stat().st_size for p in directory.iterdir()) / 2**20

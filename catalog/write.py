@@ -124,12 +124,13 @@ def write_worlds(worlds: Iterable[World], directory: Path, fmt: str = "parquet",
         'vectors = "item_vectors.npy"\n'
     tables = {stem: TableWriter(directory / f"{stem}.{fmt}")
               for stem in ("items", "interactions", "users")}
-    num_items = 0
+    num_items = shards = 0
     try:
-        for shard, world in enumerate(worlds):
+        for world in worlds:  # not enumerate(): its reused result tuple would hold the world
             c = world.catalog
+            shards += 1
             if with_vectors and fmt == "csv":
-                if shard:
+                if shards > 1:
                     raise ValueError("item vectors beside CSV (item_vectors.npy) are written "
                                      "for one world only: write Parquet")
                 np.save(directory / "item_vectors.npy", c.embeddings)
@@ -140,6 +141,7 @@ def write_worlds(worlds: Iterable[World], directory: Path, fmt: str = "parquet",
             for rows in _row_slices(len(world.user_ids)):
                 tables["users"].write(_users(world, rows))
             num_items += c.num_items
+            del world, c  # a generator's next world is drawn without this one
     finally:
         for table in tables.values():
             table.close()
