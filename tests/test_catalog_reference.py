@@ -337,3 +337,39 @@ def test_a_world_written_in_shards_reads_as_one_catalog(tmp_path):
     for stem in ("items", "interactions", "users"):
         assert pq.read_table(tmp_path / "whole" / f"{stem}.parquet").equals(
             pq.read_table(tmp_path / "direct" / f"{stem}.parquet")), stem
+
+
+def _set_row(table: str, row: int, column: str, value):
+    return lambda rows: rows[table][row].__setitem__(column, value)
+
+
+ROW_ERRORS = {  # (edit, message) past the first row groups; the same as the reader before 5840bd7
+    "null item id": (_set_row("items", 30, "item_id", None),
+                     r"items.{fmt}: row 31, column 'item_id': empty value"),
+    "null user id": (_set_row("interactions", 500, "user_id", None),
+                     r"interactions.{fmt}: row 501, column 'user_id': empty value"),
+    "null label": (_set_row("interactions", 301, "buy", None),
+                   r"interactions.{fmt}: row 302, column 'buy': empty value"),
+    "label 2": (_set_row("interactions", 300, "buy", 2),
+                r"interactions.{fmt}: row 301, column 'buy': task labels are 0 or 1, got 2"),
+    "null time": (_set_row("interactions", 303, "timestamp", None),
+                  r"interactions.{fmt}: row 304, column 'timestamp': empty timestamp"),
+    "negative in a list": (_set_row("items", 45, "sizes", [1, -2]),
+                           r"items.{fmt}: row 46, column 'sizes': -2 is negative"),
+    "too many values": (_set_row("items", 46, "tags", [f"t{i}" for i in range(300)]),
+                        r"items.{fmt}: row 47, column 'tags': 300 values, over the limit of "
+                        r"256 per item"),
+    "duplicate user": (lambda rows: rows["users"][3].__setitem__(
+        "user_id", rows["users"][9]["user_id"]),
+        r"users.{fmt}: rows 4 and 10, column 'user_id': duplicate user id"),
+}
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+@pytest.mark.parametrize("case", sorted(ROW_ERRORS))
+def test_row_errors_name_file_row_and_column(tmp_path, case, fmt):
+    edit, message = ROW_ERRORS[case]
+    rows = awkward_rows()
+    edit(rows)
+    with pytest.raises(CatalogError, match=message.format(fmt=fmt)):
+        read_catalog(awkward_catalog(tmp_path / fmt, fmt, "skip", rows))
