@@ -285,19 +285,23 @@ def _read_interactions(spec: CatalogSpec, table, item_ids: np.ndarray):
     require_columns(table, list(tasks), path)
     users = int_column(table, "user_id", path)
     items = int_column(table, "item_id", path)
+    # matched before the other columns are read (its hash pass then runs beside fewer arrays);
+    # an unknown item is reported after their checks, as it always was
+    item_index, known = lookup(item_ids, items)
+    skipped = int((~known).sum())
+    first_unknown = int(np.flatnonzero(~known)[0]) if skipped else None
+    unknown_id = int(items[first_unknown]) if skipped else None
+    del items
     timestamp = timestamp_column(table, "timestamp", path)
     labels = np.empty((table.num_rows, len(tasks)), np.float32)
     for t, task in enumerate(tasks):
         labels[:, t] = binary_column(table, task, path)
-    item_index, known = lookup(item_ids, items)
-    skipped = int((~known).sum())
     if skipped:
-        r = int(np.flatnonzero(~known)[0])
         if spec.unknown_items == "error":
-            raise CatalogError(f"{path}: row {r + 1}, column 'item_id': item {int(items[r])} is "
-                               f"not in the catalog ({skipped:,} of {len(items):,} rows name "
-                               "unknown items; unknown_items = \"skip\" in catalog.toml or "
-                               "--unknown-items skip drops them)")
+            raise CatalogError(f"{path}: row {first_unknown + 1}, column 'item_id': item "
+                               f"{unknown_id} is not in the catalog ({skipped:,} of "
+                               f"{len(users):,} rows name unknown items; unknown_items = "
+                               "\"skip\" in catalog.toml or --unknown-items skip drops them)")
         users, item_index, labels, timestamp = (users[known], item_index[known], labels[known],
                                                 timestamp[known])
     return users, item_index, labels, timestamp, skipped
@@ -308,8 +312,9 @@ def lookup(ids: np.ndarray, wanted: np.ndarray) -> Tuple[np.ndarray, np.ndarray]
     table of `ids` (pyarrow index_in): one pass over `wanted`, where a binary search was
     several times slower once `ids` outgrew the cache."""
     rows = pc.index_in(pa.array(wanted, pa.int64()), value_set=pa.array(ids, pa.int64()))
-    found = np.asarray(rows.is_valid())
-    return np.asarray(rows.fill_null(0)).astype(np.int64), found
+    if not rows.null_count:  # every id found: no filled copy
+        return rows.to_numpy().astype(np.int64), np.ones(len(rows), bool)
+    return np.asarray(rows.fill_null(0)).astype(np.int64), np.asarray(rows.is_valid())
 
 
 def _read_users(spec: CatalogSpec, table):
