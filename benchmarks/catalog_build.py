@@ -7,6 +7,13 @@
 1. Writes the synthetic world (world/synthetic.py) as a catalog directory in Parquet
    (catalog/write.py write_world: items with four features and 64-wide vectors, interactions
    with click/like/share, users with a language, catalog.toml) into a temporary directory.
+   A world of more than --shard-items items (default 1,000,000) is generated and written in
+   shards of at most that many (catalog/write.py write_worlds, one shard in memory at a
+   time), because generate_world holds about 2 KB per item while it draws a world (some
+   20 GB at 10M items, more than the build needs): shard k is the world of seed + k with its
+   share of the items and users, its item ids offset by k x 10^12 so that they stay
+   distinct, and its users interact with its own items only. Up to --shard-items items the
+   catalog is generate_world's world itself.
 2. Runs `/usr/bin/time -v python -m builder --catalog DIR --repository OUT/model_repository
    --items-csv OUT/items.csv` twice, and reads the wall time, CPU time and peak RSS ("Maximum
    resident set size": the largest process; the builder runs in one) from /usr/bin/time.
@@ -45,6 +52,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
+import numpy as np
+import pyarrow as pa
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -57,6 +67,7 @@ BEGIN = "<!-- benchmarks/catalog_build.py: begin -->"
 END = "<!-- benchmarks/catalog_build.py: end -->"
 MOVIELENS = ROOT.parent / "shared" / "data" / "ml-latest-small"
 TIME = "/usr/bin/time"
+ITEM_ID_SPAN = 10**12  # world/synthetic.py draws item ids from [1, 10^12)
 
 
 @dataclass
@@ -150,24 +161,53 @@ def run_build(name: str, catalog_dir: Path, out: Path, counts: tuple, weights_pr
     return m
 
 
-def write_synthetic(directory: Path, num_items: int, num_users: int, seed: int) -> tuple:
-    """The synthetic world as a Parquet catalog in `directory`: (items, interactions, users)."""
-    from catalog.write import write_world
+def synthetic_worlds(num_items: int, num_users: int, seed: int, shard_items: int):
+    """The synthetic world in shards of at most `shard_items` items, generated one at a
+    time (the module docstring): one shard, the world itself, when num_items <=
+    shard_items."""
     from world.synthetic import generate_world
 
+    shards = -(-num_items // shard_items)
+    for k in range(shards):
+        items = num_items * (k + 1) // shards - num_items * k // shards
+        users = num_users * (k + 1) // shards - num_users * k // shards
+        world = generate_world(WorldConfig(seed=seed + k, num_items=items, num_users=users))
+        world.catalog.item_ids += k * ITEM_ID_SPAN  # generate_world's ids are < ITEM_ID_SPAN
+        if shards > 1:
+            print(f"  shard {k + 1}/{shards}: {items:,} items, {users:,} users", flush=True)
+        yield world
+        del world  # before the next shard is drawn: one in memory at a time
+
+
+def write_synthetic(directory: Path, num_items: int, num_users: int, seed: int,
+                    shard_items: int) -> tuple:
+    """The synthetic world as a Parquet catalog in `directory`: (items, interactions, users)."""
+    from catalog.write import write_worlds
+
     t0 = time.perf_counter()
-    print(f"generating the synthetic world: {num_items:,} items, {num_users:,} users ...",
-          flush=True)
-    world = generate_world(WorldConfig(seed=seed, num_items=num_items, num_users=num_users))
-    counts = (world.catalog.num_items, len(world.interactions.user_index), len(world.user_ids))
-    print(f"writing it as a catalog into {directory} ...", flush=True)
-    write_world(world, directory)
-    del world
+    print(f"generating the synthetic world: {num_items:,} items, {num_users:,} users, and "
+          f"writing it as a catalog into {directory} ...", flush=True)
+    counts = [0, 0, 0]
+    user_ids = []
+
+    def counted(worlds):
+        for world in worlds:
+            counts[0] += world.catalog.num_items
+            counts[1] += len(world.interactions.user_index)
+            counts[2] += len(world.user_ids)
+            user_ids.append(world.user_ids)
+            yield world
+            del world
+
+    write_worlds(counted(synthetic_worlds(num_items, num_users, seed, shard_items)), directory)
     gc.collect()
+    pa.default_memory_pool().release_unused()  # what this process holds during the builds
+    if len(np.unique(np.concatenate(user_ids))) != counts[2]:  # 63-bit random ids: ~never
+        raise RuntimeError("two shards drew the same user id: run again with another --seed")
     size = sum(p.stat().st_size for p in directory.iterdir()) / 2**20
     print(f"  {counts[1]:,} interactions; {size:,.0f} MiB of Parquet in "
           f"{time.perf_counter() - t0:.0f} s", flush=True)
-    return counts
+    return tuple(counts)
 
 
 def movielens_counts(directory: Path) -> tuple:
@@ -231,6 +271,9 @@ def main(argv=None) -> int:
                    help="users of the synthetic catalog (default: the builder's default users "
                         "per item, scaled to --num-items)")
     p.add_argument("--seed", type=int, default=0, help="synthetic world seed")
+    p.add_argument("--shard-items", type=int, default=1_000_000,
+                   help="generate and write a larger synthetic world in shards of at most "
+                        "this many items (the docstring)")
     p.add_argument("--out", type=Path, default=None,
                    help="build outputs go to OUT/<catalog>/ and are kept (default: a temporary "
                         "directory, removed at the end)")
@@ -287,7 +330,8 @@ def main(argv=None) -> int:
         if not a.no_synthetic:
             name = f"synthetic-{a.num_items}-{tag}"
             directory = scratch / name
-            counts = write_synthetic(directory, a.num_items, num_users, a.seed)
+            counts = write_synthetic(directory, a.num_items, num_users, a.seed,
+                                     a.shard_items)
             toml = directory / "catalog.toml"
             toml.write_text(re.sub(r'^name = ".*"$', f'name = "{name}"', toml.read_text(),
                                    count=1, flags=re.M))

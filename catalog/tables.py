@@ -1,16 +1,21 @@
 """Columns of a catalog table (Parquet or CSV) as checked numpy arrays.
 
-Every function here takes a pyarrow table and the file's name and either returns numpy
-arrays or raises CatalogError naming the file, the row (1-based data row, header excluded)
-and the column. Work is vectorised (pyarrow compute, numpy); Python loops over rows run only
-to locate the first bad row once an error is certain.
+Every function here takes a table (a `ParquetColumns`, read a column at a time, or a
+pyarrow table) and the file's name and either returns numpy arrays or raises CatalogError
+naming the file, the row (1-based data row, header excluded) and the column. Work is
+vectorised (pyarrow compute, numpy); Python loops over rows run only to locate the first bad
+row once an error is certain.
+
+Memory: a Parquet column is read when it is converted and dropped after, and a vector column
+is copied batch by batch into its array, so a catalog's peak stays near the size of the arrays
+it becomes (docs/catalog.md, "Large catalogs").
 """
 
 from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
@@ -32,12 +37,54 @@ MULTI_SEPARATOR = "|"  # multi-valued cells of CSV tables
 _INT_PATTERN = r"^\s*[+-]?\d+\s*$"
 
 
-def read_table(path: Path) -> pa.Table:
-    """A Parquet table as stored, or a CSV table with every column as text ("" = null)."""
+# rows per batch where a column is copied batch by batch (a vector column: 16 MiB at 64 wide)
+BATCH_ROWS = 65_536
+
+
+class ParquetColumns:
+    """A Parquet table read one column at a time, when a function here asks for it: the
+    part of `pa.Table` this module uses (`num_rows`, `column_names`, `schema`, `column`),
+    and `batches` for a column too large to hold twice."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.file = pq.ParquetFile(self.path)
+        self.schema = self.file.schema_arrow
+        self.column_names: List[str] = self.schema.names
+        self.num_rows: int = self.file.metadata.num_rows
+
+    def column(self, name: str) -> pa.ChunkedArray:
+        try:
+            return self.file.read(columns=[name]).column(0)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise CatalogError(f"{self.path}: cannot read column {name!r}: {e}") from None
+
+    def batches(self, name: str) -> Iterator[pa.Array]:
+        try:
+            for batch in self.file.iter_batches(batch_size=BATCH_ROWS, columns=[name]):
+                yield batch.column(0)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise CatalogError(f"{self.path}: cannot read column {name!r}: {e}") from None
+
+
+Table = Union[ParquetColumns, pa.Table]
+
+
+def column_batches(table: Table, name: str) -> Iterator[pa.Array]:
+    """A column's values as consecutive arrays (row groups or batches)."""
+    if isinstance(table, ParquetColumns):
+        yield from table.batches(name)
+    else:
+        yield from table.column(name).chunks
+
+
+def read_table(path: Path) -> Table:
+    """A Parquet table (its columns read when asked for), or a CSV table with every column
+    as text ("" = null)."""
     path = Path(path)
     try:
         if path.suffix == ".parquet":
-            return pq.read_table(path)
+            return ParquetColumns(path)
         with open(path, newline="", encoding="utf-8") as fh:
             header = next(csv.reader(fh), None)
         if not header:
@@ -51,15 +98,15 @@ def read_table(path: Path) -> pa.Table:
         raise CatalogError(f"{path}: cannot read the table: {e}") from None
 
 
-def column_types(table: pa.Table) -> Dict[str, Tuple[str, bool]]:
+def column_types(table: Table) -> Dict[str, Tuple[str, bool]]:
     """column -> (kind, multi-valued), kind one of int, str, float, vector, other. CSV text
     columns are typed by their contents: all integers -> int; any cell with '|' ->
     multi-valued."""
     out = {}
-    for name, col in zip(table.column_names, table.columns):
-        t = col.type
+    for name in table.column_names:
+        t = table.schema.field(name).type
         if pa.types.is_string(t) or pa.types.is_large_string(t):
-            out[name] = _text_kind(col)
+            out[name] = _text_kind(table.column(name))
         elif pa.types.is_integer(t):
             out[name] = ("int", False)
         elif pa.types.is_dictionary(t) and pa.types.is_string(t.value_type):
@@ -101,7 +148,7 @@ def _text_kind(col) -> Tuple[str, bool]:
     return "str", multi
 
 
-def require_columns(table: pa.Table, names, path: Path) -> None:
+def require_columns(table: Table, names, path: Path) -> None:
     missing = [n for n in names if n not in table.column_names]
     if missing:
         raise CatalogError(f"{path}: no column {missing[0]!r} (columns: "
@@ -112,17 +159,17 @@ def _first(mask: np.ndarray) -> int:
     return int(np.flatnonzero(mask)[0])
 
 
-def _array(table: pa.Table, name: str):
+def _array(table: Table, name: str):
     col = table.column(name)
     return col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
 
 
-def int_column(table: pa.Table, name: str, path: Path, allow_null: bool = False) -> np.ndarray:
+def int_column(table: Table, name: str, path: Path, allow_null: bool = False) -> np.ndarray:
     """int64 [rows] of an integer column (Parquet integers, integral floats, or CSV text).
     Nulls are an error unless `allow_null` (then they read as -1)."""
     col = _array(table, name)
-    null = np.asarray(col.is_null())
-    if null.any() and not allow_null:
+    null = np.asarray(col.is_null()) if col.null_count else np.zeros(len(col), bool)
+    if col.null_count and not allow_null:
         raise CatalogError(f"{path}: row {_first(null) + 1}, column {name!r}: empty value")
     t = col.type
     if pa.types.is_integer(t):
@@ -132,6 +179,8 @@ def int_column(table: pa.Table, name: str, path: Path, allow_null: bool = False)
                 r = _first(big)
                 raise CatalogError(f"{path}: row {r + 1}, column {name!r}: {col[r].as_py()} "
                                    "does not fit int64")
+        if not col.null_count:  # one copy, straight from arrow's buffer
+            return np.array(col.to_numpy(), dtype=np.int64)
         values = np.asarray(pc.fill_null(col.cast(pa.int64()), -1))
     elif pa.types.is_floating(t):
         f = np.asarray(pc.fill_null(col, 0.0), dtype=np.float64)
@@ -162,7 +211,7 @@ def int_column(table: pa.Table, name: str, path: Path, allow_null: bool = False)
     return np.array(values, dtype=np.int64)  # writable (arrow's buffers are read-only)
 
 
-def value_lists(table: pa.Table, name: str, kind: str, multi: bool, path: Path
+def value_lists(table: Table, name: str, kind: str, multi: bool, path: Path
                 ) -> Tuple[np.ndarray, pa.Array]:
     """(row of each value, the values) of a feature column, nulls and empty strings dropped:
     a single-valued column gives one value per non-null row, a multi-valued one (a Parquet
@@ -193,7 +242,7 @@ def value_lists(table: pa.Table, name: str, kind: str, multi: bool, path: Path
     return rows.astype(np.int64), values
 
 
-def encode_feature(table: pa.Table, name: str, kind: str, multi: bool, path: Path
+def encode_feature(table: Table, name: str, kind: str, multi: bool, path: Path
                    ) -> Tuple[FeatureSpec, np.ndarray]:
     """(FeatureSpec, value ids int64 [rows, M] padded with -1) of one feature column: str
     values get ids in their sorted vocabulary, int values are their own ids (>= 0)."""
@@ -232,7 +281,13 @@ def encode_feature(table: pa.Table, name: str, kind: str, multi: bool, path: Pat
 def pad_values(rows: np.ndarray, ids: np.ndarray, num_rows: int, name: str, path: Path
                ) -> np.ndarray:
     """int64 [num_rows, M]: each row's distinct value ids (ascending), padded with -1."""
-    order = np.lexsort((ids, rows))
+    span = int(ids.max(initial=0)) + 1
+    if len(ids) and ids.min() >= 0 and num_rows < 2 ** 62 // span:
+        # one int64 key per (row, id): a stable sort of it is lexsort's order, and fast
+        # (rows arrive in order, so the keys are runs already sorted)
+        order = np.argsort(rows * span + ids, kind="stable")
+    else:
+        order = np.lexsort((ids, rows))
     rows, ids = rows[order], ids[order]
     distinct = np.ones(len(ids), dtype=bool)
     distinct[1:] = (rows[1:] != rows[:-1]) | (ids[1:] != ids[:-1])
@@ -249,27 +304,50 @@ def pad_values(rows: np.ndarray, ids: np.ndarray, num_rows: int, name: str, path
     return out
 
 
-def vector_column(table: pa.Table, name: str, path: Path) -> np.ndarray:
+def vector_column(table: Table, name: str, path: Path) -> np.ndarray:
     """float32 [rows, D] of a fixed-width float list column: every row the same width,
-    finite, not all zeros."""
-    col = _array(table, name)
-    if not (_is_list(col.type) and pa.types.is_floating(col.type.value_type)):
-        raise CatalogError(f"{path}: column {name!r} has type {col.type}, expected a list of "
+    finite, not all zeros. Copied batch by batch into the array; the first problem is
+    reported in this order: a row without a vector, a row of another width than row 1, a
+    null inside a vector, then check_vectors's."""
+    t = table.schema.field(name).type
+    if not (_is_list(t) and pa.types.is_floating(t.value_type)):
+        raise CatalogError(f"{path}: column {name!r} has type {t}, expected a list of "
                            "floats (the item's vector)")
-    null = np.asarray(col.is_null())
-    if null.any():
-        raise CatalogError(f"{path}: row {_first(null) + 1}, column {name!r}: no vector")
-    lengths = np.asarray(pc.list_value_length(col), dtype=np.int64)
-    if len(lengths) and (lengths != lengths[0]).any():
-        r = _first(lengths != lengths[0])
-        raise CatalogError(f"{path}: row {r + 1}, column {name!r}: vector of {lengths[r]} "
-                           f"values, row 1 has {lengths[0]} (vectors have one width)")
-    width = int(lengths[0]) if len(lengths) else 0
-    flat = pc.list_flatten(col)
-    if flat.null_count:
-        r = int(np.asarray(pc.list_parent_indices(col))[_first(np.asarray(flat.is_null()))])
-        raise CatalogError(f"{path}: row {r + 1}, column {name!r}: null inside the vector")
-    vectors = np.array(flat, dtype=np.float32).reshape(len(col), width)  # writable copy
+    vectors = None
+    no_vector = other_width = null_inside = None  # first (row, ...) of each problem
+    start = 0
+    for col in column_batches(table, name):
+        n = len(col)
+        if n == 0:
+            continue
+        if vectors is None:
+            width = int(pc.list_value_length(col)[0].as_py() or 0)
+            vectors = np.empty((table.num_rows, width), dtype=np.float32)
+        null = np.asarray(col.is_null())
+        if null.any() and no_vector is None:
+            no_vector = start + _first(null)
+        lengths = np.asarray(pc.fill_null(pc.list_value_length(col), width), dtype=np.int64)
+        if (lengths != width).any() and other_width is None:
+            r = _first(lengths != width)
+            other_width = (start + r, int(lengths[r]))
+        flat = pc.list_flatten(col)
+        if flat.null_count and null_inside is None:
+            null_inside = start + int(np.asarray(pc.list_parent_indices(col))[
+                _first(np.asarray(flat.is_null()))])
+        if no_vector is None and other_width is None and null_inside is None:
+            vectors[start:start + n] = np.asarray(flat, dtype=np.float32).reshape(n, width)
+        start += n
+    if no_vector is not None:
+        raise CatalogError(f"{path}: row {no_vector + 1}, column {name!r}: no vector")
+    if other_width is not None:
+        r, length = other_width
+        raise CatalogError(f"{path}: row {r + 1}, column {name!r}: vector of {length} "
+                           f"values, row 1 has {width} (vectors have one width)")
+    if null_inside is not None:
+        raise CatalogError(f"{path}: row {null_inside + 1}, column {name!r}: null inside the "
+                           "vector")
+    if vectors is None:
+        vectors = np.zeros((0, 0), dtype=np.float32)
     check_vectors(vectors, f"{path}: column {name!r}", row_names="row")
     return vectors
 
@@ -280,16 +358,22 @@ def check_vectors(vectors: np.ndarray, where: str, row_names: str = "row",
     if vectors.ndim != 2 or vectors.shape[1] == 0:
         raise CatalogError(f"{where}: vectors must be a [rows, width] array of floats with "
                            f"width >= 1, got shape {list(vectors.shape)}")
-    finite = np.isfinite(vectors).all(1)
-    zero = ~np.any(vectors != 0, axis=1)
-    for bad, what in ((~finite, "NaN or infinity"), (zero, "all zeros")):
-        if bad.any():
-            r = _first(bad)
+    not_finite = zero = None  # first row of each
+    for start in range(0, len(vectors), BATCH_ROWS):  # a batch at a time: no [rows, D] masks
+        block = vectors[start:start + BATCH_ROWS]
+        if not_finite is None:
+            bad = ~np.isfinite(block).all(1)
+            not_finite = start + _first(bad) if bad.any() else None
+        if zero is None:
+            bad = ~np.any(block != 0, axis=1)
+            zero = start + _first(bad) if bad.any() else None
+    for what, r in (("NaN or infinity", not_finite), ("all zeros", zero)):
+        if r is not None:
             label = f"{row_names} {r + 1}" + (f" (id {int(ids[r])})" if ids is not None else "")
             raise CatalogError(f"{where}: {label}: vector has {what}")
 
 
-def timestamp_column(table: pa.Table, name: str, path: Path) -> np.ndarray:
+def timestamp_column(table: Table, name: str, path: Path) -> np.ndarray:
     """int64 seconds of a time column: integers (seconds), Parquet timestamps or dates, or
     CSV text (integers or ISO 8601 such as 2024-05-01T12:00:00)."""
     col = _array(table, name)
@@ -320,17 +404,22 @@ def timestamp_column(table: pa.Table, name: str, path: Path) -> np.ndarray:
     return int_column(table, name, path)
 
 
-def binary_column(table: pa.Table, name: str, path: Path) -> np.ndarray:
+def binary_column(table: Table, name: str, path: Path) -> np.ndarray:
     """float32 [rows] of a 0/1 task column (integers, booleans, 0.0/1.0, or CSV text
     0/1/true/false)."""
     col = _array(table, name)
     if pa.types.is_boolean(col.type):
         col = col.cast(pa.int8())
+    if pa.types.is_integer(col.type) and not pa.types.is_uint64(col.type) \
+            and not col.null_count:  # as stored: no int64 copy
+        values = col.to_numpy()
     elif pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
         lowered = pc.utf8_lower(pc.utf8_trim_whitespace(col))
         col = pc.replace_substring_regex(pc.replace_substring_regex(lowered, "^true$", "1"),
                                          "^false$", "0")
-    values = int_column(pa.table({name: col}), name, path)
+        values = int_column(pa.table({name: col}), name, path)
+    else:
+        values = int_column(pa.table({name: col}), name, path)
     bad = (values != 0) & (values != 1)
     if bad.any():
         r = _first(bad)
