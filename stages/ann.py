@@ -34,16 +34,19 @@ class AnnConfig:
     ivf: IVFConfig = field(default_factory=IVFConfig)
     ivf_search: IVFSearchConfig = field(default_factory=IVFSearchConfig)
     # what the scorer and the history pooling read (stages/item_vectors.py): "int8", the
-    # index's own codes (one copy of the vectors), or "fp32", a float copy of their own
-    # (4x the bytes; exact search always shares its fp32 table)
-    item_vectors: str = "int8"
+    # index's own codes (one copy of the vectors), "fp32", a float copy of their own (4x the
+    # bytes of the codes; exact search always shares its fp32 table), or "auto": fp32 while
+    # that copy takes at most FP32_COPY_MAX_BYTES, int8 beyond (docs/quality.md: int8 moved
+    # MovieLens (b) by -0.0014 / -0.0009 / -0.0006, within noise, while a 10M-item catalog
+    # saves 2.5 GB)
+    item_vectors: str = "auto"
 
     def __post_init__(self) -> None:
         if self.search not in ("ivf_int8", "exact"):
             raise ValueError(f"AnnConfig.search must be 'ivf_int8' or 'exact', got "
                              f"{self.search!r}")
-        if self.item_vectors not in ("int8", "fp32"):
-            raise ValueError(f"AnnConfig.item_vectors must be 'int8' or 'fp32', got "
+        if self.item_vectors not in ("auto", "int8", "fp32"):
+            raise ValueError(f"AnnConfig.item_vectors must be 'auto', 'int8' or 'fp32', got "
                              f"{self.item_vectors!r}")
         if self.oversample < 1:
             raise ValueError(f"AnnConfig.oversample must be >= 1, got {self.oversample}")
@@ -77,13 +80,18 @@ def build_search(indexed: Catalog, layout: IndexLayout, config: AnnConfig) -> nn
     return IVFInt8Search(layout.ivf, config.ivf_search)
 
 
+FP32_COPY_MAX_BYTES = 256 * 2 ** 20  # "auto": ~1M items of 64 fp32 components
+
+
 def item_vectors_of(search: nn.Module, indexed: Catalog, config: AnnConfig) -> nn.Module:
     """The item vectors the scorer and the history pooling read (stages/item_vectors.py): the
-    search's own tensors (int8 codes, or exact search's fp32 table), or with
-    `item_vectors="fp32"` a float copy of the indexed vectors."""
+    search's own tensors (int8 codes, or exact search's fp32 table), or a float copy of the
+    indexed vectors (`item_vectors` "fp32", or "auto" on a catalog whose copy is small)."""
     if isinstance(search, ExactSearch):
         return Fp32Vectors(search.item_embeddings)
-    if config.item_vectors == "fp32":
+    dense = config.item_vectors == "fp32" or (
+        config.item_vectors == "auto" and indexed.embeddings.nbytes <= FP32_COPY_MAX_BYTES)
+    if dense:
         return Fp32Vectors(torch.from_numpy(indexed.embeddings))
     return Int8Vectors(search.codes, search.scales)
 

@@ -11,6 +11,7 @@ import pytest
 from builder.build import BuildConfig, build
 from fresh.store import FreshStore, create_store, fresh_dir_for
 from serving.launcher import ServerConfig, TritonServer, free_ports
+from stages.ann import AnnConfig
 from world.synthetic import World, WorldConfig
 
 SMALL_WORLD = WorldConfig(seed=7, num_items=6000, num_users=1500, num_creators=400,
@@ -31,8 +32,11 @@ class Built:
 @pytest.fixture(scope="session")
 def small_build(tmp_path_factory) -> Built:
     root = tmp_path_factory.mktemp("build")
+    # int8 item vectors (what AnnConfig's "auto" picks past ~1M items): the server tests then
+    # serve the scorer and history pooling of large catalogs; smaller builds elsewhere serve
+    # the fp32 copy "auto" picks for them
     cfg = BuildConfig(world=SMALL_WORLD, repository=root / "model_repository",
-                      items_csv=root / "items.csv")
+                      items_csv=root / "items.csv", ann=AnnConfig(item_vectors="int8"))
     world = build(cfg, progress=False)
     return Built(cfg, world)
 

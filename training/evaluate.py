@@ -379,10 +379,11 @@ def main() -> None:
                    action="store_false",
                    help="serve the OverArch of its last epoch instead of the one that is best "
                         "on the validation cut (an ablation)")
-    p.add_argument("--item-vectors", choices=("int8", "fp32"), default=AnnConfig.item_vectors,
+    p.add_argument("--item-vectors", choices=("auto", "int8", "fp32"),
+                   default=AnnConfig.item_vectors,
                    help="what the scorer and the history pooling read: the index's int8 "
-                        "vectors or an fp32 copy (stages/item_vectors.py; default: "
-                        "%(default)s)")
+                        "vectors, an fp32 copy, or auto: fp32 up to about 1M items "
+                        "(stages/ann.py AnnConfig; default: %(default)s)")
     p.add_argument("--validation", action="store_true",
                    help="evaluate on the validation cut instead of the held-out part: train on "
                         "the training part minus its latest share (cut as the holdout) and "
