@@ -83,11 +83,14 @@ class RetrievalModel:
         return RetrievalModel(DotProductScorer.TASKS, table.eval(),
                               np.ascontiguousarray(item_vectors, dtype=np.float32))
 
-    def scorer(self, order: np.ndarray) -> nn.Module:
+    def scorer(self, order: np.ndarray, ordered_vectors: Optional[np.ndarray] = None
+               ) -> nn.Module:
         """The scorer stage with its per-item tensors in index row order (`order[r]` = the
-        catalog row at index row r)."""
+        catalog row at index row r). `ordered_vectors`: the item vectors already in that order
+        (the indexed catalog's), used as they are instead of copied again."""
         rows = torch.from_numpy(np.asarray(order, dtype=np.int64))
-        vectors = torch.from_numpy(self.item_vectors)[rows]
+        vectors = torch.from_numpy(self.item_vectors)[rows] if ordered_vectors is None \
+            else torch.from_numpy(ordered_vectors)
         if self.over_arch is None:
             return DotProductScorer(vectors)
         return OverArchScorer(vectors, torch.from_numpy(self.item_extra)[rows], self.over_arch)
@@ -144,8 +147,8 @@ def retrieval_stages(catalog: Catalog, model: RetrievalModel, ann: AnnConfig,
     learned = replace(catalog, embeddings=model.item_vectors)
     layout = index_layout(learned, ann)
     order = layout.order
-    indexed = learned.take(order)
-    scorer = model.scorer(order)
+    indexed = learned.take(order)  # the one reordered copy: the scorer and ANN share it
+    scorer = model.scorer(order, indexed.embeddings)
     stages = {
         "ann": build_ann_stage(indexed, model.users, layout, ann,
                                model.history_table(order, scorer), model.fresh_in_history),
