@@ -135,8 +135,9 @@ class BloomIndex:
 
 
 # items per step of the build (a multiple of 64: a step owns whole words): the (bitmap row,
-# item) pairs of all items at once are ~70 bytes per pair, several gigabytes at 10M items
-BUILD_CHUNK = 1 << 20
+# item) pairs of all items at once are ~70 bytes per pair, several gigabytes at 10M items;
+# the synthetic catalog has ~9 pairs per item, so a step of 256k items holds ~0.16 GB
+BUILD_CHUNK = 1 << 18
 
 
 def _set_bits(words: torch.Tensor, table_rows: np.ndarray, item_rows: np.ndarray) -> None:
