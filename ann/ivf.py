@@ -24,7 +24,8 @@ class IVFConfig:
     # k-means trains on a sample of this many points per list (faiss uses 39..256)
     train_points_per_list: int = 64
     kmeans_iters: int = 12
-    # rows assigned per matmul chunk (bounds the [chunk, nlist] score matrix to ~64 MB)
+    # rows assigned (and quantized) per chunk (bounds the [chunk, nlist] score matrix to
+    # ~64 MB)
     assign_chunk: int = 16384
     seed: int = 0
 
@@ -116,7 +117,7 @@ def build_ivf_index(embeddings: torch.Tensor, config: IVFConfig = IVFConfig()) -
     if embeddings.dim() != 2 or not embeddings.is_floating_point():
         raise ValueError(f"embeddings must be float [N, D], got {embeddings.dtype} "
                          f"{tuple(embeddings.shape)}")
-    x = embeddings.detach().float().cpu().contiguous()
+    x = embeddings.detach().float().cpu().contiguous()  # no copy of fp32 CPU rows
     n = x.shape[0]
     if n < 1:
         raise ValueError("cannot build an index over zero items")
@@ -130,6 +131,11 @@ def build_ivf_index(embeddings: torch.Tensor, config: IVFConfig = IVFConfig()) -
     counts = torch.bincount(assign, minlength=nlist)
     list_offsets = torch.zeros(nlist + 1, dtype=torch.int64)
     list_offsets[1:] = torch.cumsum(counts, 0)
-    codes, scales = quantize_int8(x[permutation])
-    return IVFIndex(permutation, centroids.contiguous(), list_offsets, codes.contiguous(),
-                    scales.contiguous())
+    # quantized a chunk of rows at a time: x[permutation] and quantize_int8's float
+    # temporaries over all N would be several fp32 copies of the catalog
+    codes = torch.empty((n, x.shape[1]), dtype=torch.int8)
+    scales = torch.empty(n, dtype=torch.float32)
+    for start in range(0, n, config.assign_chunk):
+        end = min(start + config.assign_chunk, n)
+        codes[start:end], scales[start:end] = quantize_int8(x[permutation[start:end]])
+    return IVFIndex(permutation, centroids.contiguous(), list_offsets, codes, scales)

@@ -43,7 +43,8 @@ class BaselineConfig:
     seed: int = 0
 
 
-def _ivf_index(vectors: np.ndarray, config: BaselineConfig):
+def _trained_ivf(vectors: np.ndarray, config: BaselineConfig):
+    """An empty IndexIVFFlat whose lists are trained on `vectors`."""
     import faiss
 
     n, dim = vectors.shape
@@ -53,7 +54,39 @@ def _ivf_index(vectors: np.ndarray, config: BaselineConfig):
     index.cp.max_points_per_centroid = config.train_points_per_list
     index.cp.seed = config.seed
     index.train(vectors)
-    index.add(vectors)  # ids 0..n-1 = index rows
+    return index
+
+
+def add_presized(index, vectors: np.ndarray, batch: int = 65536) -> None:
+    """`index.add(vectors)` (ids 0..n-1) into an empty IndexIVFFlat, with every inverted list
+    allocated once at its final size: add() grows each list by doubling, which held 0.32 GiB
+    instead of 0.25 for 1M 64-wide vectors. The lists are assigned in add()'s own batches of
+    65,536, so the index is add()'s to the byte (tests/test_baseline.py)."""
+    import faiss
+
+    if index.ntotal:
+        raise ValueError("add_presized fills an empty index")
+    n = vectors.shape[0]
+    assign = np.empty(n, dtype=np.int64)
+    for start in range(0, n, batch):
+        assign[start: start + batch] = index.quantizer.assign(
+            vectors[start: start + batch], 1).reshape(-1)
+    order = np.argsort(assign, kind="stable")
+    ends = np.cumsum(np.bincount(assign, minlength=index.nlist))
+    del assign
+    lists = index.invlists
+    for list_no in range(index.nlist):
+        start = int(ends[list_no - 1]) if list_no else 0
+        if ends[list_no] > start:
+            ids = order[start: int(ends[list_no])]  # int64, kept alive across the call
+            codes = np.ascontiguousarray(vectors[ids]).view(np.uint8)
+            lists.add_entries(list_no, len(ids), faiss.swig_ptr(ids), faiss.swig_ptr(codes))
+    index.ntotal = n
+
+
+def _ivf_index(vectors: np.ndarray, config: BaselineConfig):
+    index = _trained_ivf(vectors, config)
+    add_presized(index, vectors)  # ids 0..n-1 = index rows
     return index
 
 

@@ -134,28 +134,34 @@ class BloomIndex:
         return parts
 
 
-def _set_bits(num_rows: int, num_words: int, table_rows: np.ndarray,
-              item_rows: np.ndarray) -> torch.Tensor:
-    """int64 [num_rows, num_words] with bit (item_row % 64) of word (table_row, item_row // 64)
-    set for every pair."""
+# items per step of the build (a multiple of 64: a step owns whole words): the (bitmap row,
+# item) pairs of all items at once are ~70 bytes per pair, several gigabytes at 10M items;
+# the synthetic catalog has ~9 pairs per item, so a step of 256k items holds ~0.16 GB
+BUILD_CHUNK = 1 << 18
+
+
+def _set_bits(words: torch.Tensor, table_rows: np.ndarray, item_rows: np.ndarray) -> None:
+    """Sets bit (item_row % 64) of word (table_row, item_row // 64) of `words` int64
+    [rows, num_words] for every pair; the pairs' words hold no bit yet."""
+    num_words = words.shape[1]
     flat = np.unique(table_rows.astype(np.int64) * (num_words * 64) + item_rows)
-    words = torch.zeros(num_rows * num_words, dtype=torch.int64)
     bit = torch.from_numpy(np.left_shift(np.int64(1), flat % 64))
     # distinct bits of one word never carry, so their sum is their OR (1 << 63 wraps to the
     # int64 minimum, which is that bit)
-    words.index_add_(0, torch.from_numpy(flat // 64), bit)
-    return words.view(num_rows, num_words)
+    words.view(-1).index_add_(0, torch.from_numpy(flat // 64), bit)
 
 
 def build_bloom_index(schema: Schema, features: Sequence[np.ndarray],
-                      config: BloomIndexConfig) -> BloomIndex:
+                      config: BloomIndexConfig, chunk: int = BUILD_CHUNK) -> BloomIndex:
     """Build the index over `features[f]` int64 [N, M_f] (value ids, -1 padded; rows in index
-    order, as `Catalog.features`)."""
+    order, as `Catalog.features`), `chunk` items at a time (the index does not depend on it)."""
     if config.num_hashes < 1 or config.width_multiplier <= 0:
         raise ValueError(f"num_hashes must be >= 1 and width_multiplier > 0, got "
                          f"{config.num_hashes} and {config.width_multiplier}")
     if len(features) != len(schema.features):
         raise ValueError(f"{len(features)} feature arrays for {len(schema.features)} features")
+    if chunk < 64 or chunk % 64:
+        raise ValueError(f"chunk must be a positive multiple of 64, got {chunk}")
     n = int(features[0].shape[0]) if features else 0
     num_words = (n + 63) // 64
     modes, exact_values, exact_start = [], [], [0]
@@ -170,35 +176,45 @@ def build_bloom_index(schema: Schema, features: Sequence[np.ndarray],
         exact_start.append(exact_start[-1] + len(exact_values[-1]))
     num_exact = exact_start[-1]
 
-    # exact bitmaps: row exact_start[f] + index of the value among the feature's exact values;
-    # the other values (of Bloom features) go into the Bloom filter
-    table_rows, item_rows, bloom_pairs = [], [], []
-    for f, values in enumerate(features):
-        rows, cols = np.nonzero(values >= 0)
-        value = values[rows, cols]
+    def pairs(f: int, lo: int, hi: int):
+        """(item rows, values, bitmap slots, whether exact) of feature f's values of items
+        lo..hi-1; a value with a bitmap has row exact_start[f] + its slot among the feature's
+        exact values, the other values (of Bloom features) go into the Bloom filter."""
+        rows, cols = np.nonzero(features[f][lo:hi] >= 0)
+        value = features[f][lo:hi][rows, cols]
         known = exact_values[f]
         slot = np.searchsorted(known, value).clip(max=max(len(known) - 1, 0))
         exact = (known[slot] == value) if len(known) else np.zeros(len(rows), dtype=bool)
-        table_rows.append(exact_start[f] + slot[exact])
-        item_rows.append(rows[exact])
-        if modes[f] == MODE_BLOOM:
-            bloom_pairs.append((f, rows[~exact], value[~exact]))
+        return rows + lo, value, slot, exact
 
+    bloom = [f for f, m in enumerate(modes) if m == MODE_BLOOM]
     # Bloom filter: width from the largest number of Bloom values one item has
-    per_item = np.zeros(n, dtype=np.int64)
-    for _, rows, _ in bloom_pairs:
-        per_item += np.bincount(rows, minlength=n)
-    max_values = int(per_item.max(initial=0))
+    max_values = 0
+    for lo in range(0, n, chunk):
+        hi = min(lo + chunk, n)
+        per_item = np.zeros(hi - lo, dtype=np.int64)
+        for f in bloom:
+            rows, _, _, exact = pairs(f, lo, hi)
+            per_item += np.bincount(rows[~exact] - lo, minlength=hi - lo)
+        max_values = max(max_values, int(per_item.max(initial=0)))
     width = max(1, math.ceil(max_values * config.num_hashes * config.width_multiplier)) \
-        if bloom_pairs else 0
-    for f, rows, value in bloom_pairs:
-        pos = bloom_positions(torch.full((len(rows),), f, dtype=torch.int64),
-                              torch.from_numpy(value), config.num_hashes, width)
-        table_rows.append(num_exact + pos.numpy().reshape(-1))
-        item_rows.append(np.repeat(rows, config.num_hashes))
-    words = _set_bits(num_exact + width, num_words,
-                      np.concatenate(table_rows) if table_rows else np.zeros(0, np.int64),
-                      np.concatenate(item_rows) if item_rows else np.zeros(0, np.int64))
+        if bloom else 0
+
+    words = torch.zeros((num_exact + width, num_words), dtype=torch.int64)
+    for lo in range(0, n, chunk):
+        hi = min(lo + chunk, n)
+        table_rows, item_rows = [], []
+        for f in range(len(features)):
+            rows, value, slot, exact = pairs(f, lo, hi)
+            table_rows.append(exact_start[f] + slot[exact])
+            item_rows.append(rows[exact])
+            if modes[f] == MODE_BLOOM:
+                pos = bloom_positions(torch.full((int((~exact).sum()),), f, dtype=torch.int64),
+                                      torch.from_numpy(value[~exact]), config.num_hashes, width)
+                table_rows.append(num_exact + pos.numpy().reshape(-1))
+                item_rows.append(np.repeat(rows[~exact], config.num_hashes))
+        if table_rows:
+            _set_bits(words, np.concatenate(table_rows), np.concatenate(item_rows))
 
     bloom_features = [f for f, m in enumerate(modes) if m == MODE_BLOOM]
     verify = [features[f] for f in bloom_features]

@@ -46,6 +46,16 @@ def test_codes_dequantize_within_half_a_step():
     assert index.bytes_per_item() == 64 + 4 + 1 / 8
 
 
+def test_codes_are_quantize_int8_of_the_rows_in_index_order():
+    # the build quantizes assign_chunk rows at a time (1000 here: a masked tail of 5); the
+    # codes are those of one call over all rows
+    x = _clustered(4_005, 32, seed=4)
+    index = build_ivf_index(x, IVFConfig(nlist=30, kmeans_iters=4, assign_chunk=1000))
+    codes, scales = quantize_int8(x[index.permutation])
+    assert index.codes.dtype == torch.int8 and index.scales.dtype == torch.float32
+    assert torch.equal(index.codes, codes) and torch.equal(index.scales, scales)
+
+
 def test_zero_rows_quantize_to_zero_with_unit_scale():
     x = torch.zeros(3, 8)
     x[1, 2] = -0.5

@@ -153,3 +153,22 @@ def test_baseline_recall_against_exact_search(server, small_build):
             if len(w["item_ids"]):
                 recalls.append(len(got & set(w["item_ids"].tolist())) / len(w["item_ids"]))
     assert np.mean(recalls) >= 0.9, f"recall@10 {np.mean(recalls):.3f}"
+
+
+def test_presized_lists_are_faiss_add_to_the_byte():
+    import faiss
+
+    from builder.baseline import BaselineConfig, _trained_ivf, add_presized
+
+    # more than one of add()'s 65,536-row batches, lists of awkward sizes
+    rng = np.random.default_rng(5)
+    vectors = rng.normal(size=(70_001, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    config = BaselineConfig(nlist=37)
+    want, got = _trained_ivf(vectors, config), _trained_ivf(vectors, config)
+    want.add(vectors)
+    add_presized(got, vectors)
+    assert got.ntotal == want.ntotal == len(vectors)
+    assert np.array_equal(faiss.serialize_index(got), faiss.serialize_index(want))
+    with pytest.raises(ValueError, match="empty"):
+        add_presized(got, vectors)

@@ -245,3 +245,22 @@ def test_set_bits_finds_every_bit_including_bit_63():
         want = sorted((i, j) for i, w in enumerate(words.tolist()) for j in range(64)
                       if ((w % 2**64) >> j) & 1)
         assert got == want
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_chunked_build_is_the_one_pass_index(seed):
+    # 64-item steps (bits of one word never span two) against one step over every item, on a
+    # world whose creators go to bitmaps and to the Bloom filter, and on random catalogs
+    world = generate_world(WorldConfig(seed=seed, num_items=3_001, num_users=20,
+                                       num_creators=700))
+    config = BloomIndexConfig(exact_min_share=1 / 256)
+    for catalog in (world.catalog, random_catalog(seed, 1_000)):
+        whole = build_bloom_index(catalog.schema, catalog.features, config, chunk=1 << 20)
+        steps = build_bloom_index(catalog.schema, catalog.features, config, chunk=64)
+        assert steps.modes == whole.modes and steps.width == whole.width
+        for name in ("words", "exact_values", "exact_start", "verify_values", "verify_start"):
+            assert torch.equal(getattr(steps, name), getattr(whole, name)), name
+    assert MODE_BLOOM in whole.modes or MODE_BLOOM in build_bloom_index(
+        world.catalog.schema, world.catalog.features, config).modes
+    with pytest.raises(ValueError, match="multiple of 64"):
+        build_bloom_index(world.catalog.schema, world.catalog.features, config, chunk=100)

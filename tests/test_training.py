@@ -115,6 +115,57 @@ def test_validation_cut_recall_matches_a_per_user_loop():
     assert got == pytest.approx(np.mean(recalls))
 
 
+def test_validation_cut_over_a_large_catalog_ranks_a_fixed_sample_with_the_clicked_items():
+    queries, items, ui, ii, clicks, _ = towers(TwoTowerConfig())
+    rng = np.random.default_rng(4)
+    held = torch.from_numpy(rng.random(len(ui)) < 0.2) & clicks
+    cut = ValidationCut(ui[held], ii[held], ui[~held], ii[~held], k=7, max_users=30,
+                        max_items=300)
+    assert ValidationCut(ui[held], ii[held], ui[~held], ii[~held]).candidates(
+        DATA.catalog.num_items)[0] is None  # up to max_items: every item, exact
+    rows = cut.candidates(DATA.catalog.num_items)[0]
+    relevant_items = torch.unique(ii[held][torch.isin(ui[held], cut.users)])
+    assert torch.isin(relevant_items, rows).all()
+    assert len(relevant_items) < len(rows) <= 300 < DATA.catalog.num_items
+    assert torch.equal(rows, cut.candidates(DATA.catalog.num_items)[0])  # the same each epoch
+    got = cut.recall(queries, items)
+    vectors = items.all_items()
+    recalls = []
+    for u in cut.users.tolist():  # the per-user loop over the candidate rows only
+        query = queries.users.encode(queries.user_rows[[u]], queries.history.all_users()[[u]])
+        scores = torch.full((DATA.catalog.num_items,), float("-inf"))
+        scores[rows] = (query @ vectors[rows].T)[0]
+        scores[ii[~held][ui[~held] == u]] = float("-inf")
+        top = torch.topk(scores, 7).indices
+        relevant = torch.unique(ii[held][ui[held] == u])
+        recalls.append(float(torch.isin(top, relevant).sum()) / min(7, len(relevant)))
+    assert got == pytest.approx(np.mean(recalls))
+
+
+def test_click_history_holds_the_clicked_items_only_and_sums_as_a_per_user_loop():
+    queries, items, ui, ii, clicks, _ = towers(TwoTowerConfig())
+    with torch.no_grad():  # a tower that is not the identity on the content
+        for p in items.mlp.parameters():
+            p.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(1))
+    history = ClickHistory(ui[clicks], ii[clicks], len(DATA.user_ids))
+    history.refresh_from(items.encode)
+    assert len(history.items) == len(torch.unique(ii[clicks])) < DATA.catalog.num_items
+    full = ClickHistory(ui[clicks], ii[clicks], len(DATA.user_ids))
+    full.refresh(items.all_items())
+    assert torch.equal(history.sums, full.sums)  # the same vectors, summed in the same order
+    vectors = items.all_items()
+    examples = torch.arange(0, len(ui), 7)
+    leave_out = clicks[examples]
+    got = history.vectors(ui[examples], ii[examples], leave_out)
+    for j, e in enumerate(examples.tolist()):
+        mine = clicks & (ui == ui[e])
+        rows = ii[mine].tolist()
+        if leave_out[j]:
+            rows.remove(int(ii[e]))
+        want = vectors[rows].sum(0) / max(len(rows), 1)
+        torch.testing.assert_close(got[j], want, **TOLERANCE[torch.float32])
+
+
 def over_arch_inputs(tower_epochs: int):
     """Trained towers (as `towers`), their item vectors, and the impressions' labels."""
     torch.manual_seed(0)

@@ -35,17 +35,23 @@ class FeatureColumns:
         """`features[f]` int64 [R, M_f] value ids in [0, sizes[f]) padded with -1."""
         if not features:
             raise ValueError("no features: use FeatureColumns.empty(rows)")
-        values, weights, offset = [], [], 0
+        # filled column by column into the final arrays (a 10M-item catalog's float64
+        # temporaries and concatenated copies would be gigabytes)
+        rows, width = features[0].shape[0], sum(int(c.shape[1]) for c in features)
+        values = np.empty((rows, width), dtype=np.int64)
+        weights = np.empty((rows, width), dtype=np.float32)
+        at, offset = 0, 0
         for column, size in zip(features, sizes):
             valid = column >= 0
-            if np.any(column[valid] >= size):
+            if column.size and column.max() >= size:  # padding (-1) is below any size
                 raise ValueError(f"feature value {int(column.max())} outside [0, {size})")
             count = np.maximum(valid.sum(1, keepdims=True), 1)
-            values.append(np.where(valid, column + offset, -1))
-            weights.append(np.where(valid, 1.0 / count, 0.0))
-            offset += int(size)
-        return FeatureColumns(np.concatenate(values, 1).astype(np.int64),
-                              np.concatenate(weights, 1).astype(np.float32), offset)
+            end = at + column.shape[1]
+            values[:, at:end] = np.where(valid, column + offset, -1)
+            weights[:, at:end] = np.where(valid, (1.0 / count).astype(np.float32),
+                                          np.float32(0.0))
+            at, offset = end, offset + int(size)
+        return FeatureColumns(values, weights, offset)
 
     @staticmethod
     def empty(rows: int) -> FeatureColumns:

@@ -19,9 +19,8 @@ a snapshot of the item tower, refreshed every `history_refresh_steps`.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -92,11 +91,17 @@ class ItemTower(nn.Module):
         return F.normalize(out, dim=-1)
 
     @torch.no_grad()
+    def encode(self, rows: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
+        """Item vectors of catalog rows int64 [M], float32 [M, D], computed `chunk` rows at a
+        time into one output (a row's vector does not depend on the rows beside it)."""
+        out = torch.empty(int(rows.shape[0]), self.mlp[2].out_features)
+        for s in range(0, out.shape[0], chunk):
+            out[s: s + chunk] = self(rows[s: s + chunk])
+        return out
+
     def all_items(self, chunk: int = 65536) -> torch.Tensor:
         """Item vectors of the whole catalog, float32 [N, D]."""
-        n = self.content.shape[0]
-        return torch.cat([self(torch.arange(s, min(s + chunk, n)))
-                          for s in range(0, n, chunk)])
+        return self.encode(torch.arange(self.content.shape[0]), chunk)
 
 
 @dataclass
@@ -148,7 +153,8 @@ def split_parameters(*modules: nn.Module):
 
 class ClickHistory:
     """Per-user sums of item vectors over the users' clicks, for (leave-one-out) history
-    vectors.
+    vectors. It holds the vectors of the clicked items only (`items`), so that a refresh costs
+    the clicks, not the catalog.
 
     Args:
         user_index, item_rows: int64 [P] the clicks; num_users: users (data user index).
@@ -156,24 +162,38 @@ class ClickHistory:
 
     def __init__(self, user_index: torch.Tensor, item_rows: torch.Tensor, num_users: int):
         self.user_index = user_index
-        self.item_rows = item_rows
+        self.items, self.click_item = torch.unique(item_rows, return_inverse=True)
         self.counts = torch.bincount(user_index, minlength=num_users).float()
         self.sums = torch.zeros(num_users, 0)
-        self.item_vectors = torch.zeros(0, 0)
+        self.item_vectors = torch.zeros(0, 0)  # [len(items), D], row i: items[i]'s vector
 
     def refresh(self, item_vectors: torch.Tensor) -> None:
         """Recomputes the sums from a snapshot of all item vectors [N, D]."""
-        self.item_vectors = item_vectors.detach()
-        self.sums = torch.zeros(self.counts.shape[0], item_vectors.shape[1]).index_add_(
-            0, self.user_index, self.item_vectors[self.item_rows])
+        self._set(item_vectors.detach()[self.items])
+
+    def refresh_from(self, encode: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Recomputes the sums from `encode(rows)`, the current vectors [M, D] of catalog rows
+        [M] (ItemTower.encode), asked for the clicked items only."""
+        self._set(encode(self.items).detach())
+
+    def _set(self, clicked_vectors: torch.Tensor) -> None:
+        self.item_vectors = clicked_vectors
+        self.sums = torch.zeros(self.counts.shape[0], clicked_vectors.shape[1]).index_add_(
+            0, self.user_index, clicked_vectors[self.click_item])
 
     def vectors(self, user_index: torch.Tensor, item_rows: torch.Tensor,
                 leave_out: torch.Tensor) -> torch.Tensor:
         """Mean clicked-item vector of each user [B, D]; where `leave_out`, without one click
-        on the example's own item (the example is one of the user's clicks)."""
-        out = leave_out.float().unsqueeze(1)
-        sums = self.sums[user_index] - out * self.item_vectors[item_rows]
-        counts = self.counts[user_index] - out.squeeze(1)
+        on the example's own item (the example is one of the user's clicks: an item no user
+        clicked has nothing to leave out)."""
+        at = torch.searchsorted(self.items, item_rows).clamp(max=max(len(self.items) - 1, 0))
+        clicked = self.items[at] == item_rows if len(self.items) else \
+            torch.zeros_like(leave_out)
+        out = (leave_out & clicked).float().unsqueeze(1)
+        own = self.item_vectors[at] if len(self.items) else \
+            torch.zeros(item_rows.shape[0], self.sums.shape[1])
+        sums = self.sums[user_index] - out * own
+        counts = self.counts[user_index] - leave_out.float()
         return sums / counts.clamp(min=1.0).unsqueeze(1)
 
     def all_users(self) -> torch.Tensor:
@@ -211,29 +231,59 @@ class ValidationCut:
     clicks kept out of tower training, retrieved with the user's query vector (history = all
     their training clicks) among the items they did not interact with in training.
 
+    Up to `max_items` catalog items that is all of them. A larger catalog (the cost of an
+    epoch's check would grow with it: the item tower over every item, then every user against
+    every item) is stood in for by the validation clicks' items plus a seeded sample of the
+    others, `max_items` at most, the same every epoch: the figure is then recall@k among those
+    (higher than over the whole catalog, as the lists are shorter) and it compares epochs,
+    which is what early stopping reads.
+
     Args:
         user_index, item_rows: int64 [V] the validation clicks; seen_users, seen_rows: int64
             [S] the training interactions (excluded from the lists); max_users: a seeded
-            sample of the validation users beyond that.
+            sample of the validation users beyond that; max_items: see above.
     """
 
     def __init__(self, user_index: torch.Tensor, item_rows: torch.Tensor,
                  seen_users: torch.Tensor, seen_rows: torch.Tensor, k: int = 50,
-                 max_users: int = 2000, seed: int = 0):
+                 max_users: int = 2000, seed: int = 0, max_items: int = 1_000_000):
         users = torch.unique(user_index)
         if users.numel() > max_users:
             pick = torch.randperm(users.numel(), generator=torch.Generator().manual_seed(seed))
             users = torch.sort(users[pick[:max_users]]).values
-        self.users, self.k = users, k
+        self.users, self.k, self.seed, self.max_items = users, k, seed, max_items
         keep = torch.isin(user_index, users)
         self.relevant = (torch.searchsorted(users, user_index[keep]), item_rows[keep])
         keep = torch.isin(seen_users, users)
         self.seen = (torch.searchsorted(users, seen_users[keep]), seen_rows[keep])
+        self._lists: Optional[tuple] = None
+
+    def candidates(self, num_items: int) -> Tuple[Optional[torch.Tensor], tuple, tuple]:
+        """(the catalog rows ranked, None: all; the seen and relevant (user, column) pairs
+        with columns into those rows)."""
+        if self._lists is not None and self._lists[0] == num_items:
+            return self._lists[1:]
+        rows, seen, relevant = None, self.seen, self.relevant
+        if num_items > self.max_items:
+            wanted = torch.unique(self.relevant[1])
+            sample = torch.randperm(num_items, generator=torch.Generator().manual_seed(
+                self.seed))[: max(self.max_items - len(wanted), 0)]
+            rows = torch.unique(torch.cat([wanted, sample]))
+
+            def columns(pairs):
+                at = torch.searchsorted(rows, pairs[1]).clamp(max=len(rows) - 1)
+                keep = rows[at] == pairs[1]
+                return pairs[0][keep], at[keep]
+
+            seen, relevant = columns(self.seen), columns(self.relevant)
+        self._lists = (num_items, rows, seen, relevant)
+        return rows, seen, relevant
 
     @torch.no_grad()
     def recall(self, queries: ExampleQueries, items: ItemTower, chunk: int = 256) -> float:
-        vectors = items.all_items()
-        queries.history.refresh(vectors)
+        rows, seen, relevant_pairs = self.candidates(int(items.content.shape[0]))
+        vectors = items.all_items() if rows is None else items.encode(rows)
+        queries.history.refresh_from(items.encode)
         hist = queries.history.all_users()[self.users]
         query = queries.users.encode(queries.user_rows[self.users], hist)
         # users per score block: the block is [users, all items], so bound it (64 MB of
@@ -243,15 +293,22 @@ class ValidationCut:
         for s in range(0, len(self.users), chunk):
             n = min(chunk, len(self.users) - s)
             scores = query[s: s + n] @ vectors.T
-            sel = (self.seen[0] >= s) & (self.seen[0] < s + n)
-            scores[self.seen[0][sel] - s, self.seen[1][sel]] = float("-inf")
+            sel = (seen[0] >= s) & (seen[0] < s + n)
+            scores[seen[0][sel] - s, seen[1][sel]] = float("-inf")
             top = torch.topk(scores, min(self.k, scores.shape[1]), dim=1).indices
             relevant = torch.zeros_like(scores, dtype=torch.bool)
-            sel = (self.relevant[0] >= s) & (self.relevant[0] < s + n)
-            relevant[self.relevant[0][sel] - s, self.relevant[1][sel]] = True
+            sel = (relevant_pairs[0] >= s) & (relevant_pairs[0] < s + n)
+            relevant[relevant_pairs[0][sel] - s, relevant_pairs[1][sel]] = True
             hits = relevant.gather(1, top).sum(1).float()
             total += float((hits / relevant.sum(1).clamp(max=self.k)).sum())
         return total / len(self.users)
+
+
+def parameters_copy(*modules: nn.Module) -> List[Dict[str, torch.Tensor]]:
+    """Copies of the modules' parameters, to restore with `load_state_dict(copy, strict=False)`:
+    the towers' buffers (the item tower holds the catalog's content vectors and features) do
+    not change in training, so a copy of the best epoch's towers leaves them out."""
+    return [{name: p.detach().clone() for name, p in m.named_parameters()} for m in modules]
 
 
 def train_two_tower(queries: ExampleQueries, items: ItemTower, user_index: torch.Tensor,
@@ -290,7 +347,7 @@ def train_two_tower(queries: ExampleQueries, items: ItemTower, user_index: torch
             if batch.numel() < 2:  # a softmax over one item teaches nothing
                 continue
             if step % config.history_refresh_steps == 0:
-                queries.history.refresh(items.all_items())
+                queries.history.refresh_from(items.encode)
             step += 1
             its = item_rows[batch]
             cold = torch.rand(batch.shape, generator=generator) < config.cold_start_rate
@@ -311,13 +368,13 @@ def train_two_tower(queries: ExampleQueries, items: ItemTower, user_index: torch
             bar.set_postfix(loss=f"{epoch_losses[-1]:.3f}", val=f"{recalls[-1]:.4f}")
             if recalls[-1] > best:
                 best = recalls[-1]
-                best_state = copy.deepcopy((users.state_dict(), items.state_dict()))
+                best_state = parameters_copy(users, items)
             elif len(recalls) - 1 - recalls.index(best) >= config.patience:
                 break
     bar.close()
     if best_state is not None:
-        users.load_state_dict(best_state[0])
-        items.load_state_dict(best_state[1])
+        users.load_state_dict(best_state[0], strict=False)
+        items.load_state_dict(best_state[1], strict=False)
     users.eval()
     items.eval()
     return epoch_losses, recalls

@@ -130,10 +130,25 @@ def make_schema(cfg: WorldConfig) -> Schema:
     ])
 
 
-def generate_world(cfg: WorldConfig = WorldConfig()) -> World:
+# items generated per chunk: the per-item draws (latent noise, tag Gumbel keys, embedding
+# noise) are float64 [chunk, width] temporaries instead of [N, width] ones. The world does not
+# depend on it: each distribution's draws are taken chunk after chunk from the one stream, in
+# the same order as a single draw of all N (tests/test_world.py checks both).
+GENERATION_CHUNK = 1 << 16
+
+
+def _chunks(n: int, chunk: int):
+    for start in range(0, n, chunk):
+        yield start, min(start + chunk, n)
+
+
+def generate_world(cfg: WorldConfig = WorldConfig(), chunk: int = GENERATION_CHUNK) -> World:
+    """The world of `cfg`; `chunk` (items per step) bounds the temporaries, not the result."""
     if cfg.num_categories > len(CATEGORIES) or cfg.num_languages > len(LANGUAGES) \
             or cfg.num_tags > len(TAGS):
         raise ValueError("num_categories/num_languages/num_tags exceed the built-in vocabularies")
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
     rng = np.random.default_rng(cfg.seed)
     n, u, r = cfg.num_items, cfg.num_users, cfg.latent_dim
 
@@ -141,7 +156,10 @@ def generate_world(cfg: WorldConfig = WorldConfig()) -> World:
     centres = rng.normal(0.0, 0.9, size=(cfg.num_categories, r)).astype(np.float32)
     category_pop = rng.dirichlet(np.full(cfg.num_categories, 2.0))
     category = rng.choice(cfg.num_categories, size=n, p=category_pop)
-    item_latent = centres[category] + rng.normal(0.0, 0.6, size=(n, r)).astype(np.float32)
+    item_latent = np.empty((n, r), dtype=np.float32)
+    for s, e in _chunks(n, chunk):
+        item_latent[s:e] = centres[category[s:e]] + rng.normal(
+            0.0, 0.6, size=(e - s, r)).astype(np.float32)
     lang_p = LANGUAGE_SHARE[: cfg.num_languages] / LANGUAGE_SHARE[: cfg.num_languages].sum()
     language = rng.choice(cfg.num_languages, size=n, p=lang_p)
     # creators: Zipf-like sizes, each creator mostly in one category
@@ -151,24 +169,29 @@ def generate_world(cfg: WorldConfig = WorldConfig()) -> World:
     # tags: 1..max per item, biased towards the category's favourite tags
     tag_pref = rng.dirichlet(np.full(cfg.num_tags, 0.5), size=cfg.num_categories)
     ntags = rng.integers(1, cfg.max_tags_per_item + 1, size=n)
-    tags = np.full((n, cfg.max_tags_per_item), -1, dtype=np.int64)
-    g = rng.gumbel(size=(n, cfg.num_tags)) + np.log(tag_pref[category] + 1e-9)
-    top = np.argsort(-g, axis=1)[:, : cfg.max_tags_per_item]
-    keep = np.arange(cfg.max_tags_per_item)[None, :] < ntags[:, None]
-    tags[keep] = top[keep]
-    tags = np.sort(np.where(tags < 0, np.iinfo(np.int64).max, tags), axis=1)
-    tags[tags == np.iinfo(np.int64).max] = -1
+    log_pref = np.log(tag_pref + 1e-9)
+    tags = np.empty((n, cfg.max_tags_per_item), dtype=np.int64)
+    for s, e in _chunks(n, chunk):
+        tags[s:e] = _top_tags(rng.gumbel(size=(e - s, cfg.num_tags)) + log_pref[category[s:e]],
+                              ntags[s:e], cfg.max_tags_per_item)
 
     proj = np.linalg.qr(rng.normal(size=(cfg.embedding_dim, r)))[0].T.astype(np.float32)
-    emb = item_latent @ proj + cfg.embedding_noise * rng.normal(
-        size=(n, cfg.embedding_dim)).astype(np.float32)
-    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    # one product over all items (float32, the result itself: no temporary), because BLAS
+    # rounds a row differently depending on how it splits the rows between its threads: a
+    # chunked product would not be today's world to the last bit
+    emb = item_latent @ proj
+    for s, e in _chunks(n, chunk):
+        block = emb[s:e]
+        block += cfg.embedding_noise * rng.normal(size=(e - s, cfg.embedding_dim)).astype(
+            np.float32)
+        block /= np.linalg.norm(block, axis=1, keepdims=True)
     item_ids = _sparse_ids(rng, n, high=10**12)
 
     schema = make_schema(cfg)
-    features = [category[:, None].astype(np.int64), language[:, None].astype(np.int64),
-                creator[:, None].astype(np.int64), tags]
-    catalog = Catalog(item_ids, emb.astype(np.float32), schema, features)
+    features = [category[:, None].astype(np.int64, copy=False),
+                language[:, None].astype(np.int64, copy=False),
+                creator[:, None].astype(np.int64, copy=False), tags]
+    catalog = Catalog(item_ids, emb, schema, features)
 
     # --- users: latent vector near two favourite categories ---------------------------------
     favs = rng.choice(cfg.num_categories, size=(u, 2), p=category_pop)
@@ -197,6 +220,18 @@ def generate_world(cfg: WorldConfig = WorldConfig()) -> World:
     timestamp = rng.integers(0, 30 * 86400, size=u * m)
     world.interactions = Interactions(user_index, item_index.astype(np.int64), labels, timestamp)
     return world
+
+
+def _top_tags(keys: np.ndarray, ntags: np.ndarray, max_tags: int) -> np.ndarray:
+    """Per row, the first `ntags` of the `max_tags` largest Gumbel keys' tag ids, sorted
+    ascending and padded with -1: int64 [M, max_tags]."""
+    tags = np.full((keys.shape[0], max_tags), -1, dtype=np.int64)
+    top = np.argsort(-keys, axis=1)[:, :max_tags]
+    keep = np.arange(max_tags)[None, :] < ntags[:, None]
+    tags[keep] = top[keep]
+    tags = np.sort(np.where(tags < 0, np.iinfo(np.int64).max, tags), axis=1)
+    tags[tags == np.iinfo(np.int64).max] = -1
+    return tags
 
 
 def _sparse_ids(rng: np.random.Generator, count: int, high: int) -> np.ndarray:
