@@ -90,7 +90,7 @@ def main(argv=None) -> int:
         print(f"model repository {cfg.repository} is built (python -m builder to rebuild)")
         return 0
     try:
-        build(cfg)
+        build(cfg, keep_source=False)  # nothing here reads the source afterwards
     except (CatalogError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         print(f"nothing was written: {cfg.repository} is as it was", file=sys.stderr)

@@ -20,7 +20,7 @@ import py_compile
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -32,7 +32,7 @@ import kernels  # noqa: F401  (ops must exist before modules that call them are 
 from builder.baseline import MODELS as BASELINE_MODELS
 from builder.baseline import BaselineConfig, build_baseline
 from builder.baseline import is_built as baseline_is_built
-from builder.inputs import BuildInput, fold_fresh, read_fresh
+from builder.inputs import BuildInput, Provenance, fold_fresh, read_fresh
 from catalog import CatalogSource, read_catalog
 from filtering.spelling import join_values
 from fresh.store import LOG_NAME, FreshStore, create_store, fresh_dir_for, header_for
@@ -220,15 +220,22 @@ def build_modules(source, cfg: BuildConfig, progress: bool = False,
     `store` folded in (fold_fresh) when one is given."""
     if isinstance(source, World):
         source = BuildInput.from_world(source)
-    model = load_model(source, cfg, progress)
-    catalog, titles, folded = source.catalog, source.titles, ""
+    return assemble_modules(source.catalog, source.titles, load_model(source, cfg, progress),
+                            tuple(cfg.task_weights or source.task_weights), cfg, store)
+
+
+def assemble_modules(catalog: Catalog, titles: Optional[np.ndarray], model: RetrievalModel,
+                     task_weights: Tuple[float, ...], cfg: BuildConfig,
+                     store: Optional[FreshStore] = None) -> Built:
+    """The stage modules of `model` over `catalog` (source order; its content embeddings are
+    not read: the index holds the model's item vectors), the fresh store folded in."""
+    folded = ""
     if store is not None:
         f = fold_fresh(catalog, model, titles, store)
         catalog, model, titles = f.catalog, f.model, f.titles
         folded = f"folded the fresh store: {f.added:,} items added, {f.dropped:,} retired or " \
                  "replaced"
-    weights = cfg.task_weights or source.task_weights
-    stages, indexed, order = retrieval_stages(catalog, model, cfg.ann, tuple(weights))
+    stages, indexed, order = retrieval_stages(catalog, model, cfg.ann, task_weights)
     modules = {"filter": build_filter_stage(indexed, cfg.filter), **stages}
     modules["unified"] = UnifiedRetrieval(modules["filter"], modules["ann"], modules["scorer"],
                                           modules["aggregator"])
@@ -369,9 +376,14 @@ def read_source(cfg: BuildConfig, world: Optional[World] = None,
     return BuildInput.from_world(world), world
 
 
-def build(cfg: BuildConfig, world: World = None, progress: bool = True):
+def build(cfg: BuildConfig, world: World = None, progress: bool = True,
+          keep_source: bool = True):
     """Build the repository; returns what it was built from (the World, or the
-    CatalogSource of `cfg.catalog`). Nothing served changes unless the build completes."""
+    CatalogSource of `cfg.catalog`), or None with `keep_source=False`, which releases the
+    source (its catalog's content vectors, logs and, for the synthetic world, latents: ~0.4 KB
+    per item) once the model is trained, before the index and the artifacts are built (the
+    CLI's choice: a 10M-item build peaks ~4 GB lower). Nothing served changes unless the
+    build completes."""
     t0 = time.perf_counter()
     steps = tqdm(total=4 + len(STAGES), desc="build", disable=not progress, unit="step")
     steps.set_postfix_str(f"catalog {cfg.catalog}" if cfg.catalog
@@ -384,13 +396,24 @@ def build(cfg: BuildConfig, world: World = None, progress: bool = True):
                           else "pretrained vectors")
     store = read_fresh(cfg.fresh_dir or fresh_dir_for(cfg.repository)) \
         if cfg.fold_fresh else None
-    built = build_modules(source, cfg, progress, store)
+    model = load_model(source, cfg, progress)
+    # once the model exists, the stages need the source's item ids, features and titles; its
+    # content vectors, logs and (keep_source=False) the world they came from can go
+    catalog = replace(source.catalog, embeddings=np.zeros((source.catalog.num_items, 0),
+                                                          np.float32))
+    titles, provenance = source.titles, source.provenance()
+    weights = tuple(cfg.task_weights or source.task_weights)
+    source = None
+    if not keep_source:
+        origin = None
+    built = assemble_modules(catalog, titles, model, weights, cfg, store)
+    del model, catalog, titles
     if built.folded and progress:
         tqdm.write(built.folded)
     steps.update()
     staging = Staging(cfg.repository, cfg.version, built.tasks)
     try:
-        _write(built, source, cfg, staging, steps, t0)
+        _write(built, provenance, cfg, staging, steps, t0)
         staging.commit()
     except BaseException:
         staging.abort()
@@ -400,7 +423,7 @@ def build(cfg: BuildConfig, world: World = None, progress: bool = True):
     return origin
 
 
-def _write(built: Built, source: BuildInput, cfg: BuildConfig, staging: Staging, steps,
+def _write(built: Built, source: Provenance, cfg: BuildConfig, staging: Staging, steps,
            t0: float) -> None:
     exported = export_modules(built)
     schema = built.catalog.schema.to_json()

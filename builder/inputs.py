@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
@@ -43,6 +43,9 @@ class BuildInput:
     titles: Optional[np.ndarray] = None
     info: Dict = field(default_factory=dict)
 
+    def provenance(self) -> Provenance:
+        return Provenance(self.name, self.info, tuple(self.task_weights), self.user_ids)
+
     @staticmethod
     def from_world(world: World) -> BuildInput:
         return BuildInput("synthetic", world.catalog, tuple(world.tasks), SYNTHETIC_TASK_WEIGHTS,
@@ -60,6 +63,16 @@ class BuildInput:
         # pretrained two-tower, no interactions: one task, the dot product
         return replace(base, tasks=DotProductScorer.TASKS, task_weights=(1.0,),
                        user_vectors=source.user_vectors)
+
+
+class Provenance(NamedTuple):
+    """What the written repository records about its source (build_info.json, users.csv):
+    all a build keeps of the source once the stage modules exist."""
+
+    name: str
+    info: Dict
+    task_weights: Tuple[float, ...]
+    user_ids: np.ndarray
 
 
 @dataclass
