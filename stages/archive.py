@@ -22,6 +22,7 @@ archive into the process's private memory, so each Python-backend stub held its 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -70,7 +71,9 @@ class TensorFiles:
             else torch.jit.script(module.eval())
         manifest: Dict[str, str] = {}
         taken: List[Tuple[str, torch.Tensor]] = []
-        for path, tensor in scripted.named_buffers(remove_duplicate=False):
+        tensors = itertools.chain(scripted.named_parameters(remove_duplicate=False),
+                                  scripted.named_buffers(remove_duplicate=False))
+        for path, tensor in tensors:  # weights too: a user tower's id embedding table
             if tensor.numel() * tensor.element_size() < self.min_bytes:
                 continue
             name = f"{path}.npy"

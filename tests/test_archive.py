@@ -19,9 +19,11 @@ class Table(nn.Module):
         super().__init__()
         self.register_buffer("big", big)
         self.register_buffer("small", small)
+        self.embedding = nn.Embedding(5000, 8)  # a large weight: a file too
+        self.requires_grad_(False)
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        return self.big[rows].sum(-1) + self.small.sum()
+        return self.big[rows].sum(-1) + self.small.sum() + self.embedding(rows).sum(-1)
 
 
 class Two(nn.Module):
@@ -56,8 +58,8 @@ def test_saved_models_share_one_file_per_tensor_and_load_to_the_same_answers(tmp
         (tmp_path / name).mkdir()
         files.save(module, tmp_path / name)
     rows = torch.tensor([[0, 4999], [17, 17]])
-    assert sorted(p.name for p in (tmp_path / "both").glob("*.npy")) == ["a.big.npy",
-                                                                         "b.big.npy"]
+    assert sorted(p.name for p in (tmp_path / "both").glob("*.npy")) == [
+        "a.big.npy", "a.embedding.weight.npy", "b.big.npy", "b.embedding.weight.npy"]
     # one inode for every attribute holding the tensor, across models
     inode = _inode(tmp_path / "one" / "big.npy")
     assert _inode(tmp_path / "both" / "a.big.npy") == inode
