@@ -54,7 +54,7 @@ def smaps_rollup(pid: int) -> Dict[str, int]:
     return out
 
 
-def process_name(pid: int, repository: Path) -> str:
+def process_name(pid: int) -> str:
     argv = launcher.cmdline(pid)
     if not argv:
         return "?"
@@ -122,7 +122,7 @@ def measure(repository: Path, models: List[str], requests: int) -> str:
         rows = []
         for pid in pids:
             try:
-                rows.append((process_name(pid, repository), smaps_rollup(pid)))
+                rows.append((process_name(pid), smaps_rollup(pid)))
             except FileNotFoundError:
                 continue
         files = mapped_catalog_files(pids, repository)
@@ -141,7 +141,7 @@ def file_table(repository: Path, files: Dict[int, tuple]) -> str:
     readers: Dict[int, List[str]] = defaultdict(list)
     for path in sorted(Path(repository).glob("*/*/*.npy")):
         readers[path.stat().st_ino].append(f"{path.parent.parent.name}:{path.stem}")
-    lines = [f"{items:,} items. | tensor file | bytes | per item | read by (model:attribute) |",
+    lines = ["| tensor file | bytes | per item | read by (model:attribute) |",
              "| --- | ---: | ---: | --- |"]
     total = 0
     for inode, (size, path) in sorted(files.items(), key=lambda kv: -kv[1][0]):
@@ -151,7 +151,6 @@ def file_table(repository: Path, files: Dict[int, tuple]) -> str:
                      f"{', '.join(readers.get(inode, [path.name]))} |")
     lines.append(f"| **all** | **{total / 2**20:,.1f} MiB** | "
                  f"**{total / max(items, 1):.1f} B** | |")
-    lines[0] = lines[0].split(". ", 1)[1]
     return f"Tensor files ({items:,} items):\n\n" + "\n".join(lines)
 
 

@@ -27,7 +27,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Tuple, Union
 
 import numpy as np
 import torch
@@ -117,14 +117,14 @@ def _touch_every_page(array: np.ndarray, page: int = 4096) -> None:
 
 
 def load(version_dir: Path, device: Union[str, torch.device] = "cpu",
-         artifact: Optional[Path] = None, prefault: bool = True) -> torch.jit.ScriptModule:
+         prefault: bool = True) -> torch.jit.ScriptModule:
     """The model of `version_dir`: model.pt with its tensor files mapped in (see the module
     docstring), every page touched once unless `prefault` is False. A folder without
     tensors.json (an archive holding every tensor) loads as it is. On a GPU the mapped
     tensors are copied to the device."""
     version_dir = Path(version_dir)
     device = torch.device(device)
-    module = torch.jit.load(str(artifact or version_dir / ARTIFACT), map_location=device)
+    module = torch.jit.load(str(version_dir / ARTIFACT), map_location=device)
     manifest_path = version_dir / MANIFEST
     if not manifest_path.exists():
         return module

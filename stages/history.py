@@ -17,13 +17,11 @@ history built from the logs (request-only computation: nothing per user is preco
   stages/user.py `UserTable`) has no history-free answer and keeps the user's row.
 """
 
-from typing import NamedTuple, Optional, Sequence, Tuple, Union
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import nn
-
-from stages.item_vectors import Fp32Vectors
 
 MAX_HISTORY = 100  # most item ids one request's history may hold
 
@@ -68,16 +66,14 @@ class HistoryPooling(nn.Module):
         item_ids: int64 [N] raw id of every index row.
         item_vectors: what each item adds to a history, index row order (stages/item_vectors.py:
             the index's own int8 vectors, shared with the scorer, or a model's own history
-            side in fp32); a float32 [N, D] tensor is taken as fp32 vectors.
+            side in fp32).
         fresh_counts: whether fresh items count (their vectors are in the index's space,
             which must then be the history's).
     """
 
-    def __init__(self, item_ids: torch.Tensor, item_vectors: Union[nn.Module, torch.Tensor],
+    def __init__(self, item_ids: torch.Tensor, item_vectors: nn.Module,
                  fresh_counts: bool = True):
         super().__init__()
-        if isinstance(item_vectors, torch.Tensor):
-            item_vectors = Fp32Vectors(item_vectors)
         if item_ids.shape[0] != item_vectors.num_items():
             raise ValueError(f"{item_ids.shape[0]} item ids for {item_vectors.num_items()} "
                              "vectors")

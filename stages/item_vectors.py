@@ -12,7 +12,7 @@ measured in docs/quality.md ("item vectors in fp32" ablation).
 `Fp32Vectors` keeps exact rows: for exact search (its fp32 table is then the one copy), for a
 model's own history side (training/linear.py) and for `AnnConfig(item_vectors="fp32")`.
 
-Both have the same two methods: `forward(rows)` for rows of the main table, `gather(rows,
+Both have `forward(rows)` for rows of the main table and, from `_ItemTable`, `gather(rows,
 fresh)` for rows of the whole row space (stages/rows.py: padding, main and fresh rows).
 """
 
@@ -24,7 +24,22 @@ from torch import nn
 from stages.rows import check_rows, main_rows, with_fresh
 
 
-class Int8Vectors(nn.Module):
+class _ItemTable(nn.Module):
+    """What both tables share: `gather` over the whole row space, from the table's own
+    `forward` (main rows) and `num_items`."""
+
+    def num_items(self) -> int:
+        raise NotImplementedError
+
+    @torch.jit.export
+    def gather(self, rows: torch.Tensor, fresh: Optional[torch.Tensor]) -> torch.Tensor:
+        """Rows of the row space (padding reads row 0; fresh rows read `fresh` [C, D])."""
+        n = self.num_items()
+        check_rows(n, fresh, rows)
+        return with_fresh(self.forward(main_rows(rows, n)), fresh, rows, n)
+
+
+class Int8Vectors(_ItemTable):
     """Args: codes int8 [N, D] and scales float32 [N], index row order (the IVF index's
     tensors, IVFInt8Search's buffers: pass those, not copies)."""
 
@@ -43,15 +58,8 @@ class Int8Vectors(nn.Module):
         """Main rows (any shape, each in 0..N-1) -> float32 [..., D]."""
         return self.codes[rows].to(torch.float32) * self.scales[rows].unsqueeze(-1)
 
-    @torch.jit.export
-    def gather(self, rows: torch.Tensor, fresh: Optional[torch.Tensor]) -> torch.Tensor:
-        """Rows of the row space (padding reads row 0; fresh rows read `fresh` [C, D])."""
-        n = int(self.codes.shape[0])
-        check_rows(n, fresh, rows)
-        return with_fresh(self.forward(main_rows(rows, n)), fresh, rows, n)
 
-
-class Fp32Vectors(nn.Module):
+class Fp32Vectors(_ItemTable):
     """Args: vectors float32 [N, D], index row order."""
 
     def __init__(self, vectors: torch.Tensor):
@@ -64,10 +72,3 @@ class Fp32Vectors(nn.Module):
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
         """Main rows (any shape, each in 0..N-1) -> float32 [..., D]."""
         return self.vectors[rows]
-
-    @torch.jit.export
-    def gather(self, rows: torch.Tensor, fresh: Optional[torch.Tensor]) -> torch.Tensor:
-        """Rows of the row space (padding reads row 0; fresh rows read `fresh` [C, D])."""
-        n = int(self.vectors.shape[0])
-        check_rows(n, fresh, rows)
-        return with_fresh(self.forward(main_rows(rows, n)), fresh, rows, n)

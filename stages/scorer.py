@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from stages.fresh import FreshItems
-from stages.rows import gather_rows
+from stages.rows import main_rows, with_fresh
 
 
 @dataclass
@@ -96,13 +96,13 @@ class OverArchScorer(nn.Module):
                 fresh: Optional[FreshItems] = None) -> torch.Tensor:
         """user_embedding [B, D], rows int64 [B, C] (-1 = padding; fresh rows read `fresh`,
         stages/fresh.py) -> task scores [B, C, T]."""
-        if fresh is None:
-            items = self.item_vectors.gather(rows, None)
-            extra = gather_rows(self.item_extra, None, rows)
-        else:
-            items = self.item_vectors.gather(rows, fresh.embeddings)
-            extra = gather_rows(self.item_extra, self.fresh_item_extra.expand(
-                fresh.embeddings.shape[0], -1), rows)
+        # gather() checks the rows once; the per-item extras are read at the same rows
+        items = self.item_vectors.gather(rows, None if fresh is None else fresh.embeddings)
+        n = self.item_extra.shape[0]
+        extra = self.item_extra[main_rows(rows, n)]
+        if fresh is not None:
+            extra = with_fresh(extra, self.fresh_item_extra.expand(
+                fresh.embeddings.shape[0], -1), rows, n)
         return torch.sigmoid(self.over_arch(user_embedding, items, extra))
 
 

@@ -10,6 +10,7 @@ import torch
 from builder.build import BuildConfig, build_modules
 from filtering.expression import batch_plans, parse_plan
 from stages.history import HistoryPooling, RequestHistory, batch_history
+from stages.item_vectors import Fp32Vectors
 from world.synthetic import WorldConfig, generate_world
 
 # the world of tests/test_stages.py: its trained weights are cached and shared
@@ -36,7 +37,7 @@ def test_pooling_equals_a_dictionary_reference_with_unknown_ids_and_fresh_items(
     rng = np.random.default_rng(0)
     item_ids = rng.choice(10**12, size=300, replace=False).astype(np.int64)
     vectors = rng.normal(size=(300, 8)).astype(np.float32)
-    pooling = HistoryPooling(torch.from_numpy(item_ids), torch.from_numpy(vectors))
+    pooling = HistoryPooling(torch.from_numpy(item_ids), Fp32Vectors(torch.from_numpy(vectors)))
     # fresh rows: one replaces item_ids[5], one is new, one is not live, one never used
     fresh_ids = np.array([item_ids[5], 77, 88, -1], dtype=np.int64)
     fresh_vectors = rng.normal(size=(4, 8)).astype(np.float32)
