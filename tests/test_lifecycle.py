@@ -101,7 +101,8 @@ class Launched:
         except subprocess.TimeoutExpired:
             logs = [p for p in (self.output.parent / "tritonserver.log",
                                 ROOT / "logs" / "tritonserver.log") if p.exists()]
-            tail = "\n".join(p.read_text(errors="replace").splitlines()[-30:] for p in logs[:1])
+            tail = "\n".join(line for p in logs[:1]
+                              for line in p.read_text(errors="replace").splitlines()[-30:])
             pytest.fail(f"the launcher did not exit {timeout:.0f} s after the signal; left: "
                         f"{self.leftovers()}\n--- its output ---\n{self.text()}\n"
                         f"--- server log ---\n{tail}")
