@@ -15,6 +15,7 @@ repository that is not built.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
 import signal
@@ -108,6 +109,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     supervisor = Supervisor(server)
     stop = StopRequest()
     stop.install()
+    # `kill -USR1 <launcher>` prints every thread's stack to stderr: where a stop hangs
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     print(f"starting tritonserver: repository {config.repository}; http {config.http_url}, "
           f"grpc {config.grpc_url}, metrics {config.host}:{config.metrics_port}; model control "
           f"{config.model_control}; log {config.log_path}", flush=True)

@@ -99,6 +99,10 @@ class Launched:
         try:
             return self.process.wait(timeout)
         except subprocess.TimeoutExpired:
+            for pid in [self.process.pid] + group_members(self.process.pid):
+                if "serving.serve" in cmdline(pid):  # its threads' stacks (faulthandler)
+                    os.kill(pid, signal.SIGUSR1)
+            time.sleep(1.0)
             logs = [p for p in (self.output.parent / "tritonserver.log",
                                 ROOT / "logs" / "tritonserver.log") if p.exists()]
             tail = "\n".join(line for p in logs[:1]
