@@ -37,6 +37,21 @@ BLOCK_ROWS = 64
 # benchmarks/gpu_ann.py (docs/performance.md) timed this setting only, and found the kernel
 # bound by per-row work (filter-bit tests, list walking), not by bandwidth.
 NUM_WARPS = 4
+# Fused scan + top-k kernel (`_ivf_int8_topk_kernel`), used when k <= TOPK_K_MAX. Defaults
+# are a guess until benchmarks/gpu_ann.py has swept them on an H200 (it prints the fastest):
+# rows per tile (raised to K = next power of two >= k when smaller: a tile's best K are merged
+# into the running best K), warps, software-pipelining stages, programs per (query, list)
+# (the longest list is 2.6x the mean at 1M / nlist 1000: splitting it evens out the tail), and
+# whether programs run in list order (queries probing the same list run side by side and
+# share its codes in L2) instead of query order.
+TOPK_BLOCK_ROWS = 128
+TOPK_NUM_WARPS = 4
+TOPK_NUM_STAGES = 2
+TOPK_SPLITS = 1
+TOPK_LIST_ORDER = False
+TOPK_USE_DOT = False
+# Largest K the fused kernel keeps per program: a bigger k takes the score-buffer path.
+TOPK_K_MAX = 256
 # Largest D whose int8 dot products stay exact integers in fp32 (D * 127^2 < 2^24), so that the
 # CPU and CUDA paths give the same scores.
 MAX_DIM = 1040
@@ -129,6 +144,111 @@ if triton_available():
         tl.store(out_ptr + pid_b * stride_outb + pid_p * stride_outp + offs_local, score,
                  mask=out_mask)
 
+    @triton.jit
+    def _sort_bitonic(x, LOG_N: tl.constexpr):
+        """Sort x [2**LOG_N], a bitonic sequence (ascending then descending), ascending: the
+        LOG_N half-cleaner stages of a bitonic merge, where tl.sort would run all
+        LOG_N * (LOG_N + 1) / 2 stages of a full sort. x is viewed as a [2, 2, ..., 2] cube:
+        dim i pairs the elements 2**(LOG_N - 1 - i) apart."""
+        h = tl.reshape(x, [2] * LOG_N)
+        for i in tl.static_range(LOG_N):
+            partner = h ^ tl.xor_sum(h, i, True)  # a ^ (a ^ b) = b: the element paired with a
+            is_upper = tl.reshape(tl.arange(0, 2), [1] * i + [2] + [1] * (LOG_N - 1 - i))
+            # the lower element of each pair keeps the min, the upper one the max
+            h = tl.where((h > partner) != (is_upper == 1), partner, h)
+        return tl.reshape(h, [2 ** LOG_N])
+
+    @triton.jit
+    def _ivf_int8_topk_kernel(
+        q_codes_ptr, q_scales_ptr, bits_ptr, probes_ptr, offsets_ptr, codes_ptr, scales_ptr,
+        order_ptr, out_scores_ptr, out_rows_ptr, num_passing_ptr, P,
+        stride_qb, stride_bitsb, stride_codesn, stride_outb,
+        D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_ROWS: tl.constexpr, K: tl.constexpr,
+        LOG_K: tl.constexpr, SPLITS: tl.constexpr, LIST_ORDER: tl.constexpr,
+        USE_DOT: tl.constexpr,
+    ):
+        # program (i, s): probe slot pair = i (or order[i] in list order) = b * P + p; it scans
+        # tiles s, s + SPLITS, ... of list probes[b, p], keeps the K best (score, row) of the
+        # passing rows, and writes them (ascending; -inf / -1 where fewer) to
+        # out[b, (p * SPLITS + s) * K ...]. A second top-k over those P * SPLITS * K picks k.
+        pid = tl.program_id(0)
+        split = tl.program_id(1)
+        if LIST_ORDER:
+            pair = tl.load(order_ptr + pid)
+        else:
+            pair = pid.to(tl.int64)
+        b = pair // P
+        p = pair % P
+
+        # the list's rows [start, end); -1 probes own none
+        cluster = tl.load(probes_ptr + pair)
+        c = tl.maximum(cluster, 0)
+        start = tl.load(offsets_ptr + c)
+        end = tl.where(cluster >= 0, tl.load(offsets_ptr + c + 1), start)
+        num_tiles = tl.cdiv(end - start, BLOCK_ROWS)
+
+        offs_d = tl.arange(0, BLOCK_D)
+        d_mask = offs_d < D
+        if USE_DOT:
+            # the query in all 16 columns of an int8 [BLOCK_D, 16] operand: tensor cores
+            # compute every row's dot 16 times (exact int32), CUDA cores widen nothing
+            q = tl.load(q_codes_ptr + b * stride_qb + offs_d[:, None]
+                        + tl.zeros((1, 16), tl.int32), mask=d_mask[:, None], other=0)
+        else:
+            q = tl.load(q_codes_ptr + b * stride_qb + offs_d, mask=d_mask, other=0).to(tl.int32)
+        q_scale = tl.load(q_scales_ptr + b)
+        offs_tile = tl.arange(0, BLOCK_ROWS)
+
+        # running best K as int64 keys = order-preserving score bits << 32 | row: one integer
+        # sort orders by score, then row. EMPTY (-2^63 + 1) sorts below every real key (the
+        # lowest, of score -inf, is about -2^62.99).
+        EMPTY: tl.constexpr = -0x7FFFFFFFFFFFFFFF
+        best = tl.full((K,), EMPTY, tl.int64)  # ascending
+        threshold = tl.min(best)  # key a row must beat to enter the best K
+        count = tl.zeros((BLOCK_ROWS,), tl.int32)
+        for t in tl.range(split, num_tiles, SPLITS):
+            rows = start + t * BLOCK_ROWS + offs_tile
+            row_mask = rows < end
+            # filter first (one int64 word holds the bits of 64 consecutive rows), then the
+            # embeddings of passing rows only: a masked-off lane issues no load
+            words = tl.load(bits_ptr + b * stride_bitsb + (rows >> 6), mask=row_mask, other=0)
+            passing = row_mask & (((words >> (rows & 63)) & 1) != 0)
+            count += passing.to(tl.int32)
+            x = tl.load(codes_ptr + rows[:, None] * stride_codesn + offs_d[None, :],
+                        mask=passing[:, None] & d_mask[None, :], other=0)
+            if USE_DOT:
+                dot = tl.max(tl.dot(x, q), axis=1)
+            else:
+                dot = tl.sum(x.to(tl.int32) * q[None, :], axis=1)
+            # rescale in the torch path's order: dot * query scale * item scale
+            item_scale = tl.load(scales_ptr + rows, mask=passing, other=0.0)
+            score = dot.to(tl.float32) * q_scale * item_scale
+            # float -> int32 with the same order (negative floats: flip the magnitude bits)
+            bits32 = score.to(tl.int32, bitcast=True)
+            ordered = bits32 ^ ((bits32 >> 31) & 0x7FFFFFFF)
+            keys = (ordered.to(tl.int64) << 32) | rows
+            keys = tl.where(passing, keys, EMPTY)
+            # merge only when some row beats the current K-th best
+            if tl.max(keys) > threshold:
+                # the tile's best K, descending (row 0 of the sorted tile is the largest K)
+                tile_best = tl.max(tl.reshape(tl.sort(keys, descending=True),
+                                              (BLOCK_ROWS // K, K)), axis=0)
+                # ascending vs descending: the elementwise max holds the best K of both, as a
+                # bitonic sequence that a bitonic merge sorts
+                best = _sort_bitonic(tl.maximum(best, tile_best), LOG_K)
+                threshold = tl.min(best)
+
+        tl.atomic_add(num_passing_ptr + b, tl.sum(count).to(tl.int64))
+        # decode the keys: score bits back from the order-preserving int32, row from the low half
+        ordered = (best >> 32).to(tl.int32)
+        score = (ordered ^ ((ordered >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+        found = best != EMPTY
+        score = tl.where(found, score, float("-inf"))
+        row = tl.where(found, best - ((best >> 32) << 32), -1)
+        offs_out = b * stride_outb + (p * SPLITS + split) * K + tl.arange(0, K)
+        tl.store(out_scores_ptr + offs_out, score)
+        tl.store(out_rows_ptr + offs_out, row)
+
 
 def _launch_ivf_int8_search(query_codes: torch.Tensor, query_scales: torch.Tensor,
                             filter_bits: torch.Tensor, probes: torch.Tensor,
@@ -157,13 +277,97 @@ def _launch_ivf_int8_search(query_codes: torch.Tensor, query_scales: torch.Tenso
     return out
 
 
+def topk_block_k(k: int) -> int:
+    """K, the number of candidates the fused kernel keeps per program: the next power of two
+    >= k (tl.sort sorts powers of two), at least 16."""
+    return max(16, 1 << max(k - 1, 0).bit_length())
+
+
+def _launch_ivf_int8_topk(query_codes: torch.Tensor, query_scales: torch.Tensor,
+                          filter_bits: torch.Tensor, probes: torch.Tensor,
+                          list_offsets: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
+                          k: int, block_rows: int = 0, num_warps: int = 0, num_stages: int = 0,
+                          splits: int = 0, list_order: Optional[bool] = None,
+                          use_dot: Optional[bool] = None
+                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused kernel alone: (scores f32 [B, P * splits * K], rows int64 [same], num_passing
+    int64 [B]), each program's K best of its share of a probed list (-inf / -1 where fewer),
+    K = topk_block_k(k) <= TOPK_K_MAX. Launch settings default to the TOPK_* constants (0 /
+    None = default); benchmarks/gpu_ann.py sweeps them. No device-to-host sync."""
+    query_codes, query_scales, filter_bits, probes, list_offsets, codes, scales = contiguous(
+        query_codes, query_scales, filter_bits, probes, list_offsets, codes, scales)
+    b, d = query_codes.shape
+    p = probes.shape[1]
+    kb = topk_block_k(k)
+    if kb > TOPK_K_MAX:
+        raise ValueError(f"ivf_int8_search: k {k} > TOPK_K_MAX {TOPK_K_MAX} for the fused kernel")
+    block_rows = max(block_rows or TOPK_BLOCK_ROWS, kb)  # powers of two: a multiple of K
+    splits = splits or TOPK_SPLITS
+    list_order = TOPK_LIST_ORDER if list_order is None else list_order
+    use_dot = TOPK_USE_DOT if use_dot is None else use_dot
+    # int8 tl.dot needs a reduction dim of at least 32
+    block_d = max(triton.next_power_of_2(d), 32 if use_dot else 1)
+    scores = torch.empty((b, p * splits * kb), dtype=torch.float32, device=codes.device)
+    rows = torch.empty((b, p * splits * kb), dtype=torch.int64, device=codes.device)
+    num_passing = torch.zeros(b, dtype=torch.int64, device=codes.device)
+    if b > 0 and p > 0:
+        # list order: program i takes the i-th (query, probe) pair sorted by list, so the
+        # queries that probe one list run together and read its codes from L2
+        order = torch.argsort(probes.view(-1)) if list_order else probes
+        _ivf_int8_topk_kernel[(b * p, splits)](
+            query_codes, query_scales, filter_bits, probes, list_offsets, codes, scales, order,
+            scores, rows, num_passing, p,
+            query_codes.stride(0), filter_bits.stride(0), codes.stride(0), scores.stride(0),
+            D=d, BLOCK_D=block_d, BLOCK_ROWS=block_rows, K=kb, LOG_K=kb.bit_length() - 1,
+            SPLITS=splits, LIST_ORDER=list_order, USE_DOT=use_dot,
+            num_warps=num_warps or TOPK_NUM_WARPS,
+            num_stages=num_stages or TOPK_NUM_STAGES,
+        )
+    return scores, rows, num_passing
+
+
+def _select_topk(scores: torch.Tensor, rows: torch.Tensor, k: int
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The k best of candidate scores [B, C] and their rows, padded with -inf / -1 to k."""
+    b, c = scores.shape
+    kk = min(k, c)
+    top, idx = torch.topk(scores, kk, dim=1)
+    top_rows = rows.gather(1, idx)
+    if kk == k:
+        return top, top_rows
+    pad = k - kk
+    return (torch.cat([top, top.new_full((b, pad), float("-inf"))], 1),
+            torch.cat([top_rows, top_rows.new_full((b, pad), -1)], 1))
+
+
 def ivf_int8_search_triton(query_codes: torch.Tensor, query_scales: torch.Tensor,
                            filter_bits: torch.Tensor, probes: torch.Tensor,
                            list_offsets: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
                            k: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """CUDA implementation of `iam::ivf_int8_search` (CPU tensors too under TRITON_INTERPRET=1):
-    the kernel scores every probed row into [B, P, max_list_len] (-inf where filtered out),
-    then torch.topk picks the k best per query."""
+    """CUDA implementation of `iam::ivf_int8_search` (CPU tensors too under TRITON_INTERPRET=1).
+    k <= TOPK_K_MAX: the fused kernel keeps the K best rows per (query, probed list), then
+    torch.topk picks k of those P * K per query; larger k: `ivf_int8_search_buffered`."""
+    _check_ivf_int8_search(query_codes, query_scales, filter_bits, probes, list_offsets, codes,
+                           scales, k)
+    require_triton_device("ivf_int8_search", codes.device)
+    # keys hold the row in 32 bits: larger indexes take the buffered path
+    if topk_block_k(k) > TOPK_K_MAX or codes.shape[0] >= 2**31:
+        return ivf_int8_search_buffered(query_codes, query_scales, filter_bits, probes,
+                                        list_offsets, codes, scales, k)
+    scores, rows, num_passing = _launch_ivf_int8_topk(
+        query_codes, query_scales, filter_bits, probes, list_offsets, codes, scales, k)
+    top, top_rows = _select_topk(scores, rows, k)
+    return top, top_rows, num_passing
+
+
+def ivf_int8_search_buffered(query_codes: torch.Tensor, query_scales: torch.Tensor,
+                             filter_bits: torch.Tensor, probes: torch.Tensor,
+                             list_offsets: torch.Tensor, codes: torch.Tensor,
+                             scales: torch.Tensor, k: int
+                             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The score-buffer path (k > TOPK_K_MAX, and the benchmark's baseline): the kernel scores
+    every probed row into [B, P, max_list_len] (-inf where filtered out), then torch.topk picks
+    the k best per query. Reads max_list_len from list_offsets (a device-to-host sync)."""
     _check_ivf_int8_search(query_codes, query_scales, filter_bits, probes, list_offsets, codes,
                            scales, k)
     require_triton_device("ivf_int8_search", codes.device)

@@ -41,3 +41,36 @@ def test_scan_kernel_compiles_for_sm90(scalar, dim):
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
     assert len(compiled.asm["cubin"]) > 0
+
+
+@pytest.mark.parametrize("scalar, dim, k, block_rows, splits, list_order, use_dot", [
+    ("i32", 64, 100, 128, 1, False, False), ("i64", 64, 100, 256, 2, True, True),
+    ("i32", 20, 10, 64, 3, False, True), ("i32", 64, 256, 256, 1, True, False)])
+def test_fused_topk_kernel_compiles_for_sm90(scalar, dim, k, block_rows, splits, list_order,
+                                             use_dot):
+    """The fused scan + top-k kernel, over the launch settings benchmarks/gpu_ann.py sweeps."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from kernels import ivf_int8_search as op
+
+    kernel = op._ivf_int8_topk_kernel
+    signature = {
+        "q_codes_ptr": "*i8", "q_scales_ptr": "*fp32", "bits_ptr": "*i64", "probes_ptr": "*i64",
+        "offsets_ptr": "*i64", "codes_ptr": "*i8", "scales_ptr": "*fp32", "order_ptr": "*i64",
+        "out_scores_ptr": "*fp32", "out_rows_ptr": "*i64", "num_passing_ptr": "*i64",
+        "P": scalar, "stride_qb": scalar, "stride_bitsb": scalar, "stride_codesn": scalar,
+        "stride_outb": scalar,
+        "D": "constexpr", "BLOCK_D": "constexpr", "BLOCK_ROWS": "constexpr", "K": "constexpr",
+        "LOG_K": "constexpr", "SPLITS": "constexpr", "LIST_ORDER": "constexpr",
+        "USE_DOT": "constexpr",
+    }
+    kb = op.topk_block_k(k)
+    constexprs = {"D": dim, "BLOCK_D": max(triton.next_power_of_2(dim), 32 if use_dot else 1),
+                  "BLOCK_ROWS": block_rows, "K": kb, "LOG_K": kb.bit_length() - 1,
+                  "SPLITS": splits, "LIST_ORDER": list_order, "USE_DOT": use_dot}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": 8, "num_stages": 3})
+    assert len(compiled.asm["cubin"]) > 0
