@@ -14,6 +14,11 @@ descending; slots past the query's number of passing rows hold score -inf and ro
 probe more lists or fall back to an exact scan (`ann.search`). Probing every list is exact
 filtered search. Rows are index rows (cluster-contiguous order, see `ann.ivf`).
 
+CUDA path (k <= TOPK_K_MAX): one fused kernel scans each (query, probed list) in row tiles and
+keeps only the list's K best rows (K = next power of two >= k), so a small torch.topk over
+P * K candidates per query picks the k; larger k use the older kernel that writes every probed
+row's score to a [B, P, max_list_len] buffer (`ivf_int8_search_buffered`).
+
 Filtered-out rows cost no embedding traffic on either path: the CUDA kernel masks the embedding
 load with the filter bit; the CPU path turns the probed filter words into the list of passing
 rows first (skipping zero bytes) and gathers only their codes.
@@ -44,12 +49,16 @@ NUM_WARPS = 4
 # (the longest list is 2.6x the mean at 1M / nlist 1000: splitting it evens out the tail), and
 # whether programs run in list order (queries probing the same list run side by side and
 # share its codes in L2) instead of query order.
+# Guesses from the sm_90 PTX (not yet timed): the merges are bitonic networks over int64 keys;
+# one warp does them in registers and shuffles, where 4 warps trade data through shared memory
+# at ~33 barriers per tile and issue ~2.4x the instructions per tile. The tensor-core dot
+# (int8 mma, exact int32) spares the CUDA cores the widening multiply-adds.
 TOPK_BLOCK_ROWS = 128
-TOPK_NUM_WARPS = 4
-TOPK_NUM_STAGES = 2
+TOPK_NUM_WARPS = 1
+TOPK_NUM_STAGES = 2  # the loop's loads are masked gathers: triton does not pipeline them
 TOPK_SPLITS = 1
 TOPK_LIST_ORDER = False
-TOPK_USE_DOT = False
+TOPK_USE_DOT = True
 # Largest K the fused kernel keeps per program: a bigger k takes the score-buffer path.
 TOPK_K_MAX = 256
 # Largest D whose int8 dot products stay exact integers in fp32 (D * 127^2 < 2^24), so that the
@@ -185,7 +194,7 @@ if triton_available():
         c = tl.maximum(cluster, 0)
         start = tl.load(offsets_ptr + c)
         end = tl.where(cluster >= 0, tl.load(offsets_ptr + c + 1), start)
-        num_tiles = tl.cdiv(end - start, BLOCK_ROWS)
+        num_tiles = tl.cdiv(end - start, BLOCK_ROWS).to(tl.int32)  # same type as `split`
 
         offs_d = tl.arange(0, BLOCK_D)
         d_mask = offs_d < D
