@@ -20,8 +20,9 @@ torch.topk over [B, P, max_list_len]; for the fused one the torch.topk over its 
 candidates per query.
 
 The sweep runs in two stages, every setting at every pass rate: rows per tile x warps x
-(tensor-core dot or not) in query order with one program per (query, list); then, from the
-best of those at pass rate 1.0, programs per list x query / list order. It ends with the
+(tensor-core dot or not) in query order with one program per (query, list) and no shared
+bound; then, from the best of those at pass rate 1.0, shared bound x programs per list x
+query / list order. It ends with the
 fastest setting (sum of warm op times over the pass rates) written as the constants to set in
 kernels/ivf_int8_search.py.
 """
@@ -37,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 # on a GPU, stops sweeping (the setting under way finishes) after this long: the run must end
 # within 4 minutes on an H200 (index build ~20-50 s, each setting's compile ~1-3 s)
-TIME_BUDGET_S = 180.0
+TIME_BUDGET_S = 195.0
 
 
 def parse_args() -> argparse.Namespace:
@@ -64,6 +65,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # every line out even if the run is cut short
     if args.interpret:
         os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
     import torch
@@ -234,7 +236,8 @@ def main() -> None:
     # ---- sweep ----------------------------------------------------------------------------
     def name_of(s: dict) -> str:
         return (f"rows {s['block_rows']} warps {s['num_warps']} dot {int(s['use_dot'])} "
-                f"splits {s['splits']} {'list' if s['list_order'] else 'query'}")
+                f"splits {s['splits']} {'list' if s['list_order'] else 'query'} "
+                f"bound {int(s['share_bound'])}")
 
     def run_setting(setting: dict) -> bool:
         if cuda and time.perf_counter() - began > TIME_BUDGET_S:
@@ -259,15 +262,18 @@ def main() -> None:
 
     default = dict(block_rows=op.TOPK_BLOCK_ROWS, num_warps=op.TOPK_NUM_WARPS,
                    num_stages=op.TOPK_NUM_STAGES, splits=op.TOPK_SPLITS,
-                   list_order=op.TOPK_LIST_ORDER, use_dot=op.TOPK_USE_DOT)
+                   list_order=op.TOPK_LIST_ORDER, use_dot=op.TOPK_USE_DOT,
+                   share_bound=op.TOPK_SHARE_BOUND)
     if args.no_sweep:
         stage1 = [default]
     elif cuda:
-        stage1 = [dict(default, block_rows=r, num_warps=w, use_dot=d)
-                  for d in (True, False) for r in (128, 256) for w in (1, 2, 4)]
+        stage1 = [dict(default, block_rows=r, num_warps=w, use_dot=d, splits=1, list_order=False,
+                       share_bound=False)
+                  for d in (True, False)
+                  for r, w in ((128, 1), (128, 2), (128, 4), (256, 1), (256, 2))]
     else:  # the interpreter is slow: three settings exercise every branch
-        stage1 = [dict(default, block_rows=64, num_warps=4, use_dot=False),
-                  dict(default, block_rows=64, num_warps=4, use_dot=True)]
+        stage1 = [dict(default, block_rows=64, num_warps=4, use_dot=d, splits=1,
+                       list_order=False, share_bound=False) for d in (False, True)]
     print("\n== fused kernel, stage 1: rows per tile x warps x dot (one program per "
           "(query, list), query order)")
     done = [s for s in stage1 if run_setting(s)]
@@ -278,12 +284,15 @@ def main() -> None:
     if not done:
         done = [default]  # nothing ran: stage 2 from the default, the summary says so
     best1 = min(done, key=lambda s: op_time(s, rates[0]))
-    stage2 = [] if args.no_sweep else [dict(best1, splits=n, list_order=o)
-                                       for n in (1, 2, 4) for o in (False, True)]
+    # the shared bound first: if the time budget runs out, the settings without it go
+    stage2 = [] if args.no_sweep else [dict(best1, splits=n, list_order=o, share_bound=sb)
+                                       for sb in (True, False) for n in (1, 2, 4)
+                                       for o in (False, True)]
     if not cuda:
-        stage2 = [dict(best1, splits=2, list_order=True)]
+        stage2 = [dict(best1, splits=2, list_order=True, share_bound=True)]
     stage2 = [s for s in stage2 if name_of(s) != name_of(best1)]
-    print(f"\n== fused kernel, stage 2: programs per list x order, from {name_of(best1)}")
+    print(f"\n== fused kernel, stage 2: shared bound x programs per list x order, from "
+          f"{name_of(best1)}")
     done += [s for s in stage2 if run_setting(s)]
 
     # ---- summary ----------------------------------------------------------------------------
@@ -314,7 +323,8 @@ def main() -> None:
               f"{read_bytes / kw / copy_read_bw:.0%} of copy, top-k share {(ow - kw) / kw:.2f}\n"
               f"  set in kernels/ivf_int8_search.py: TOPK_BLOCK_ROWS = {fastest['block_rows']}, "
               f"TOPK_NUM_WARPS = {fastest['num_warps']}, TOPK_SPLITS = {fastest['splits']}, "
-              f"TOPK_LIST_ORDER = {fastest['list_order']}, TOPK_USE_DOT = {fastest['use_dot']}")
+              f"TOPK_LIST_ORDER = {fastest['list_order']}, TOPK_USE_DOT = {fastest['use_dot']}, "
+              f"TOPK_SHARE_BOUND = {fastest['share_bound']}")
     else:
         print("\nno setting passed every check at every pass rate")
     if mismatches:

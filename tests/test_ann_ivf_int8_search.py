@@ -150,7 +150,8 @@ def test_triton_kernel_under_interpreter_equals_torch_path():
 def _fused_cases():
     """(name, inputs, k, launch settings) for the fused scan + top-k kernel: per-query pass
     rates 0 / tiny / 0.5 / 1, a -1 probe, an empty list, lists longer than a tile and than K,
-    k above some queries' passing rows, many tied scores, D = 20 and 64."""
+    k above some queries' passing rows, many tied scores, D = 20 and 64, the shared bound on
+    and off."""
     cases = []
     # D = 20: lists of ~150 rows (~10 tiles of 16 rows, K = 16 for k = 10), one list empty
     q_codes, q_scales, _, probes, offsets, codes, scales = _inputs(4, 700, 20, 5, 3, seed=21)
@@ -162,7 +163,12 @@ def _fused_cases():
     args = (q_codes, q_scales, bits, probes, offsets, codes, scales)
     cases.append(("d20", args, 10, dict(block_rows=16, num_warps=4)))
     cases.append(("d20 split list-order dot", args, 10,
-                  dict(block_rows=16, splits=3, list_order=True, use_dot=True)))
+                  dict(block_rows=16, splits=3, list_order=True, use_dot=True,
+                       share_bound=False)))
+    # positive scores only: the shared per-query bound (published k-th best keys are positive)
+    # lets later tiles skip their merges
+    cases.append(("d20 positive shared bound", (args[0].abs(),) + args[1:5] + (
+        args[5].abs(), args[6]), 10, dict(block_rows=16, share_bound=True)))
     # D = 64, 3 distinct code values and one scale: most scores tie; k = 40 (K = 64) exceeds
     # the passing rows of the tiny-rate query
     q_codes, q_scales, _, probes, offsets, codes, scales = _inputs(4, 600, 64, 3, 2, seed=23)
@@ -170,8 +176,9 @@ def _fused_cases():
     scales = torch.full_like(scales, 0.5)
     bits = pack_bits(torch.rand(4, 600, generator=gen) < rates)
     args = (q_codes, q_scales, bits, probes, offsets, codes, scales)
-    cases.append(("d64 ties", args, 40, dict(block_rows=64)))
-    cases.append(("d64 ties split dot", args, 40, dict(block_rows=128, splits=2, use_dot=True)))
+    cases.append(("d64 ties", args, 40, dict(block_rows=64, share_bound=True)))
+    cases.append(("d64 ties split dot", args, 40,
+                  dict(block_rows=128, splits=2, use_dot=True, share_bound=False)))
     return cases
 
 
