@@ -344,9 +344,16 @@ def _launch_ivf_int8_topk(query_codes: torch.Tensor, query_scales: torch.Tensor,
     # num_passing and the shared bounds, zeroed by one launch
     state = torch.zeros((2, b), dtype=torch.int64, device=codes.device)
     if b > 0 and p > 0:
-        # list order: program i takes the i-th (query, probe) pair sorted by list, so the
-        # queries that probe one list run together and read its codes from L2
-        order = torch.argsort(probes.view(-1)) if list_order else probes
+        # list order: program i takes the i-th (query, probe) pair sorted by list length, then
+        # list, descending: the longest lists start first (a shorter tail), and the queries
+        # that probe one list run together and read its codes from L2
+        order = probes
+        if list_order:
+            nlist = list_offsets.shape[0] - 1
+            cluster = probes.view(-1).clamp(min=0)
+            length = (list_offsets[1:] - list_offsets[:-1]).index_select(0, cluster)
+            key = torch.where(probes.view(-1) >= 0, length * (nlist + 1) + cluster, -1)
+            order = torch.argsort(key, descending=True)
         _ivf_int8_topk_kernel[(b * p, splits)](
             query_codes, query_scales, filter_bits, probes, list_offsets, codes, scales, order,
             scores, rows, state[0], state[1], p, k,
