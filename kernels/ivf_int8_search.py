@@ -63,6 +63,10 @@ TOPK_USE_DOT = True
 # lists skip their merges (see the kernel); under the interpreter (positive scores, 3 lists of
 # ~1,300 rows, k = 10) it cut a query's time from 2.3-2.7 s to 1.3-1.8 s. Not yet timed on a GPU.
 TOPK_SHARE_BOUND = True
+# The k of the P * K candidates per query: one small program per query merging the sorted
+# chunks (True), or torch.topk + gather (False). Not yet timed on a GPU; gpu_ann.py times both.
+TOPK_TRITON_MERGE = True
+TOPK_MERGE_NUM_WARPS = 1
 # Largest K the fused kernel keeps per program: a bigger k takes the score-buffer path.
 TOPK_K_MAX = 256
 # Largest D whose int8 dot products stay exact integers in fp32 (D * 127^2 < 2^24), so that the
@@ -280,6 +284,47 @@ if triton_available():
         tl.store(out_scores_ptr + offs_out, score)
         tl.store(out_rows_ptr + offs_out, row)
 
+    @triton.jit
+    def _merge_candidates_kernel(
+        cand_scores_ptr, cand_rows_ptr, out_scores_ptr, out_rows_ptr, num_chunks, k,
+        stride_candb, stride_outb, K: tl.constexpr, LOG_K: tl.constexpr,
+    ):
+        # program b merges query b's candidates: num_chunks chunks of K, each one program's
+        # best K of `_ivf_int8_topk_kernel`, already ascending by key. Read backwards a chunk is
+        # descending, so one bitonic merge (LOG_K stages, no sort) takes it into the running
+        # best K; the next chunk's loads are issued before the merge so that they overlap it.
+        b = tl.program_id(0)
+        EMPTY: tl.constexpr = -0x7FFFFFFFFFFFFFFF
+        offs_k = tl.arange(0, K)
+        backwards = K - 1 - offs_k
+        scores_base = cand_scores_ptr + b * stride_candb
+        rows_base = cand_rows_ptr + b * stride_candb
+        score = tl.load(scores_base + backwards)
+        row = tl.load(rows_base + backwards)
+        best = tl.full((K,), EMPTY, tl.int64)  # ascending
+        for j in tl.range(0, num_chunks):
+            has_next = (offs_k * 0 + j + 1) < num_chunks
+            next_score = tl.load(scores_base + (j + 1) * K + backwards, mask=has_next,
+                                 other=float("-inf"))
+            next_row = tl.load(rows_base + (j + 1) * K + backwards, mask=has_next, other=-1)
+            # the same keys as the scan kernel's: order-preserving score bits << 32 | row
+            bits32 = score.to(tl.int32, bitcast=True)
+            ordered = bits32 ^ ((bits32 >> 31) & 0x7FFFFFFF)
+            keys = tl.where(row >= 0, (ordered.to(tl.int64) << 32) | row, EMPTY)
+            best = _sort_bitonic(tl.maximum(best, keys), LOG_K)
+            score = next_score
+            row = next_row
+        # the k best, descending: slot j holds best[K - 1 - j]
+        ordered = (best >> 32).to(tl.int32)
+        score = (ordered ^ ((ordered >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+        found = best != EMPTY
+        slot = K - 1 - offs_k
+        out_mask = slot < k
+        tl.store(out_scores_ptr + b * stride_outb + slot, tl.where(found, score, float("-inf")),
+                 mask=out_mask)
+        tl.store(out_rows_ptr + b * stride_outb + slot,
+                 tl.where(found, best - ((best >> 32) << 32), -1), mask=out_mask)
+
 
 def _launch_ivf_int8_search(query_codes: torch.Tensor, query_scales: torch.Tensor,
                             filter_bits: torch.Tensor, probes: torch.Tensor,
@@ -366,10 +411,20 @@ def _launch_ivf_int8_topk(query_codes: torch.Tensor, query_scales: torch.Tensor,
     return scores, rows, state[0]
 
 
-def _select_topk(scores: torch.Tensor, rows: torch.Tensor, k: int
-                 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The k best of candidate scores [B, C] and their rows, padded with -inf / -1 to k."""
+def _select_topk(scores: torch.Tensor, rows: torch.Tensor, k: int,
+                 triton_merge: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The k best of the fused kernel's candidates (scores [B, C], rows [B, C], C = chunks of
+    K = topk_block_k(k), each ascending), descending, padded with -inf / -1 to k: by
+    `_merge_candidates_kernel` (triton_merge, default TOPK_TRITON_MERGE) or torch.topk."""
     b, c = scores.shape
+    kb = topk_block_k(k)
+    if (TOPK_TRITON_MERGE if triton_merge is None else triton_merge) and c >= kb and b > 0:
+        top = torch.empty((b, k), dtype=torch.float32, device=scores.device)
+        top_rows = torch.empty((b, k), dtype=torch.int64, device=scores.device)
+        _merge_candidates_kernel[(b,)](
+            scores, rows, top, top_rows, c // kb, k, scores.stride(0), top.stride(0),
+            K=kb, LOG_K=kb.bit_length() - 1, num_warps=TOPK_MERGE_NUM_WARPS)
+        return top, top_rows
     kk = min(k, c)
     top, idx = torch.topk(scores, kk, dim=1)
     top_rows = rows.gather(1, idx)

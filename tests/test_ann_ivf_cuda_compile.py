@@ -78,3 +78,24 @@ def test_fused_topk_kernel_compiles_for_sm90(scalar, dim, k, block_rows, warps, 
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": warps, "num_stages": 2})
     assert len(compiled.asm["cubin"]) > 0
+
+
+@pytest.mark.parametrize("scalar, k", [("i32", 100), ("i64", 10)])
+def test_candidate_merge_kernel_compiles_for_sm90(scalar, k):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from kernels import ivf_int8_search as op
+
+    signature = {
+        "cand_scores_ptr": "*fp32", "cand_rows_ptr": "*i64", "out_scores_ptr": "*fp32",
+        "out_rows_ptr": "*i64", "num_chunks": scalar, "k": scalar, "stride_candb": scalar,
+        "stride_outb": scalar, "K": "constexpr", "LOG_K": "constexpr",
+    }
+    kb = op.topk_block_k(k)
+    source = ASTSource(fn=op._merge_candidates_kernel, signature=signature,
+                       constexprs={"K": kb, "LOG_K": kb.bit_length() - 1})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": op.TOPK_MERGE_NUM_WARPS})
+    assert len(compiled.asm["cubin"]) > 0

@@ -186,7 +186,8 @@ def _fused_cases():
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 def test_fused_topk_kernel_under_interpreter_equals_torch_path():
     """The fused scan + top-k kernel over several launch settings (benchmarks/gpu_ann.py sweeps
-    them on a GPU): scores and num_passing equal the torch path's, rows equal up to ties."""
+    them on a GPU), then either selection of the k: scores and num_passing equal the torch
+    path's, rows equal up to ties."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         node = f"{__file__}::test_fused_topk_kernel_under_interpreter_equals_torch_path"
         child = subprocess.run(
@@ -198,14 +199,15 @@ def test_fused_topk_kernel_under_interpreter_equals_torch_path():
         return
     for name, args, k, setting in _fused_cases():
         cand_scores, cand_rows, num = op_module._launch_ivf_int8_topk(*args, k, **setting)
-        scores, rows = op_module._select_topk(cand_scores, cand_rows, k)
         ref_scores, _, ref_num = op_module.ivf_int8_search_torch(*args, k)
         assert torch.equal(num, ref_num), name
-        assert torch.equal(scores, ref_scores), name
         dense, _ = _brute_force(*args, k)
-        _assert_topk_matches(scores, rows, dense, k)
-        assert num.tolist()[0] == 0 and bool((rows[0] == -1).all()), name
-        assert num.tolist()[1] < k and int((rows[1] >= 0).sum()) == num.tolist()[1], name
+        for triton_merge in (True, False):  # the k of the candidates: merge kernel, torch.topk
+            scores, rows = op_module._select_topk(cand_scores, cand_rows, k, triton_merge)
+            assert torch.equal(scores, ref_scores), (name, triton_merge)
+            _assert_topk_matches(scores, rows, dense, k)
+            assert num.tolist()[0] == 0 and bool((rows[0] == -1).all()), name
+            assert num.tolist()[1] < k and int((rows[1] >= 0).sum()) == num.tolist()[1], name
 
 
 # ---- the search module ----------------------------------------------------------------------
