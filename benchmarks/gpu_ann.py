@@ -186,11 +186,11 @@ def main() -> None:
             print(f"  !!! MISMATCH {mismatches[-1]}")
         return not problems
 
-    def search_fn(case, **setting):
+    def search_fn(case, triton_merge=None, **setting):
         def run():
             s, r, n = op._launch_ivf_int8_topk(qc, qs, case[2], pr, off, codes, scales, args.k,
                                                **setting)
-            top, top_rows = op._select_topk(s, r, args.k)
+            top, top_rows = op._select_topk(s, r, args.k, triton_merge)
             return top, top_rows, n
         return run
 
@@ -200,20 +200,26 @@ def main() -> None:
 
     # the registered op (default settings, dispatcher on CUDA) and the old path
     search = torch.ops.iam.ivf_int8_search if cuda else op.ivf_int8_search_triton
-    results = {}  # (setting name, rate) -> (kernel warm, kernel cold, op warm, op cold)
+    # (setting name, rate) -> (kernel warm, kernel cold, {selection: (op warm, op cold)})
+    results = {}
 
-    def measure(label: str, key: str, kernel, full, case) -> None:
+    def measure(label: str, key: str, kernel, fulls: dict, case) -> None:
+        """Times the kernel alone and the op with each way of selecting the k (fulls)."""
         rate, _, _, _, read_bytes, *_ = case
-        kw, ow = timed(kernel, args.repeats), timed(full, args.repeats)
         # (interpreted: one run each; cold = warm)
-        kc, oc = (timed(kernel, args.repeats, cold=True), timed(full, args.repeats, cold=True)) \
-            if cuda else (kw, ow)
-        results[key, rate] = (kw, kc, ow, oc)
-        print(f"  {label:<32} kernel {kw * 1e3:7.3f} ms (cold {kc * 1e3:7.3f}), op "
-              f"{ow * 1e3:7.3f} ms (cold {oc * 1e3:7.3f}); {read_bytes / kw / 1e9:7.1f} GB/s = "
-              f"{read_bytes / kw / copy_read_bw:5.0%} of copy (cold {read_bytes / kc / 1e9:6.1f} "
-              f"GB/s = {read_bytes / kc / copy_read_bw:4.0%}); top-k share "
-              f"{(ow - kw) / kw:5.2f}")
+        kw = timed(kernel, args.repeats)
+        kc = timed(kernel, args.repeats, cold=True) if cuda else kw
+        ops = {}
+        for name, full in fulls.items():
+            ow = timed(full, args.repeats)
+            ops[name] = (ow, timed(full, args.repeats, cold=True) if cuda else ow)
+        results[key, rate] = (kw, kc, ops)
+        print(f"  {label:<24} kernel {kw * 1e3:7.3f} ms (cold {kc * 1e3:7.3f}) "
+              f"{read_bytes / kw / 1e9:7.1f} GB/s = {read_bytes / kw / copy_read_bw:5.0%} of "
+              f"copy (cold {read_bytes / kc / 1e9:6.1f} GB/s = "
+              f"{read_bytes / kc / copy_read_bw:4.0%})"
+              + "".join(f"; op, {name}: {ow * 1e3:7.3f} ms (cold {oc * 1e3:7.3f}), top-k share "
+                        f"{(ow - kw) / kw:5.2f}" for name, (ow, oc) in ops.items()))
 
     print("\n== old path (score buffer + torch.topk) and the registered op (default setting)")
     for case in cases:
@@ -221,13 +227,14 @@ def main() -> None:
         a = (qc, qs, bits_dev, pr, off, codes, scales)
         print(f"pass rate {rate}:")
         paths = [("old path", "old path", lambda a=a: op.ivf_int8_search_buffered(*a, args.k),
-                  lambda a=a: op._launch_ivf_int8_search(*a, longest)),
+                  lambda a=a: op._launch_ivf_int8_search(*a, longest), "torch.topk"),
                  ("registered op (default)", "registered op (default setting)",
-                  lambda a=a: search(*a, args.k), kernel_fn(case))]
-        for label, key, full, kernel in paths:
+                  lambda a=a: search(*a, args.k), kernel_fn(case),
+                  "merge kernel" if op.TOPK_TRITON_MERGE else "torch.topk")]
+        for label, key, full, kernel, selection in paths:
             try:
                 if check(label, full(), case):
-                    measure(label, key, kernel, full, case)
+                    measure(label, key, kernel, {selection: full}, case)
             except Exception as e:  # report, and go on
                 mismatches.append(f"{label} at pass rate {rate}: raised {e!r}"[:2000])
                 print(f"  !!! MISMATCH {mismatches[-1]}")
@@ -246,17 +253,18 @@ def main() -> None:
         print(f"setting {name}:")
         for case in cases:
             t = time.perf_counter()
+            fulls = {"torch.topk": search_fn(case, False, **setting),
+                     "merge kernel": search_fn(case, True, **setting)}
             try:
-                ok = check(name, search_fn(case, **setting)(), case)
+                ok = all([check(f"{name}, {sel}", full(), case) for sel, full in fulls.items()])
             except Exception as e:  # a compile or launch error: report it, try the next one
                 mismatches.append(f"{name} at pass rate {case[0]}: raised {e!r}"[:2000])
                 print(f"  !!! MISMATCH {mismatches[-1]}")
                 return False
             if cuda and time.perf_counter() - t > 1.0:
-                print(f"  (compiled in {time.perf_counter() - t:.1f}s)")
+                print(f"  (checked, compiling if new, in {time.perf_counter() - t:.1f}s)")
             if ok:
-                measure(f"pass rate {case[0]}", name, kernel_fn(case, **setting),
-                        search_fn(case, **setting), case)
+                measure(f"pass rate {case[0]}", name, kernel_fn(case, **setting), fulls, case)
         return True
 
     default = dict(block_rows=op.TOPK_BLOCK_ROWS, num_warps=op.TOPK_NUM_WARPS,
@@ -278,7 +286,10 @@ def main() -> None:
     done = [s for s in stage1 if run_setting(s)]
 
     def op_time(s: dict, rate: float) -> float:
-        return results.get((name_of(s), rate), (0, 0, float("inf"), 0))[2]
+        """The setting's best warm op time (either selection of the k) at a pass rate."""
+        if (name_of(s), rate) not in results:
+            return float("inf")
+        return min(ow for ow, _ in results[name_of(s), rate][2].values())
 
     if not done:
         done = [default]  # nothing ran: stage 2 from the default, the summary says so
@@ -295,41 +306,54 @@ def main() -> None:
     done += [s for s in stage2 if run_setting(s)]
 
     # ---- summary ----------------------------------------------------------------------------
-    print("\n== summary: warm op ms (kernel ms) per pass rate; the goal: kernel >= 70% of copy "
-          "at pass rate 1.0, top-k share <= 0.5")
-    print(f"{'':<46}" + "".join(f"{'rate ' + str(r):>20}" for r in rates) + f"{'sum op':>9}")
-    nan = (float("nan"),) * 4
+    print("\n== summary: warm op ms with torch.topk / with the merge kernel (kernel ms) per pass "
+          "rate; the goal: kernel >= 70% of copy at pass rate 1.0, top-k share <= 0.5")
+    print(f"{'':<46}" + "".join(f"{'rate ' + str(r):>31}" for r in rates) + f"{'sum best op':>12}")
 
-    def summary_row(key: str) -> float:
-        """Prints key's row; returns the sum of its warm op times (inf if a rate is missing)."""
-        cells, total = [], 0.0
+    def summary_row(key: str, selections=("torch.topk", "merge kernel")) -> dict:
+        """Prints key's row; returns {selection: sum of its warm op times} (inf where a pass
+        rate is missing)."""
+        cells, totals = [], {sel: 0.0 for sel in selections}
         for r in rates:
-            kw, _, ow, _ = results.get((key, r), nan)
-            cells.append(f"{ow * 1e3:.3f} ({kw * 1e3:.3f})")
-            total += ow if (key, r) in results else float("inf")
-        print(f"{key:<46}" + "".join(f"{c:>20}" for c in cells) + f"{total * 1e3:9.3f}")
-        return total
+            kw, _, ops = results.get((key, r), (float("nan"), 0, {}))
+            cell = " / ".join(f"{ops[sel][0] * 1e3:.3f}" if sel in ops else "-"
+                              for sel in selections)
+            cells.append(f"{cell} ({kw * 1e3:.3f})")
+            for sel in selections:
+                totals[sel] += ops[sel][0] if sel in ops else float("inf")
+        print(f"{key:<46}" + "".join(f"{c:>31}" for c in cells)
+              + f"{min(totals.values()) * 1e3:12.3f}")
+        return totals
 
-    summary_row("old path")
-    summary_row("registered op (default setting)")
-    totals = {name_of(s): summary_row(name_of(s)) for s in done}
-    fastest = min(done, key=lambda s: totals[name_of(s)])
-    if totals[name_of(fastest)] < float("inf"):
-        kw, _, ow, _ = results[name_of(fastest), rates[0]]
+    summary_row("old path", ("torch.topk",))
+    summary_row("registered op (default setting)",
+                ("merge kernel" if op.TOPK_TRITON_MERGE else "torch.topk",))
+    totals = {(name_of(s), sel): total for s in done
+              for sel, total in summary_row(name_of(s)).items()}
+    by_name = {name_of(s): s for s in done}
+    (fastest_name, selection), best_total = min(totals.items(), key=lambda kv: kv[1])
+    if best_total < float("inf"):
+        fastest = by_name[fastest_name]
+        kw, _, ops = results[fastest_name, rates[0]]
+        ow = ops[selection][0]
         read_bytes = cases[0][4]
-        print(f"\nfastest setting (sum of warm op times, all checks passed): {name_of(fastest)}\n"
+        print(f"\nfastest setting (sum of warm op times, all checks passed): {fastest_name}, "
+              f"selecting the k with {selection}\n"
               f"  at pass rate {rates[0]}: kernel {kw * 1e3:.3f} ms = "
-              f"{read_bytes / kw / copy_read_bw:.0%} of copy, top-k share {(ow - kw) / kw:.2f}\n"
+              f"{read_bytes / kw / copy_read_bw:.0%} of copy, op {ow * 1e3:.3f} ms, top-k share "
+              f"{(ow - kw) / kw:.2f}\n"
               f"  set in kernels/ivf_int8_search.py: TOPK_BLOCK_ROWS = {fastest['block_rows']}, "
               f"TOPK_NUM_WARPS = {fastest['num_warps']}, TOPK_SPLITS = {fastest['splits']}, "
               f"TOPK_LIST_ORDER = {fastest['list_order']}, TOPK_USE_DOT = {fastest['use_dot']}, "
-              f"TOPK_SHARE_BOUND = {fastest['share_bound']}")
+              f"TOPK_SHARE_BOUND = {fastest['share_bound']}, "
+              f"TOPK_TRITON_MERGE = {selection == 'merge kernel'}")
         by_kernel = min((s for s in done if (name_of(s), rates[0]) in results),
                         key=lambda s: results[name_of(s), rates[0]][0])
-        kw, kc, ow, _ = results[name_of(by_kernel), rates[0]]
+        kw, kc, ops = results[name_of(by_kernel), rates[0]]
         print(f"fastest kernel at pass rate {rates[0]}: {name_of(by_kernel)}: {kw * 1e3:.3f} ms = "
               f"{read_bytes / kw / copy_read_bw:.0%} of copy (cold {kc * 1e3:.3f} ms = "
-              f"{read_bytes / kc / copy_read_bw:.0%}), top-k share {(ow - kw) / kw:.2f}")
+              f"{read_bytes / kc / copy_read_bw:.0%}); top-k share "
+              + ", ".join(f"{(ow - kw) / kw:.2f} with {sel}" for sel, (ow, _) in ops.items()))
     else:
         print("\nno setting passed every check at every pass rate")
     if mismatches:
