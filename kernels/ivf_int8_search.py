@@ -15,9 +15,10 @@ probe more lists or fall back to an exact scan (`ann.search`). Probing every lis
 filtered search. Rows are index rows (cluster-contiguous order, see `ann.ivf`).
 
 CUDA path (k <= TOPK_K_MAX): one fused kernel scans each (query, probed list) in row tiles and
-keeps only the list's K best rows (K = next power of two >= k), so a small torch.topk over
-P * K candidates per query picks the k; larger k use the older kernel that writes every probed
-row's score to a [B, P, max_list_len] buffer (`ivf_int8_search_buffered`).
+keeps only the list's K best rows (K = next power of two >= k), then a small merge kernel (or
+torch.topk, TOPK_TRITON_MERGE) picks the k of the P * K candidates per query; larger k use the
+older kernel that writes every probed row's score to a [B, P, max_list_len] buffer
+(`ivf_int8_search_buffered`).
 
 Filtered-out rows cost no embedding traffic on either path: the CUDA kernel masks the embedding
 load with the filter bit; the CPU path turns the probed filter words into the list of passing
@@ -45,10 +46,10 @@ NUM_WARPS = 4
 # Fused scan + top-k kernel (`_ivf_int8_topk_kernel`), used when k <= TOPK_K_MAX. Defaults
 # are a guess until benchmarks/gpu_ann.py has swept them on an H200 (it prints the fastest):
 # rows per tile (raised to K = next power of two >= k when smaller: a tile's best K are merged
-# into the running best K), warps, software-pipelining stages, programs per (query, list)
-# (the longest list is 2.6x the mean at 1M / nlist 1000: splitting it evens out the tail), and
-# whether programs run in list order (queries probing the same list run side by side and
-# share its codes in L2) instead of query order.
+# into the running best K), warps, the tensor-core dot, programs per (query, list) (the longest
+# list is 2.6x the mean at 1M / nlist 1000: splitting it evens out the tail), list order
+# (longest lists first, and queries probing the same list side by side, sharing its codes in
+# L2) instead of query order, the shared bound, and the selection of the k.
 # Guesses from the sm_90 PTX (not yet timed): the merges are bitonic networks over int64 keys;
 # one warp does them in registers and shuffles, where 4 warps trade data through shared memory
 # at ~33 barriers per tile and issue ~2.4x the instructions per tile. The tensor-core dot
@@ -441,7 +442,7 @@ def ivf_int8_search_triton(query_codes: torch.Tensor, query_scales: torch.Tensor
                            k: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """CUDA implementation of `iam::ivf_int8_search` (CPU tensors too under TRITON_INTERPRET=1).
     k <= TOPK_K_MAX: the fused kernel keeps the K best rows per (query, probed list), then
-    torch.topk picks k of those P * K per query; larger k: `ivf_int8_search_buffered`."""
+    `_select_topk` picks k of those P * K per query; larger k: `ivf_int8_search_buffered`."""
     _check_ivf_int8_search(query_codes, query_scales, filter_bits, probes, list_offsets, codes,
                            scales, k)
     require_triton_device("ivf_int8_search", codes.device)
