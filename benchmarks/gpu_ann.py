@@ -298,7 +298,7 @@ def main() -> None:
     stage2 = [] if args.no_sweep else [dict(best1, splits=n, list_order=o, share_bound=sb)
                                        for sb in (True, False) for n in (1, 2, 4)
                                        for o in (False, True)]
-    if not cuda:
+    if not cuda and not args.no_sweep:
         stage2 = [dict(best1, splits=2, list_order=True, share_bound=True)]
     stage2 = [s for s in stage2 if name_of(s) != name_of(best1)]
     print(f"\n== fused kernel, stage 2: shared bound x programs per list x order, from "
