@@ -14,6 +14,12 @@ descending; slots past the query's number of passing rows hold score -inf and ro
 probe more lists or fall back to an exact scan (`ann.search`). Probing every list is exact
 filtered search. Rows are index rows (cluster-contiguous order, see `ann.ivf`).
 
+CUDA path (k <= TOPK_K_MAX): one fused kernel scans each (query, probed list) in row tiles and
+keeps only the list's K best rows (K = next power of two >= k), then a small merge kernel (or
+torch.topk, TOPK_TRITON_MERGE) picks the k of the P * K candidates per query; larger k use the
+older kernel that writes every probed row's score to a [B, P, max_list_len] buffer
+(`ivf_int8_search_buffered`).
+
 Filtered-out rows cost no embedding traffic on either path: the CUDA kernel masks the embedding
 load with the filter bit; the CPU path turns the probed filter words into the list of passing
 rows first (skipping zero bytes) and gathers only their codes.
@@ -37,6 +43,33 @@ BLOCK_ROWS = 64
 # benchmarks/gpu_ann.py (docs/performance.md) timed this setting only, and found the kernel
 # bound by per-row work (filter-bit tests, list walking), not by bandwidth.
 NUM_WARPS = 4
+# Fused scan + top-k kernel (`_ivf_int8_topk_kernel`), used when k <= TOPK_K_MAX. Defaults
+# are a guess until benchmarks/gpu_ann.py has swept them on an H200 (it prints the fastest):
+# rows per tile (raised to K = next power of two >= k when smaller: a tile's best K are merged
+# into the running best K), warps, the tensor-core dot, programs per (query, list) (the longest
+# list is 2.6x the mean at 1M / nlist 1000: splitting it evens out the tail), list order
+# (longest lists first, and queries probing the same list side by side, sharing its codes in
+# L2) instead of query order, the shared bound, and the selection of the k.
+# Guesses from the sm_90 PTX (not yet timed): the merges are bitonic networks over int64 keys;
+# one warp does them in registers and shuffles, where 4 warps trade data through shared memory
+# at ~33 barriers per tile and issue ~2.4x the instructions per tile. The tensor-core dot
+# (int8 mma, exact int32) spares the CUDA cores the widening multiply-adds.
+TOPK_BLOCK_ROWS = 128
+TOPK_NUM_WARPS = 1
+TOPK_NUM_STAGES = 2  # the loop's loads are masked gathers: triton does not pipeline them
+TOPK_SPLITS = 1
+TOPK_LIST_ORDER = False
+TOPK_USE_DOT = True
+# The programs of one query share the best k-th key any of them holds, so that tiles of far
+# lists skip their merges (see the kernel); under the interpreter (positive scores, 3 lists of
+# ~1,300 rows, k = 10) it cut a query's time from 2.3-2.7 s to 1.3-1.8 s. Not yet timed on a GPU.
+TOPK_SHARE_BOUND = True
+# The k of the P * K candidates per query: one small program per query merging the sorted
+# chunks (True), or torch.topk + gather (False). Not yet timed on a GPU; gpu_ann.py times both.
+TOPK_TRITON_MERGE = True
+TOPK_MERGE_NUM_WARPS = 1
+# Largest K the fused kernel keeps per program: a bigger k takes the score-buffer path.
+TOPK_K_MAX = 256
 # Largest D whose int8 dot products stay exact integers in fp32 (D * 127^2 < 2^24), so that the
 # CPU and CUDA paths give the same scores.
 MAX_DIM = 1040
@@ -129,6 +162,170 @@ if triton_available():
         tl.store(out_ptr + pid_b * stride_outb + pid_p * stride_outp + offs_local, score,
                  mask=out_mask)
 
+    @triton.jit
+    def _sort_bitonic(x, LOG_N: tl.constexpr):
+        """Sort x [2**LOG_N], a bitonic sequence (ascending then descending), ascending: the
+        LOG_N half-cleaner stages of a bitonic merge, where tl.sort would run all
+        LOG_N * (LOG_N + 1) / 2 stages of a full sort. x is viewed as a [2, 2, ..., 2] cube:
+        dim i pairs the elements 2**(LOG_N - 1 - i) apart."""
+        h = tl.reshape(x, [2] * LOG_N)
+        for i in tl.static_range(LOG_N):
+            partner = h ^ tl.xor_sum(h, i, True)  # a ^ (a ^ b) = b: the element paired with a
+            is_upper = tl.reshape(tl.arange(0, 2), [1] * i + [2] + [1] * (LOG_N - 1 - i))
+            # the lower element of each pair keeps the min, the upper one the max
+            h = tl.where((h > partner) != (is_upper == 1), partner, h)
+        return tl.reshape(h, [2 ** LOG_N])
+
+    @triton.jit
+    def _ivf_int8_topk_kernel(
+        q_codes_ptr, q_scales_ptr, bits_ptr, probes_ptr, offsets_ptr, codes_ptr, scales_ptr,
+        order_ptr, out_scores_ptr, out_rows_ptr, num_passing_ptr, bound_ptr, P, k,
+        stride_qb, stride_bitsb, stride_codesn, stride_outb,
+        D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_ROWS: tl.constexpr, K: tl.constexpr,
+        LOG_K: tl.constexpr, SPLITS: tl.constexpr, LIST_ORDER: tl.constexpr,
+        USE_DOT: tl.constexpr, SHARE_BOUND: tl.constexpr,
+    ):
+        # program (i, s): probe slot pair = i (or order[i] in list order) = b * P + p; it scans
+        # tiles s, s + SPLITS, ... of list probes[b, p], keeps the K best (score, row) of the
+        # passing rows, and writes them (ascending; -inf / -1 where fewer) to
+        # out[b, (p * SPLITS + s) * K ...]. A second top-k over those P * SPLITS * K picks k.
+        # SHARE_BOUND: the programs of query b share bound[b], the largest k-th best key any of
+        # them holds (0 = none yet): at least k rows of the query beat it, so a tile whose rows
+        # are all below it cannot add to the query's top k and skips the merge. A program's own
+        # K best beat 13 % of a 1,000-row list; the query's k-th best, ~0.2 % of its 48 lists.
+        pid = tl.program_id(0)
+        split = tl.program_id(1)
+        if LIST_ORDER:
+            pair = tl.load(order_ptr + pid)
+        else:
+            pair = pid.to(tl.int64)
+        b = pair // P
+        p = pair % P
+
+        # the list's rows [start, end); -1 probes own none
+        cluster = tl.load(probes_ptr + pair)
+        c = tl.maximum(cluster, 0)
+        start = tl.load(offsets_ptr + c)
+        end = tl.where(cluster >= 0, tl.load(offsets_ptr + c + 1), start)
+        num_tiles = tl.cdiv(end - start, BLOCK_ROWS).to(tl.int32)  # same type as `split`
+
+        offs_d = tl.arange(0, BLOCK_D)
+        d_mask = offs_d < D
+        if USE_DOT:
+            # the query in all 16 columns of an int8 [BLOCK_D, 16] operand: tensor cores
+            # compute every row's dot 16 times (exact int32), CUDA cores widen nothing
+            q = tl.load(q_codes_ptr + b * stride_qb + offs_d[:, None]
+                        + tl.zeros((1, 16), tl.int32), mask=d_mask[:, None], other=0)
+        else:
+            q = tl.load(q_codes_ptr + b * stride_qb + offs_d, mask=d_mask, other=0).to(tl.int32)
+        q_scale = tl.load(q_scales_ptr + b)
+        offs_tile = tl.arange(0, BLOCK_ROWS)
+
+        # running best K as int64 keys = order-preserving score bits << 32 | row: one integer
+        # sort orders by score, then row. EMPTY (-2^63 + 1) sorts below every real key (the
+        # lowest, of score -inf, is about -2^62.99).
+        EMPTY: tl.constexpr = -0x7FFFFFFFFFFFFFFF
+        best = tl.full((K,), EMPTY, tl.int64)  # ascending
+        threshold = tl.min(best)  # key a row must beat to enter the best K
+        count = tl.zeros((BLOCK_ROWS,), tl.int32)
+        offs_k = tl.arange(0, K)
+        for t in tl.range(split, num_tiles, SPLITS):
+            if SHARE_BOUND:
+                # issued first so that its latency overlaps the tile's loads; a stale value is
+                # only a weaker bound
+                shared = tl.load(bound_ptr + b, volatile=True)
+            rows = start + t * BLOCK_ROWS + offs_tile
+            row_mask = rows < end
+            # filter first (one int64 word holds the bits of 64 consecutive rows), then the
+            # embeddings of passing rows only: a masked-off lane issues no load
+            words = tl.load(bits_ptr + b * stride_bitsb + (rows >> 6), mask=row_mask, other=0)
+            passing = row_mask & (((words >> (rows & 63)) & 1) != 0)
+            count += passing.to(tl.int32)
+            x = tl.load(codes_ptr + rows[:, None] * stride_codesn + offs_d[None, :],
+                        mask=passing[:, None] & d_mask[None, :], other=0)
+            if USE_DOT:
+                dot = tl.max(tl.dot(x, q), axis=1)
+            else:
+                dot = tl.sum(x.to(tl.int32) * q[None, :], axis=1)
+            # rescale in the torch path's order: dot * query scale * item scale
+            item_scale = tl.load(scales_ptr + rows, mask=passing, other=0.0)
+            score = dot.to(tl.float32) * q_scale * item_scale
+            # float -> int32 with the same order (negative floats: flip the magnitude bits)
+            bits32 = score.to(tl.int32, bitcast=True)
+            ordered = bits32 ^ ((bits32 >> 31) & 0x7FFFFFFF)
+            keys = (ordered.to(tl.int64) << 32) | rows
+            keys = tl.where(passing, keys, EMPTY)
+            # merge only when some row beats the current K-th best (and the query's bound)
+            beat = threshold
+            if SHARE_BOUND:
+                beat = tl.maximum(threshold, tl.where(shared > 0, shared, EMPTY))
+            if tl.max(keys) > beat:
+                # the tile's best K, descending (row 0 of the sorted tile is the largest K)
+                tile_best = tl.max(tl.reshape(tl.sort(keys, descending=True),
+                                              (BLOCK_ROWS // K, K)), axis=0)
+                # ascending vs descending: the elementwise max holds the best K of both, as a
+                # bitonic sequence that a bitonic merge sorts
+                best = _sort_bitonic(tl.maximum(best, tile_best), LOG_K)
+                threshold = tl.min(best)
+                if SHARE_BOUND:
+                    # this program's k-th best (ascending: position K - k); only positive keys
+                    # are published, as 0 stands for "none"
+                    kth = tl.sum(tl.where(offs_k == K - k, best, 0))
+                    if kth > shared:
+                        tl.atomic_max(bound_ptr + b, kth, sem="relaxed")
+
+        tl.atomic_add(num_passing_ptr + b, tl.sum(count).to(tl.int64))
+        # decode the keys: score bits back from the order-preserving int32, row from the low half
+        ordered = (best >> 32).to(tl.int32)
+        score = (ordered ^ ((ordered >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+        found = best != EMPTY
+        score = tl.where(found, score, float("-inf"))
+        row = tl.where(found, best - ((best >> 32) << 32), -1)
+        offs_out = b * stride_outb + (p * SPLITS + split) * K + offs_k
+        tl.store(out_scores_ptr + offs_out, score)
+        tl.store(out_rows_ptr + offs_out, row)
+
+    @triton.jit
+    def _merge_candidates_kernel(
+        cand_scores_ptr, cand_rows_ptr, out_scores_ptr, out_rows_ptr, num_chunks, k,
+        stride_candb, stride_outb, K: tl.constexpr, LOG_K: tl.constexpr,
+    ):
+        # program b merges query b's candidates: num_chunks chunks of K, each one program's
+        # best K of `_ivf_int8_topk_kernel`, already ascending by key. Read backwards a chunk is
+        # descending, so one bitonic merge (LOG_K stages, no sort) takes it into the running
+        # best K; the next chunk's loads are issued before the merge so that they overlap it.
+        b = tl.program_id(0)
+        EMPTY: tl.constexpr = -0x7FFFFFFFFFFFFFFF
+        offs_k = tl.arange(0, K)
+        backwards = K - 1 - offs_k
+        scores_base = cand_scores_ptr + b * stride_candb
+        rows_base = cand_rows_ptr + b * stride_candb
+        score = tl.load(scores_base + backwards)
+        row = tl.load(rows_base + backwards)
+        best = tl.full((K,), EMPTY, tl.int64)  # ascending
+        for j in tl.range(0, num_chunks):
+            has_next = (offs_k * 0 + j + 1) < num_chunks
+            next_score = tl.load(scores_base + (j + 1) * K + backwards, mask=has_next,
+                                 other=float("-inf"))
+            next_row = tl.load(rows_base + (j + 1) * K + backwards, mask=has_next, other=-1)
+            # the same keys as the scan kernel's: order-preserving score bits << 32 | row
+            bits32 = score.to(tl.int32, bitcast=True)
+            ordered = bits32 ^ ((bits32 >> 31) & 0x7FFFFFFF)
+            keys = tl.where(row >= 0, (ordered.to(tl.int64) << 32) | row, EMPTY)
+            best = _sort_bitonic(tl.maximum(best, keys), LOG_K)
+            score = next_score
+            row = next_row
+        # the k best, descending: slot j holds best[K - 1 - j]
+        ordered = (best >> 32).to(tl.int32)
+        score = (ordered ^ ((ordered >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+        found = best != EMPTY
+        slot = K - 1 - offs_k
+        out_mask = slot < k
+        tl.store(out_scores_ptr + b * stride_outb + slot, tl.where(found, score, float("-inf")),
+                 mask=out_mask)
+        tl.store(out_rows_ptr + b * stride_outb + slot,
+                 tl.where(found, best - ((best >> 32) << 32), -1), mask=out_mask)
+
 
 def _launch_ivf_int8_search(query_codes: torch.Tensor, query_scales: torch.Tensor,
                             filter_bits: torch.Tensor, probes: torch.Tensor,
@@ -157,13 +354,116 @@ def _launch_ivf_int8_search(query_codes: torch.Tensor, query_scales: torch.Tenso
     return out
 
 
+def topk_block_k(k: int) -> int:
+    """K, the number of candidates the fused kernel keeps per program: the next power of two
+    >= k (tl.sort sorts powers of two), at least 16."""
+    return max(16, 1 << max(k - 1, 0).bit_length())
+
+
+def _launch_ivf_int8_topk(query_codes: torch.Tensor, query_scales: torch.Tensor,
+                          filter_bits: torch.Tensor, probes: torch.Tensor,
+                          list_offsets: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
+                          k: int, block_rows: int = 0, num_warps: int = 0, num_stages: int = 0,
+                          splits: int = 0, list_order: Optional[bool] = None,
+                          use_dot: Optional[bool] = None, share_bound: Optional[bool] = None
+                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused kernel alone: (scores f32 [B, P * splits * K], rows int64 [same], num_passing
+    int64 [B]), each program's K best of its share of a probed list (-inf / -1 where fewer),
+    K = topk_block_k(k) <= TOPK_K_MAX. Launch settings default to the TOPK_* constants (0 /
+    None = default); benchmarks/gpu_ann.py sweeps them. No device-to-host sync."""
+    query_codes, query_scales, filter_bits, probes, list_offsets, codes, scales = contiguous(
+        query_codes, query_scales, filter_bits, probes, list_offsets, codes, scales)
+    b, d = query_codes.shape
+    p = probes.shape[1]
+    kb = topk_block_k(k)
+    if kb > TOPK_K_MAX:
+        raise ValueError(f"ivf_int8_search: k {k} > TOPK_K_MAX {TOPK_K_MAX} for the fused kernel")
+    block_rows = max(block_rows or TOPK_BLOCK_ROWS, kb)  # powers of two: a multiple of K
+    splits = splits or TOPK_SPLITS
+    list_order = TOPK_LIST_ORDER if list_order is None else list_order
+    use_dot = TOPK_USE_DOT if use_dot is None else use_dot
+    share_bound = TOPK_SHARE_BOUND if share_bound is None else share_bound
+    # int8 tl.dot needs a reduction dim of at least 32
+    block_d = max(triton.next_power_of_2(d), 32 if use_dot else 1)
+    scores = torch.empty((b, p * splits * kb), dtype=torch.float32, device=codes.device)
+    rows = torch.empty((b, p * splits * kb), dtype=torch.int64, device=codes.device)
+    # num_passing and the shared bounds, zeroed by one launch
+    state = torch.zeros((2, b), dtype=torch.int64, device=codes.device)
+    if b > 0 and p > 0:
+        # list order: program i takes the i-th (query, probe) pair sorted by list length, then
+        # list, descending: the longest lists start first (a shorter tail), and the queries
+        # that probe one list run together and read its codes from L2
+        order = probes
+        if list_order:
+            nlist = list_offsets.shape[0] - 1
+            cluster = probes.view(-1).clamp(min=0)
+            length = (list_offsets[1:] - list_offsets[:-1]).index_select(0, cluster)
+            key = torch.where(probes.view(-1) >= 0, length * (nlist + 1) + cluster, -1)
+            order = torch.argsort(key, descending=True)
+        _ivf_int8_topk_kernel[(b * p, splits)](
+            query_codes, query_scales, filter_bits, probes, list_offsets, codes, scales, order,
+            scores, rows, state[0], state[1], p, k,
+            query_codes.stride(0), filter_bits.stride(0), codes.stride(0), scores.stride(0),
+            D=d, BLOCK_D=block_d, BLOCK_ROWS=block_rows, K=kb, LOG_K=kb.bit_length() - 1,
+            SPLITS=splits, LIST_ORDER=list_order, USE_DOT=use_dot, SHARE_BOUND=share_bound,
+            num_warps=num_warps or TOPK_NUM_WARPS,
+            num_stages=num_stages or TOPK_NUM_STAGES,
+        )
+    return scores, rows, state[0]
+
+
+def _select_topk(scores: torch.Tensor, rows: torch.Tensor, k: int,
+                 triton_merge: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The k best of the fused kernel's candidates (scores [B, C], rows [B, C], C = chunks of
+    K = topk_block_k(k), each ascending), descending, padded with -inf / -1 to k: by
+    `_merge_candidates_kernel` (triton_merge, default TOPK_TRITON_MERGE) or torch.topk."""
+    b, c = scores.shape
+    kb = topk_block_k(k)
+    if (TOPK_TRITON_MERGE if triton_merge is None else triton_merge) and c >= kb and b > 0:
+        top = torch.empty((b, k), dtype=torch.float32, device=scores.device)
+        top_rows = torch.empty((b, k), dtype=torch.int64, device=scores.device)
+        _merge_candidates_kernel[(b,)](
+            scores, rows, top, top_rows, c // kb, k, scores.stride(0), top.stride(0),
+            K=kb, LOG_K=kb.bit_length() - 1, num_warps=TOPK_MERGE_NUM_WARPS)
+        return top, top_rows
+    kk = min(k, c)
+    top, idx = torch.topk(scores, kk, dim=1)
+    top_rows = rows.gather(1, idx)
+    if kk == k:
+        return top, top_rows
+    pad = k - kk
+    return (torch.cat([top, top.new_full((b, pad), float("-inf"))], 1),
+            torch.cat([top_rows, top_rows.new_full((b, pad), -1)], 1))
+
+
 def ivf_int8_search_triton(query_codes: torch.Tensor, query_scales: torch.Tensor,
                            filter_bits: torch.Tensor, probes: torch.Tensor,
                            list_offsets: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
                            k: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """CUDA implementation of `iam::ivf_int8_search` (CPU tensors too under TRITON_INTERPRET=1):
-    the kernel scores every probed row into [B, P, max_list_len] (-inf where filtered out),
-    then torch.topk picks the k best per query."""
+    """CUDA implementation of `iam::ivf_int8_search` (CPU tensors too under TRITON_INTERPRET=1).
+    k <= TOPK_K_MAX: the fused kernel keeps the K best rows per (query, probed list), then
+    `_select_topk` picks k of those P * K per query; larger k: `ivf_int8_search_buffered`."""
+    _check_ivf_int8_search(query_codes, query_scales, filter_bits, probes, list_offsets, codes,
+                           scales, k)
+    require_triton_device("ivf_int8_search", codes.device)
+    # keys hold the row in 32 bits: larger indexes take the buffered path
+    if topk_block_k(k) > TOPK_K_MAX or codes.shape[0] >= 2**31:
+        return ivf_int8_search_buffered(query_codes, query_scales, filter_bits, probes,
+                                        list_offsets, codes, scales, k)
+    scores, rows, num_passing = _launch_ivf_int8_topk(
+        query_codes, query_scales, filter_bits, probes, list_offsets, codes, scales, k)
+    top, top_rows = _select_topk(scores, rows, k)
+    return top, top_rows, num_passing
+
+
+def ivf_int8_search_buffered(query_codes: torch.Tensor, query_scales: torch.Tensor,
+                             filter_bits: torch.Tensor, probes: torch.Tensor,
+                             list_offsets: torch.Tensor, codes: torch.Tensor,
+                             scales: torch.Tensor, k: int
+                             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The score-buffer path (k > TOPK_K_MAX, and the benchmark's baseline): the kernel scores
+    every probed row into [B, P, max_list_len] (-inf where filtered out), then torch.topk picks
+    the k best per query. Reads max_list_len from list_offsets (a device-to-host sync)."""
     _check_ivf_int8_search(query_codes, query_scales, filter_bits, probes, list_offsets, codes,
                            scales, k)
     require_triton_device("ivf_int8_search", codes.device)

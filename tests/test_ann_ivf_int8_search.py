@@ -147,6 +147,69 @@ def test_triton_kernel_under_interpreter_equals_torch_path():
         _assert_topk_matches(t_scores, t_rows, dense, k)
 
 
+def _fused_cases():
+    """(name, inputs, k, launch settings) for the fused scan + top-k kernel: per-query pass
+    rates 0 / tiny / 0.5 / 1, a -1 probe, an empty list, lists longer than a tile and than K,
+    k above some queries' passing rows, many tied scores, D = 20 and 64, the shared bound on
+    and off."""
+    cases = []
+    # D = 20: lists of ~150 rows (~10 tiles of 16 rows, K = 16 for k = 10), one list empty
+    q_codes, q_scales, _, probes, offsets, codes, scales = _inputs(4, 700, 20, 5, 3, seed=21)
+    offsets[2] = offsets[1]  # list 1 is empty
+    probes[1] = torch.tensor([1, 0, 2])
+    gen = torch.Generator().manual_seed(22)
+    rates = torch.tensor([0.0, 0.01, 0.5, 1.0])[:, None]
+    bits = pack_bits(torch.rand(4, 700, generator=gen) < rates)
+    args = (q_codes, q_scales, bits, probes, offsets, codes, scales)
+    cases.append(("d20", args, 10, dict(block_rows=16, num_warps=4)))
+    cases.append(("d20 split list-order dot", args, 10,
+                  dict(block_rows=16, splits=3, list_order=True, use_dot=True,
+                       share_bound=False)))
+    # positive scores only: the shared per-query bound (published k-th best keys are positive)
+    # lets later tiles skip their merges
+    cases.append(("d20 positive shared bound", (args[0].abs(),) + args[1:5] + (
+        args[5].abs(), args[6]), 10, dict(block_rows=16, share_bound=True)))
+    # D = 64, 3 distinct code values and one scale: most scores tie; k = 40 (K = 64) exceeds
+    # the passing rows of the tiny-rate query
+    q_codes, q_scales, _, probes, offsets, codes, scales = _inputs(4, 600, 64, 3, 2, seed=23)
+    codes = torch.randint(-1, 2, codes.shape, dtype=torch.int8, generator=gen)
+    scales = torch.full_like(scales, 0.5)
+    bits = pack_bits(torch.rand(4, 600, generator=gen) < rates)
+    args = (q_codes, q_scales, bits, probes, offsets, codes, scales)
+    cases.append(("d64 ties", args, 40, dict(block_rows=64, share_bound=True)))
+    cases.append(("d64 ties split dot", args, 40,
+                  dict(block_rows=128, splits=2, use_dot=True, share_bound=False)))
+    return cases
+
+
+@pytest.mark.interpret
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+def test_fused_topk_kernel_under_interpreter_equals_torch_path():
+    """The fused scan + top-k kernel over several launch settings (benchmarks/gpu_ann.py sweeps
+    them on a GPU), then either selection of the k: scores and num_passing equal the torch
+    path's, rows equal up to ties."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        node = f"{__file__}::test_fused_topk_kernel_under_interpreter_equals_torch_path"
+        child = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", node],
+            env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
+            timeout=300)
+        assert child.returncode == 0, child.stdout[-4000:] + child.stderr[-4000:]
+        assert "1 passed" in child.stdout
+        return
+    for name, args, k, setting in _fused_cases():
+        cand_scores, cand_rows, num = op_module._launch_ivf_int8_topk(*args, k, **setting)
+        ref_scores, _, ref_num = op_module.ivf_int8_search_torch(*args, k)
+        assert torch.equal(num, ref_num), name
+        dense, _ = _brute_force(*args, k)
+        for triton_merge in (True, False):  # the k of the candidates: merge kernel, torch.topk
+            scores, rows = op_module._select_topk(cand_scores, cand_rows, k, triton_merge)
+            assert torch.equal(scores, ref_scores), (name, triton_merge)
+            _assert_topk_matches(scores, rows, dense, k)
+            assert num.tolist()[0] == 0 and bool((rows[0] == -1).all()), name
+            assert num.tolist()[1] < k and int((rows[1] >= 0).sum()) == num.tolist()[1], name
+
+
 # ---- the search module ----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
