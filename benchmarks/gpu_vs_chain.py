@@ -49,6 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="requests per call of the chain (default: %(default)s)")
     ap.add_argument("--recall-queries", type=int, default=25,
                     help="recall queries per kind of the mix (default: %(default)s)")
+    ap.add_argument("--profile", type=int, default=64, metavar="BATCH",
+                    help="print torch.profiler's table of one unified batch of this size on "
+                         "the device, by self CPU time (0: none; default: %(default)s)")
     return ap.parse_args(argv)
 
 
@@ -135,6 +138,9 @@ def main(argv=None) -> int:
     timed("baseline", "cpu", args.chain_batch, lambda qs: chain.run(
         [(q.user_id, q.filter, q.k) for q in qs]))
 
+    if args.profile:
+        profile(gpu_run, stream[:args.profile], cuda)
+
     best = max((r for r in rows if r[0] == "unified" and r[1] == args.device),
                key=lambda r: r[3])
     chain_rate = rows[-1][3]
@@ -149,6 +155,30 @@ def main(argv=None) -> int:
           f"chain on one CPU thread, {best[3] / (chain_rate * cores):.2f}x {cores} such chains "
           f"(perfect scaling); recall@10 {recall['unified']:.3f} vs {recall['baseline']:.3f}")
     return 0
+
+
+def profile(run, queries, cuda: bool) -> None:
+    """Where one batch's time goes: the operators by self CPU time (host work, launches and
+    device-to-host synchronisations, which wait in the op that reads a device value)."""
+    import torch
+    from torch.profiler import ProfilerActivity
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    run(queries)
+    with torch.profiler.profile(activities=activities) as prof:
+        run(queries)
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    print(f"\nprofile of one unified batch of {len(queries)}:")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60))
+    syncs = sum(e.count for e in events if e.key in ("cudaStreamSynchronize",
+                                                       "cudaDeviceSynchronize",
+                                                       "aten::_local_scalar_dense"))
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel",
+                                                          "cudaLaunchKernelExC"))
+    print(f"host syncs (aten::_local_scalar_dense and stream/device synchronize): {syncs}; "
+          f"kernel launches: {launches}")
 
 
 if __name__ == "__main__":

@@ -43,29 +43,30 @@ BLOCK_ROWS = 64
 # benchmarks/gpu_ann.py (docs/performance.md) timed this setting only, and found the kernel
 # bound by per-row work (filter-bit tests, list walking), not by bandwidth.
 NUM_WARPS = 4
-# Fused scan + top-k kernel (`_ivf_int8_topk_kernel`), used when k <= TOPK_K_MAX. Defaults
-# are a guess until benchmarks/gpu_ann.py has swept them on an H200 (it prints the fastest):
+# Fused scan + top-k kernel (`_ivf_int8_topk_kernel`), used when k <= TOPK_K_MAX. Settings:
 # rows per tile (raised to K = next power of two >= k when smaller: a tile's best K are merged
 # into the running best K), warps, the tensor-core dot, programs per (query, list) (the longest
 # list is 2.6x the mean at 1M / nlist 1000: splitting it evens out the tail), list order
 # (longest lists first, and queries probing the same list side by side, sharing its codes in
 # L2) instead of query order, the shared bound, and the selection of the k.
-# Guesses from the sm_90 PTX (not yet timed): the merges are bitonic networks over int64 keys;
-# one warp does them in registers and shuffles, where 4 warps trade data through shared memory
-# at ~33 barriers per tile and issue ~2.4x the instructions per tile. The tensor-core dot
-# (int8 mma, exact int32) spares the CUDA cores the widening multiply-adds.
+# Chosen by benchmarks/gpu_ann.py's sweep on an H200 (2026-11-30, docs/performance.md; 1M x 64,
+# batch 64, nprobe 48, k 100): the fastest op summed over pass rates 1 / 0.5 / 0.1 / 0.005 was
+# 128 rows, 1 warp, no tensor-core dot, 2 splits, query order, shared bound, merge kernel
+# (0.226 / 0.234 / 0.252 / 0.208 ms; the old score-buffer path 0.965 / 0.898 / 0.919 / 0.955).
+# One warp beat 2 and 4 at every rate (the merges are bitonic networks over int64 keys in
+# registers and shuffles); list order was slower at every setting (0.4-0.75 ms). Timings of one
+# setting varied by up to 30 % between repeats in that run.
 TOPK_BLOCK_ROWS = 128
 TOPK_NUM_WARPS = 1
 TOPK_NUM_STAGES = 2  # the loop's loads are masked gathers: triton does not pipeline them
-TOPK_SPLITS = 1
+TOPK_SPLITS = 2
 TOPK_LIST_ORDER = False
-TOPK_USE_DOT = True
+TOPK_USE_DOT = False
 # The programs of one query share the best k-th key any of them holds, so that tiles of far
-# lists skip their merges (see the kernel); under the interpreter (positive scores, 3 lists of
-# ~1,300 rows, k = 10) it cut a query's time from 2.3-2.7 s to 1.3-1.8 s. Not yet timed on a GPU.
+# lists skip their merges (see the kernel).
 TOPK_SHARE_BOUND = True
 # The k of the P * K candidates per query: one small program per query merging the sorted
-# chunks (True), or torch.topk + gather (False). Not yet timed on a GPU; gpu_ann.py times both.
+# chunks (True), or torch.topk + gather (False).
 TOPK_TRITON_MERGE = True
 TOPK_MERGE_NUM_WARPS = 1
 # Largest K the fused kernel keeps per program: a bigger k takes the score-buffer path.

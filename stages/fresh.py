@@ -116,15 +116,17 @@ def merge_fresh(user_embedding: torch.Tensor, fresh_bits: torch.Tensor, fresh: F
         return rows, scores, counts
     fresh_scores = (user_embedding @ fresh.embeddings.T).masked_fill(~passing, float("-inf"))
     top_fresh, top_fresh_rows = torch.topk(fresh_scores, int(fresh_counts.max()), dim=1)
-    main_valid = torch.arange(rows.shape[1]).unsqueeze(0) < counts.unsqueeze(1)
-    fresh_valid = torch.arange(top_fresh.shape[1]).unsqueeze(0) < fresh_counts.unsqueeze(1)
+    device = rows.device
+    main_valid = torch.arange(rows.shape[1], device=device).unsqueeze(0) < counts.unsqueeze(1)
+    fresh_valid = torch.arange(top_fresh.shape[1], device=device).unsqueeze(0) \
+        < fresh_counts.unsqueeze(1)
     all_scores = torch.cat([scores.masked_fill(~main_valid, float("-inf")),
                             top_fresh.masked_fill(~fresh_valid, float("-inf"))], 1)
     all_rows = torch.cat([rows, top_fresh_rows + offset], 1)
     total = torch.minimum(counts + fresh_counts, wanted)
     merged_scores, order = torch.topk(all_scores, int(total.max()), dim=1)
     merged_rows = torch.gather(all_rows, 1, order)
-    valid = torch.arange(merged_rows.shape[1]).unsqueeze(0) < total.unsqueeze(1)
+    valid = torch.arange(merged_rows.shape[1], device=device).unsqueeze(0) < total.unsqueeze(1)
     return torch.where(valid, merged_rows, -1), merged_scores, total
 
 
