@@ -1,0 +1,143 @@
+"""Build and load the compiled CPU library of the ops (kernels/csrc/), without torch.
+
+    python -m kernels.build_ext            # build if missing (what `make setup` runs)
+    python kernels/build_ext.py --force    # rebuild
+    python kernels/build_ext.py --print    # the library paths
+
+The sources are compiled with the system g++ twice, into two shared libraries under build/ext/:
+a portable one (-O3, baseline x86-64 or whatever the host's default target is) and, on x86-64, an
+AVX2 one. `load()` opens the portable one, asks it whether the CPU has AVX2, and then opens the
+AVX2 one. Each file name carries a hash of the sources and the flags, so an edited source is never
+served by a stale library: `load()` finds no file and the op fails, naming this command. Paths
+are relative to the repository root (not the working directory), so the Triton stub processes
+that import `kernels` find the same files.
+
+-ffp-contract=off: no fused multiply-add, so `float(dot) * query_scale * item_scale` rounds twice
+exactly as the torch path does and the scores are bit-identical to it.
+"""
+
+import argparse
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = [ROOT / "kernels/csrc/ivf_int8_search.cpp"]
+OUT_DIR = ROOT / "build/ext"
+BASE_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-Wall", "-Wextra"]
+# variant -> extra flags; the symbols of variant v end in `_v` (IAM_ISA)
+VARIANTS: Dict[str, List[str]] = {"portable": []}
+if platform.machine() in ("x86_64", "AMD64"):
+    VARIANTS["avx2"] = ["-mavx2"]
+COMPILER = os.environ.get("CXX", "g++")
+BUILD_COMMAND = "make setup  (or: .venv/bin/python -m kernels.build_ext)"
+
+
+def _flags(variant: str) -> List[str]:
+    return BASE_FLAGS + VARIANTS[variant] + [f"-DIAM_ISA={variant}"]
+
+
+def library_path(variant: str) -> Path:
+    """build/ext/libiam_cpu-<variant>-<hash of sources and flags>.so"""
+    digest = hashlib.sha256()
+    for src in SOURCES:
+        digest.update(src.read_bytes())
+    digest.update(" ".join([COMPILER] + _flags(variant)).encode())
+    return OUT_DIR / f"libiam_cpu-{variant}-{digest.hexdigest()[:16]}.so"
+
+
+def build(force: bool = False, quiet: bool = False) -> List[Path]:
+    """Compile every variant whose library is missing (or all with force). Writes to a temporary
+    file first and renames, so a concurrent loader never opens half a library."""
+    if shutil.which(COMPILER) is None:
+        raise SystemExit(f"kernels.build_ext: the C++ compiler {COMPILER!r} is not on PATH "
+                         "(apt-get install g++, or set CXX)")
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for variant in VARIANTS:
+        path = library_path(variant)
+        paths.append(path)
+        if path.exists() and not force:
+            continue
+        with tempfile.NamedTemporaryFile(dir=OUT_DIR, suffix=".so.tmp", delete=False) as tmp:
+            tmp_path = Path(tmp.name)
+        cmd = [COMPILER] + _flags(variant) + [str(s) for s in SOURCES] + ["-o", str(tmp_path)]
+        if not quiet:
+            print(" ".join(cmd), flush=True)
+        try:
+            subprocess.run(cmd, check=True)
+            os.replace(tmp_path, path)
+        finally:
+            tmp_path.unlink(missing_ok=True)
+        # older builds of this variant are stale: remove them
+        for old in OUT_DIR.glob(f"libiam_cpu-{variant}-*.so"):
+            if old != path:
+                old.unlink(missing_ok=True)
+    return paths
+
+
+_LOADED: List[Optional["CpuLibrary"]] = []
+
+
+class CpuLibrary:
+    """The opened library: `variant` (portable or avx2) and the ctypes functions."""
+
+    def __init__(self, variant: str, handle: ctypes.CDLL):
+        self.variant = variant
+        self.path = library_path(variant)
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        self.ivf_int8_search = getattr(handle, f"iam_ivf_int8_search_{variant}")
+        self.ivf_int8_search.restype = i64
+        self.ivf_int8_search.argtypes = [ptr, ptr, ptr, i64, ptr, i64, i64, ptr, i64, ptr, ptr,
+                                         i64, i64, i64, ctypes.c_double, ptr, ptr, ptr]
+
+
+def load() -> Optional[CpuLibrary]:
+    """The best library this CPU can run (cached), or None when it was not built."""
+    if not _LOADED:
+        _LOADED.append(_open())
+    return _LOADED[0]
+
+
+def _open() -> Optional[CpuLibrary]:
+    portable = library_path("portable")
+    if not portable.exists():
+        return None
+    handle = ctypes.CDLL(str(portable))
+    variant, chosen = "portable", handle
+    if "avx2" in VARIANTS and handle.iam_cpu_supports_avx2_portable() == 1:
+        if library_path("avx2").exists():
+            variant, chosen = "avx2", ctypes.CDLL(str(library_path("avx2")))
+    return CpuLibrary(variant, chosen)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    ap.add_argument("--quiet", action="store_true", help="print nothing when up to date")
+    ap.add_argument("--print", action="store_true", dest="print_paths",
+                    help="print the library paths and exit")
+    args = ap.parse_args(argv)
+    if args.print_paths:
+        for variant in VARIANTS:
+            path = library_path(variant)
+            print(f"{variant}: {path} ({'built' if path.exists() else 'missing'})")
+        return
+    for path in build(force=args.force, quiet=args.quiet):
+        if not args.quiet:
+            print(f"ok: {path.relative_to(ROOT)}")
+    if not args.quiet:
+        lib = load()
+        print(f"this CPU runs: {lib.variant if lib else 'nothing (load failed)'}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

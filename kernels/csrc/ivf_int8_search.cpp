@@ -1,0 +1,291 @@
+// CPU implementation of `iam::ivf_int8_search` (kernels/ivf_int8_search.py has the contract and
+// the plain-torch reference). One thread, one pass over each probed list per batch:
+//
+//   1. the batch's (query, list) probe pairs are grouped by list (counting sort), so each probed
+//      list is read once, while it is in cache, for every query that probes it;
+//   2. per pair, the filter words covering the list (masked to its row range) are popcounted:
+//      that is num_passing, exactly, and it sizes each query's top-k buffer;
+//   3. per list, a query whose passing fraction is >= dense_min_fraction is scored "dense": the
+//      list's rows are walked once for up to 4 such queries together (one load of a row serves
+//      all of them, the filter bit decides which keep it); the others "sparse": only the set
+//      bits of their words are visited, one row at a time;
+//   4. score = float(dot) * query_scale * item_scale with the dot an exact integer, in the torch
+//      path's float order (built with -ffp-contract=off: no fused multiply-add), so scores are
+//      bit-identical to it; a per-query buffer keeps candidates above a threshold (the k-th best
+//      after the last compaction by nth_element), then the k best are sorted out.
+//
+// Built twice by kernels/build_ext.py: with -mavx2 (int8 -> int16 widening and _mm256_madd_epi16:
+// exact for every int8 value, -128 included) and without (portable loops); the loader picks the
+// AVX2 library when the CPU has AVX2. Each build is its own shared library, so no inline function
+// compiled for AVX2 can be shared with the portable one.
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+namespace {
+
+struct Candidate {
+  float score;
+  int64_t row;
+};
+
+// descending score; ties by ascending row (any order of tied rows is allowed by the contract)
+inline bool better(const Candidate& a, const Candidate& b) {
+  return a.score > b.score || (a.score == b.score && a.row < b.row);
+}
+
+// One query's best rows so far: an unsorted buffer of `cap` slots (cap > k). Until the buffer
+// first fills, every passing row is kept; after that only rows scoring above `threshold`, the
+// k-th best score at the last compaction.
+struct TopK {
+  Candidate* buf = nullptr;
+  int64_t count = 0;
+  int64_t cap = 0;
+  int64_t k = 0;
+  float threshold = 0.0f;
+  bool full = false;
+
+  inline bool wants(float score) const { return !full || score > threshold; }
+
+  inline void push(float score, int64_t row) {
+    buf[count++] = Candidate{score, row};
+    if (count == cap) compact();
+  }
+
+  void compact() {
+    std::nth_element(buf, buf + (k - 1), buf + count, better);
+    count = k;
+    threshold = buf[k - 1].score;  // nth_element leaves no worse candidate before it
+    full = true;
+  }
+
+  void write(float* scores, int64_t* rows) {
+    int64_t kept = std::min(count, k);
+    if (count > k) std::nth_element(buf, buf + (k - 1), buf + count, better);
+    std::sort(buf, buf + kept, better);
+    for (int64_t i = 0; i < kept; ++i) {
+      scores[i] = buf[i].score;
+      rows[i] = buf[i].row;
+    }
+    for (int64_t i = kept; i < k; ++i) {
+      scores[i] = -__builtin_inff();
+      rows[i] = -1;
+    }
+  }
+};
+
+#ifdef __AVX2__
+inline int32_t hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+#endif
+
+// Exact integer dot products of one int8 row with NQ queries (widened to int16, zero-padded to
+// a multiple of 16): out[j] = row . q[j].
+template <int NQ>
+inline void dots(const int8_t* row, const int16_t* const* q, int64_t d, int32_t* out) {
+  int64_t i = 0;
+#ifdef __AVX2__
+  __m256i acc[NQ];
+  for (int j = 0; j < NQ; ++j) acc[j] = _mm256_setzero_si256();
+  for (; i + 16 <= d; i += 16) {
+    __m256i x = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + i)));
+    for (int j = 0; j < NQ; ++j)
+      acc[j] = _mm256_add_epi32(
+          acc[j], _mm256_madd_epi16(x, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[j] + i))));
+  }
+  for (int j = 0; j < NQ; ++j) out[j] = hsum_epi32(acc[j]);
+#else
+  for (int j = 0; j < NQ; ++j) out[j] = 0;
+#endif
+  for (; i < d; ++i)
+    for (int j = 0; j < NQ; ++j) out[j] += int32_t(row[i]) * int32_t(q[j][i]);
+}
+
+// bits of word `word` that belong to rows [start, end)
+inline uint64_t range_mask(int64_t word, int64_t start, int64_t end) {
+  int64_t lo = std::max<int64_t>(start - (word << 6), 0);
+  int64_t hi = std::min<int64_t>(end - (word << 6), 64);
+  if (hi <= lo) return 0;
+  uint64_t upper = hi >= 64 ? ~uint64_t(0) : ((uint64_t(1) << hi) - 1);
+  uint64_t lower = (uint64_t(1) << lo) - 1;  // lo < 64 here
+  return upper & ~lower;
+}
+
+struct Batch {
+  const int16_t* qwide;  // [B, d_pad]
+  int64_t d_pad;
+  const float* qscales;
+  const uint64_t* bits;  // [B, W]
+  int64_t W;
+  const int8_t* codes;  // [N, D]
+  const float* scales;
+  int64_t D;
+  TopK* topk;
+};
+
+// Rows [start, end) for NQ queries at once; every row is loaded once and scored for the queries
+// whose filter bit is set.
+template <int NQ>
+void scan_dense(const Batch& bt, const int64_t* queries, int64_t start, int64_t end) {
+  const int16_t* q[NQ];
+  const uint64_t* bits[NQ];
+  float qs[NQ];
+  for (int j = 0; j < NQ; ++j) {
+    q[j] = bt.qwide + queries[j] * bt.d_pad;
+    bits[j] = bt.bits + queries[j] * bt.W;
+    qs[j] = bt.qscales[queries[j]];
+  }
+  int32_t dot[NQ];
+  for (int64_t word = start >> 6; (word << 6) < end; ++word) {
+    uint64_t keep = range_mask(word, start, end);
+    uint64_t m[NQ];
+    uint64_t any = 0;
+    for (int j = 0; j < NQ; ++j) {
+      m[j] = bits[j][word] & keep;
+      any |= m[j];
+    }
+    while (any) {  // rows from the lowest to the highest passing bit of any query
+      int bit = __builtin_ctzll(any);
+      any &= any - 1;
+      int64_t row = (word << 6) + bit;
+      dots<NQ>(bt.codes + row * bt.D, q, bt.D, dot);
+      float item_scale = bt.scales[row];
+      for (int j = 0; j < NQ; ++j) {
+        if (!((m[j] >> bit) & 1)) continue;
+        float score = float(dot[j]) * qs[j];
+        score = score * item_scale;
+        TopK& t = bt.topk[queries[j]];
+        if (t.wants(score)) t.push(score, row);
+      }
+    }
+  }
+}
+
+// Only the passing rows of [start, end) for one query.
+void scan_sparse(const Batch& bt, int64_t query, int64_t start, int64_t end) {
+  const int16_t* q[1] = {bt.qwide + query * bt.d_pad};
+  const uint64_t* bits = bt.bits + query * bt.W;
+  float qs = bt.qscales[query];
+  TopK& t = bt.topk[query];
+  int32_t dot[1];
+  for (int64_t word = start >> 6; (word << 6) < end; ++word) {
+    uint64_t m = bits[word] & range_mask(word, start, end);
+    while (m) {
+      int64_t row = (word << 6) + __builtin_ctzll(m);
+      m &= m - 1;
+      dots<1>(bt.codes + row * bt.D, q, bt.D, dot);
+      float score = float(dot[0]) * qs;
+      score = score * bt.scales[row];
+      if (t.wants(score)) t.push(score, row);
+    }
+  }
+}
+
+int64_t count_passing(const uint64_t* bits, int64_t start, int64_t end) {
+  int64_t n = 0;
+  for (int64_t word = start >> 6; (word << 6) < end; ++word)
+    n += __builtin_popcountll(bits[word] & range_mask(word, start, end));
+  return n;
+}
+
+}  // namespace
+
+#define IAM_JOIN2(a, b) a##b
+#define IAM_JOIN(a, b) IAM_JOIN2(a, b)
+
+// Returns 0, or: 1 a probe outside [-1, nlist), 2 list_offsets not non-decreasing within [0, N],
+// 3 out of memory. Arguments are checked (shapes, dtypes) by the Python wrapper.
+extern "C" int64_t IAM_JOIN(iam_ivf_int8_search_, IAM_ISA)(
+    const int8_t* query_codes, const float* query_scales, const int64_t* filter_bits, int64_t W,
+    const int64_t* probes, int64_t B, int64_t P, const int64_t* list_offsets, int64_t nlist,
+    const int8_t* codes, const float* scales, int64_t N, int64_t D, int64_t k,
+    double dense_min_fraction, float* out_scores, int64_t* out_rows, int64_t* out_num_passing) {
+  for (int64_t l = 0; l < nlist; ++l)
+    if (list_offsets[l] < 0 || list_offsets[l] > list_offsets[l + 1] || list_offsets[l + 1] > N)
+      return 2;
+  for (int64_t i = 0; i < B * P; ++i)
+    if (probes[i] < -1 || probes[i] >= nlist) return 1;
+  try {
+    // queries widened once to int16, zero-padded to whole 16-lane vectors
+    int64_t d_pad = (D + 15) / 16 * 16;
+    std::vector<int16_t> qwide(B * d_pad, 0);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t i = 0; i < D; ++i) qwide[b * d_pad + i] = query_codes[b * D + i];
+
+    // probe pairs grouped by list (counting sort; queries ascending within a list)
+    std::vector<int64_t> first(nlist + 1, 0);
+    for (int64_t i = 0; i < B * P; ++i)
+      if (probes[i] >= 0) ++first[probes[i] + 1];
+    for (int64_t l = 0; l < nlist; ++l) first[l + 1] += first[l];
+    std::vector<int64_t> pair_query(first[nlist]);
+    std::vector<int64_t> fill(first.begin(), first.end() - 1);
+    for (int64_t i = 0; i < B * P; ++i)
+      if (probes[i] >= 0) pair_query[fill[probes[i]]++] = i / P;
+
+    // passing rows per pair, exact num_passing (a list probed twice counts twice, as in torch)
+    const uint64_t* bits = reinterpret_cast<const uint64_t*>(filter_bits);
+    std::vector<int64_t> pair_passing(pair_query.size());
+    std::fill(out_num_passing, out_num_passing + B, 0);
+    for (int64_t l = 0; l < nlist; ++l)
+      for (int64_t i = first[l]; i < first[l + 1]; ++i) {
+        int64_t q = pair_query[i];
+        pair_passing[i] = count_passing(bits + q * W, list_offsets[l], list_offsets[l + 1]);
+        out_num_passing[q] += pair_passing[i];
+      }
+
+    // top-k buffers: a query with <= 2k passing rows never compacts
+    std::vector<TopK> topk(B);
+    std::vector<int64_t> buf_start(B + 1, 0);
+    for (int64_t b = 0; b < B; ++b)
+      buf_start[b + 1] = buf_start[b] + std::min<int64_t>(out_num_passing[b], 2 * k) + 1;
+    std::vector<Candidate> candidates(buf_start[B]);
+    for (int64_t b = 0; b < B; ++b) {
+      topk[b].buf = candidates.data() + buf_start[b];
+      topk[b].cap = buf_start[b + 1] - buf_start[b];
+      topk[b].k = k;
+    }
+
+    Batch bt{qwide.data(), d_pad, query_scales, bits, W, codes, scales, D, topk.data()};
+    std::vector<int64_t> dense;
+    for (int64_t l = 0; l < nlist; ++l) {
+      int64_t start = list_offsets[l], end = list_offsets[l + 1];
+      if (end <= start) continue;
+      double min_dense = dense_min_fraction * double(end - start);
+      dense.clear();
+      for (int64_t i = first[l]; i < first[l + 1]; ++i) {
+        if (pair_passing[i] == 0) continue;
+        if (double(pair_passing[i]) >= min_dense)
+          dense.push_back(pair_query[i]);
+        else
+          scan_sparse(bt, pair_query[i], start, end);
+      }
+      size_t j = 0;
+      for (; j + 4 <= dense.size(); j += 4) scan_dense<4>(bt, dense.data() + j, start, end);
+      for (; j + 2 <= dense.size(); j += 2) scan_dense<2>(bt, dense.data() + j, start, end);
+      for (; j < dense.size(); ++j) scan_dense<1>(bt, dense.data() + j, start, end);
+    }
+
+    for (int64_t b = 0; b < B; ++b) topk[b].write(out_scores + b * k, out_rows + b * k);
+  } catch (const std::bad_alloc&) {
+    return 3;
+  }
+  return 0;
+}
+
+// 1 when this CPU can run the AVX2 build (asked of the portable build before loading the other)
+extern "C" int64_t IAM_JOIN(iam_cpu_supports_avx2_, IAM_ISA)() {
+#if defined(__x86_64__) || defined(__i386__)
+  return __builtin_cpu_supports("avx2") ? 1 : 0;
+#else
+  return 0;
+#endif
+}
