@@ -83,7 +83,7 @@ def build(force: bool = False, quiet: bool = False) -> List[Path]:
     return paths
 
 
-_LOADED: List[Optional["CpuLibrary"]] = []
+_LOADED: Dict[str, Optional["CpuLibrary"]] = {}
 
 
 class CpuLibrary:
@@ -96,26 +96,30 @@ class CpuLibrary:
         self.ivf_int8_search = getattr(handle, f"iam_ivf_int8_search_{variant}")
         self.ivf_int8_search.restype = i64
         self.ivf_int8_search.argtypes = [ptr, ptr, ptr, i64, ptr, i64, i64, ptr, i64, ptr, ptr,
-                                         i64, i64, i64, ctypes.c_double, ptr, ptr, ptr]
+                                         i64, i64, i64, i64, ptr, ptr, ptr]
 
 
-def load() -> Optional[CpuLibrary]:
-    """The best library this CPU can run (cached), or None when it was not built."""
-    if not _LOADED:
-        _LOADED.append(_open())
-    return _LOADED[0]
+def load(variant: str = "best") -> Optional[CpuLibrary]:
+    """The library of `variant` ("best": the fastest this CPU runs), cached; None when it was not
+    built (or "avx2" on a CPU without AVX2)."""
+    if variant not in _LOADED:
+        _LOADED[variant] = _open(variant)
+    return _LOADED[variant]
 
 
-def _open() -> Optional[CpuLibrary]:
+def _open(variant: str) -> Optional[CpuLibrary]:
     portable = library_path("portable")
     if not portable.exists():
         return None
     handle = ctypes.CDLL(str(portable))
-    variant, chosen = "portable", handle
-    if "avx2" in VARIANTS and handle.iam_cpu_supports_avx2_portable() == 1:
-        if library_path("avx2").exists():
-            variant, chosen = "avx2", ctypes.CDLL(str(library_path("avx2")))
-    return CpuLibrary(variant, chosen)
+    if variant == "portable":
+        return CpuLibrary("portable", handle)
+    has_avx2 = "avx2" in VARIANTS and handle.iam_cpu_supports_avx2_portable() == 1
+    if has_avx2 and library_path("avx2").exists():
+        return CpuLibrary("avx2", ctypes.CDLL(str(library_path("avx2"))))
+    if variant == "avx2" or has_avx2:  # an AVX2 CPU whose AVX2 build is missing: not built
+        return None
+    return CpuLibrary("portable", handle)
 
 
 def main(argv: Optional[List[str]] = None) -> None:

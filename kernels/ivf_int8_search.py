@@ -38,11 +38,10 @@ BLOCK_ROWS = 64
 # benchmarks/gpu_ann.py (docs/performance.md) timed this setting only, and found the kernel
 # bound by per-row work (filter-bit tests, list walking), not by bandwidth.
 NUM_WARPS = 4
-# CPU (kernels/csrc/ivf_int8_search.cpp): a query scores a probed list "dense" (every row loaded,
-# shared with up to 3 other dense queries of the list, the filter bit tested per row) when at
-# least this fraction of the list's rows pass its filter, else "sparse" (only its set bits).
-# Placeholder until measured.
-DENSE_MIN_FRACTION = 0.25
+# CPU (kernels/csrc/ivf_int8_search.cpp): 8 consecutive rows (one filter byte) with at least this
+# many passing rows are scored as one block of 8 dot products (rows filtered out are computed and
+# dropped), a sparser byte row by row. Placeholder until measured.
+BLOCK_MIN_BITS = 2
 # Largest D whose int8 dot products stay exact integers in fp32 (D * 127^2 < 2^24), so that the
 # CPU and CUDA paths give the same scores.
 MAX_DIM = 1040
@@ -318,22 +317,24 @@ _ERRORS = {1: "a probe is outside [-1, nlist)",
 def ivf_int8_search_cpu(query_codes: torch.Tensor, query_scales: torch.Tensor,
                         filter_bits: torch.Tensor, probes: torch.Tensor,
                         list_offsets: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
-                        k: int, dense_min_fraction: float = DENSE_MIN_FRACTION
+                        k: int, block_min_bits: int = BLOCK_MIN_BITS,
+                        variant: str = "best"
                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """CPU implementation of `iam::ivf_int8_search`: the compiled C++ library (one thread, the
     GIL released), same results as `ivf_int8_search_torch` (scores bit for bit; rows of tied
-    scores may differ). `dense_min_fraction` is exposed for tests of the dense/sparse switch.
+    scores may differ). `block_min_bits` and `variant` (build_ext.load: "best", "avx2",
+    "portable") are for tests of the block/row switch and of each build.
 
     A library that was not built is an error naming the build command, not a fallback to the
     torch path: that path is ~10x slower on unfiltered batches, and a served model silently
     running it would be a performance fault nobody sees (tests and stubs fail loudly instead)."""
     _check_ivf_int8_search(query_codes, query_scales, filter_bits, probes, list_offsets, codes,
                            scales, k)
-    lib = build_ext.load()
+    lib = build_ext.load(variant)
     if lib is None:
-        raise RuntimeError("ivf_int8_search: the compiled CPU library "
-                           f"{build_ext.library_path('portable')} is missing or stale; build it "
-                           f"with `{build_ext.BUILD_COMMAND}`")
+        raise RuntimeError(f"ivf_int8_search: the compiled CPU library ({variant}) under "
+                           f"{build_ext.OUT_DIR} is missing or stale; build it with "
+                           f"`{build_ext.BUILD_COMMAND}`")
     query_codes, query_scales, filter_bits, probes, list_offsets, codes, scales = contiguous(
         query_codes, query_scales, filter_bits, probes, list_offsets, codes, scales)
     b, d = query_codes.shape
@@ -344,7 +345,7 @@ def ivf_int8_search_cpu(query_codes: torch.Tensor, query_scales: torch.Tensor,
         query_codes.data_ptr(), query_scales.data_ptr(), filter_bits.data_ptr(),
         filter_bits.shape[1], probes.data_ptr(), b, probes.shape[1], list_offsets.data_ptr(),
         list_offsets.shape[0] - 1, codes.data_ptr(), scales.data_ptr(), codes.shape[0], d, k,
-        float(dense_min_fraction), scores.data_ptr(), rows.data_ptr(), num_passing.data_ptr())
+        int(block_min_bits), scores.data_ptr(), rows.data_ptr(), num_passing.data_ptr())
     if rc != 0:
         raise ValueError(f"ivf_int8_search: {_ERRORS.get(rc, f'error {rc}')}")
     return scores, rows, num_passing

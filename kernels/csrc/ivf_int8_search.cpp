@@ -5,10 +5,11 @@
 //      list is read once, while it is in cache, for every query that probes it;
 //   2. per pair, the filter words covering the list (masked to its row range) are popcounted:
 //      that is num_passing, exactly, and it sizes each query's top-k buffer;
-//   3. per list, a query whose passing fraction is >= dense_min_fraction is scored "dense": the
-//      list's rows are walked once for up to 4 such queries together (one load of a row serves
-//      all of them, the filter bit decides which keep it); the others "sparse": only the set
-//      bits of their words are visited, one row at a time;
+//   3. each (query, list) pair walks the nonzero bytes of its masked filter words: a byte (8
+//      consecutive rows) with >= block_min_bits passing rows is scored as a block (8 dot
+//      products, horizontally summed together, rescaled and compared with the threshold in one
+//      vector; filtered-out lanes dropped), a sparser byte row by row. Dense lists (no filter)
+//      are thus read 8 rows at a time, selective ones touch only their passing rows;
 //   4. score = float(dot) * query_scale * item_scale with the dot an exact integer, in the torch
 //      path's float order (built with -ffp-contract=off: no fused multiply-add), so scores are
 //      bit-identical to it; a per-query buffer keeps candidates above a threshold (the k-th best
@@ -88,26 +89,51 @@ inline int32_t hsum_epi32(__m256i v) {
 }
 #endif
 
-// Exact integer dot products of one int8 row with NQ queries (widened to int16, zero-padded to
-// a multiple of 16): out[j] = row . q[j].
-template <int NQ>
-inline void dots(const int8_t* row, const int16_t* const* q, int64_t d, int32_t* out) {
+// Exact integer dot product of one int8 row with a query widened to int16 (zero-padded to a
+// multiple of 16 lanes).
+inline int32_t dot_row(const int8_t* row, const int16_t* q, int64_t d) {
   int64_t i = 0;
+  int32_t out = 0;
 #ifdef __AVX2__
-  __m256i acc[NQ];
-  for (int j = 0; j < NQ; ++j) acc[j] = _mm256_setzero_si256();
+  __m256i acc = _mm256_setzero_si256();
   for (; i + 16 <= d; i += 16) {
     __m256i x = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + i)));
-    for (int j = 0; j < NQ; ++j)
-      acc[j] = _mm256_add_epi32(
-          acc[j], _mm256_madd_epi16(x, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[j] + i))));
+    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(
+        x, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + i))));
   }
-  for (int j = 0; j < NQ; ++j) out[j] = hsum_epi32(acc[j]);
+  out = hsum_epi32(acc);
+#endif
+  for (; i < d; ++i) out += int32_t(row[i]) * int32_t(q[i]);
+  return out;
+}
+
+// Exact dot products of 8 consecutive rows with one query: out[r] = rows[r] . q.
+inline void dot_block8(const int8_t* rows, const int16_t* q, int64_t d, int32_t* out) {
+  int64_t i = 0;
+#ifdef __AVX2__
+  // one accumulator per row; the query chunk is loaded once for the 8 rows
+  __m256i acc[8];
+  for (int r = 0; r < 8; ++r) acc[r] = _mm256_setzero_si256();
+  for (; i + 16 <= d; i += 16) {
+    __m256i qv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + i));
+    for (int r = 0; r < 8; ++r) {
+      __m256i x = _mm256_cvtepi8_epi16(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows + r * d + i)));
+      acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(x, qv));
+    }
+  }
+  // 8 horizontal sums at once: hadd pairs, then add the two 128-bit halves -> lane r = row r
+  __m256i s01 = _mm256_hadd_epi32(acc[0], acc[1]), s23 = _mm256_hadd_epi32(acc[2], acc[3]);
+  __m256i s45 = _mm256_hadd_epi32(acc[4], acc[5]), s67 = _mm256_hadd_epi32(acc[6], acc[7]);
+  __m256i s0123 = _mm256_hadd_epi32(s01, s23), s4567 = _mm256_hadd_epi32(s45, s67);
+  __m256i sums = _mm256_add_epi32(_mm256_permute2x128_si256(s0123, s4567, 0x20),
+                                  _mm256_permute2x128_si256(s0123, s4567, 0x31));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), sums);
 #else
-  for (int j = 0; j < NQ; ++j) out[j] = 0;
+  for (int r = 0; r < 8; ++r) out[r] = 0;
 #endif
   for (; i < d; ++i)
-    for (int j = 0; j < NQ; ++j) out[j] += int32_t(row[i]) * int32_t(q[j][i]);
+    for (int r = 0; r < 8; ++r) out[r] += int32_t(rows[r * d + i]) * int32_t(q[i]);
 }
 
 // bits of word `word` that belong to rows [start, end)
@@ -128,64 +154,59 @@ struct Batch {
   int64_t W;
   const int8_t* codes;  // [N, D]
   const float* scales;
+  int64_t N;
   int64_t D;
+  int block_min_bits;
   TopK* topk;
 };
 
-// Rows [start, end) for NQ queries at once; every row is loaded once and scored for the queries
-// whose filter bit is set.
-template <int NQ>
-void scan_dense(const Batch& bt, const int64_t* queries, int64_t start, int64_t end) {
-  const int16_t* q[NQ];
-  const uint64_t* bits[NQ];
-  float qs[NQ];
-  for (int j = 0; j < NQ; ++j) {
-    q[j] = bt.qwide + queries[j] * bt.d_pad;
-    bits[j] = bt.bits + queries[j] * bt.W;
-    qs[j] = bt.qscales[queries[j]];
-  }
-  int32_t dot[NQ];
-  for (int64_t word = start >> 6; (word << 6) < end; ++word) {
-    uint64_t keep = range_mask(word, start, end);
-    uint64_t m[NQ];
-    uint64_t any = 0;
-    for (int j = 0; j < NQ; ++j) {
-      m[j] = bits[j][word] & keep;
-      any |= m[j];
-    }
-    while (any) {  // rows from the lowest to the highest passing bit of any query
-      int bit = __builtin_ctzll(any);
-      any &= any - 1;
-      int64_t row = (word << 6) + bit;
-      dots<NQ>(bt.codes + row * bt.D, q, bt.D, dot);
-      float item_scale = bt.scales[row];
-      for (int j = 0; j < NQ; ++j) {
-        if (!((m[j] >> bit) & 1)) continue;
-        float score = float(dot[j]) * qs[j];
-        score = score * item_scale;
-        TopK& t = bt.topk[queries[j]];
-        if (t.wants(score)) t.push(score, row);
-      }
-    }
-  }
-}
-
-// Only the passing rows of [start, end) for one query.
-void scan_sparse(const Batch& bt, int64_t query, int64_t start, int64_t end) {
-  const int16_t* q[1] = {bt.qwide + query * bt.d_pad};
+// The passing rows of [start, end) for one query, 8 rows (one filter byte) at a time: a byte
+// with >= block_min_bits set bits is scored as a block of 8 rows (the others masked off after
+// the dot), a sparser one row by row. Zero bytes cost one bit scan.
+void scan_list(const Batch& bt, int64_t query, int64_t start, int64_t end) {
+  const int16_t* q = bt.qwide + query * bt.d_pad;
   const uint64_t* bits = bt.bits + query * bt.W;
-  float qs = bt.qscales[query];
+  const float qs = bt.qscales[query];
   TopK& t = bt.topk[query];
-  int32_t dot[1];
+  alignas(32) int32_t dot[8];
+  alignas(32) float score[8];
   for (int64_t word = start >> 6; (word << 6) < end; ++word) {
     uint64_t m = bits[word] & range_mask(word, start, end);
     while (m) {
-      int64_t row = (word << 6) + __builtin_ctzll(m);
-      m &= m - 1;
-      dots<1>(bt.codes + row * bt.D, q, bt.D, dot);
-      float score = float(dot[0]) * qs;
-      score = score * bt.scales[row];
-      if (t.wants(score)) t.push(score, row);
+      const int shift = __builtin_ctzll(m) & ~7;  // the lowest nonzero byte
+      unsigned byte = unsigned(m >> shift) & 0xffu;
+      m &= ~(uint64_t(0xff) << shift);
+      const int64_t first = (word << 6) + shift;
+      if (__builtin_popcount(byte) >= bt.block_min_bits && first + 8 <= bt.N) {
+        dot_block8(bt.codes + first * bt.D, q, bt.D, dot);
+#ifdef __AVX2__
+        __m256 s = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_load_si256(
+            reinterpret_cast<const __m256i*>(dot))), _mm256_set1_ps(qs));
+        s = _mm256_mul_ps(s, _mm256_loadu_ps(bt.scales + first));
+        _mm256_store_ps(score, s);
+        if (t.full)  // only lanes above the threshold
+          byte &= unsigned(_mm256_movemask_ps(
+              _mm256_cmp_ps(s, _mm256_set1_ps(t.threshold), _CMP_GT_OQ)));
+#else
+        for (int r = 0; r < 8; ++r) {
+          score[r] = float(dot[r]) * qs;
+          score[r] = score[r] * bt.scales[first + r];
+        }
+#endif
+        while (byte) {
+          int r = __builtin_ctz(byte);
+          byte &= byte - 1;
+          if (t.wants(score[r])) t.push(score[r], first + r);
+        }
+      } else {
+        while (byte) {
+          int r = __builtin_ctz(byte);
+          byte &= byte - 1;
+          float sc = float(dot_row(bt.codes + (first + r) * bt.D, q, bt.D)) * qs;
+          sc = sc * bt.scales[first + r];
+          if (t.wants(sc)) t.push(sc, first + r);
+        }
+      }
     }
   }
 }
@@ -208,7 +229,7 @@ extern "C" int64_t IAM_JOIN(iam_ivf_int8_search_, IAM_ISA)(
     const int8_t* query_codes, const float* query_scales, const int64_t* filter_bits, int64_t W,
     const int64_t* probes, int64_t B, int64_t P, const int64_t* list_offsets, int64_t nlist,
     const int8_t* codes, const float* scales, int64_t N, int64_t D, int64_t k,
-    double dense_min_fraction, float* out_scores, int64_t* out_rows, int64_t* out_num_passing) {
+    int64_t block_min_bits, float* out_scores, int64_t* out_rows, int64_t* out_num_passing) {
   for (int64_t l = 0; l < nlist; ++l)
     if (list_offsets[l] < 0 || list_offsets[l] > list_offsets[l + 1] || list_offsets[l + 1] > N)
       return 2;
@@ -254,25 +275,11 @@ extern "C" int64_t IAM_JOIN(iam_ivf_int8_search_, IAM_ISA)(
       topk[b].k = k;
     }
 
-    Batch bt{qwide.data(), d_pad, query_scales, bits, W, codes, scales, D, topk.data()};
-    std::vector<int64_t> dense;
-    for (int64_t l = 0; l < nlist; ++l) {
-      int64_t start = list_offsets[l], end = list_offsets[l + 1];
-      if (end <= start) continue;
-      double min_dense = dense_min_fraction * double(end - start);
-      dense.clear();
-      for (int64_t i = first[l]; i < first[l + 1]; ++i) {
-        if (pair_passing[i] == 0) continue;
-        if (double(pair_passing[i]) >= min_dense)
-          dense.push_back(pair_query[i]);
-        else
-          scan_sparse(bt, pair_query[i], start, end);
-      }
-      size_t j = 0;
-      for (; j + 4 <= dense.size(); j += 4) scan_dense<4>(bt, dense.data() + j, start, end);
-      for (; j + 2 <= dense.size(); j += 2) scan_dense<2>(bt, dense.data() + j, start, end);
-      for (; j < dense.size(); ++j) scan_dense<1>(bt, dense.data() + j, start, end);
-    }
+    Batch bt{qwide.data(), d_pad, query_scales, bits, W, codes, scales, N, D,
+             int(block_min_bits), topk.data()};
+    for (int64_t l = 0; l < nlist; ++l)  // list-major: a list stays in cache for its queries
+      for (int64_t i = first[l]; i < first[l + 1]; ++i)
+        if (pair_passing[i] > 0) scan_list(bt, pair_query[i], list_offsets[l], list_offsets[l + 1]);
 
     for (int64_t b = 0; b < B; ++b) topk[b].write(out_scores + b * k, out_rows + b * k);
   } catch (const std::bad_alloc&) {
