@@ -113,15 +113,25 @@ class IVFInt8Search(nn.Module):
 
         probing = (~exact).nonzero().squeeze(1)
         if probing.numel() > 0:
-            p_max = int(planned[probing].max())
-            probes = torch.topk(queries[probing] @ self.centroids.T, p_max, dim=1).indices
+            # the usual case, every query probing: no copies of the [B, W] bitmap (8 MB for
+            # 64 queries over 1M items, ~5 % of an unfiltered search's time)
+            everyone = probing.numel() == b
+            p_queries = queries if everyone else queries[probing]
+            p_planned = planned if everyone else planned[probing]
+            p_codes = query_codes if everyone else query_codes[probing]
+            p_scales = query_scales if everyone else query_scales[probing]
+            p_bits = filter_bits if everyone else filter_bits[probing]
+            p_max = int(p_planned.max())
+            probes = torch.topk(p_queries @ self.centroids.T, p_max, dim=1).indices
             slot = torch.arange(p_max, device=queries.device)
-            probes = torch.where(slot[None, :] < planned[probing][:, None], probes, -1)
+            probes = torch.where(slot[None, :] < p_planned[:, None], probes, -1)
             s, r, found = torch.ops.iam.ivf_int8_search(
-                query_codes[probing], query_scales[probing], filter_bits[probing], probes,
-                self.list_offsets, self.codes, self.scales, k)
-            scores[probing] = s
-            rows[probing] = r
+                p_codes, p_scales, p_bits, probes, self.list_offsets, self.codes, self.scales, k)
+            if everyone:
+                scores, rows = s, r
+            else:
+                scores[probing] = s
+                rows[probing] = r
             # fewer than k passing rows in the probed lists: scan everything (cheap, since
             # then the filter is selective; a query with < k matches in all gets them all)
             exact[probing[found < k]] = True

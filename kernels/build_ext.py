@@ -4,10 +4,10 @@
     python kernels/build_ext.py --force    # rebuild
     python kernels/build_ext.py --print    # the library paths
 
-The sources are compiled with the system g++ twice, into two shared libraries under build/ext/:
-a portable one (-O3, baseline x86-64 or whatever the host's default target is) and, on x86-64, an
-AVX2 one. `load()` opens the portable one, asks it whether the CPU has AVX2, and then opens the
-AVX2 one. Each file name carries a hash of the sources and the flags, so an edited source is never
+The sources are compiled with the system g++ into one shared library per variant under
+build/ext/: a portable one (-O3, the compiler's default target) and, on x86-64, an AVX2 one and
+an AVX2 + AVX-VNNI one. `load()` opens the portable one, asks it which the CPU runs, and opens the
+fastest of those. Each file name carries a hash of the sources and the flags, so an edited source is never
 served by a stale library: `load()` finds no file and the op fails, naming this command. Paths
 are relative to the repository root (not the working directory), so the Triton stub processes
 that import `kernels` find the same files.
@@ -36,6 +36,9 @@ BASE_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-Wa
 VARIANTS: Dict[str, List[str]] = {"portable": []}
 if platform.machine() in ("x86_64", "AMD64"):
     VARIANTS["avx2"] = ["-mavx2"]
+    VARIANTS["avxvnni"] = ["-mavx2", "-mavxvnni"]
+# bit of iam_cpu_features() each non-portable variant needs, fastest first
+FEATURE_BITS = {"avxvnni": 2, "avx2": 1}
 COMPILER = os.environ.get("CXX", "g++")
 BUILD_COMMAND = "make setup  (or: .venv/bin/python -m kernels.build_ext)"
 
@@ -114,11 +117,15 @@ def _open(variant: str) -> Optional[CpuLibrary]:
     handle = ctypes.CDLL(str(portable))
     if variant == "portable":
         return CpuLibrary("portable", handle)
-    has_avx2 = "avx2" in VARIANTS and handle.iam_cpu_supports_avx2_portable() == 1
-    if has_avx2 and library_path("avx2").exists():
-        return CpuLibrary("avx2", ctypes.CDLL(str(library_path("avx2"))))
-    if variant == "avx2" or has_avx2:  # an AVX2 CPU whose AVX2 build is missing: not built
-        return None
+    features = handle.iam_cpu_features_portable()
+    runnable = [v for v, bit in FEATURE_BITS.items() if v in VARIANTS and features & bit]
+    if variant != "best":
+        runnable = [v for v in runnable if v == variant]
+        if not runnable:
+            return None
+    for v in runnable:  # a build this CPU runs but that is missing: not built (None)
+        return CpuLibrary(v, ctypes.CDLL(str(library_path(v)))) if library_path(v).exists() \
+            else None
     return CpuLibrary("portable", handle)
 
 

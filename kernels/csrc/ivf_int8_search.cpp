@@ -15,10 +15,11 @@
 //      bit-identical to it; a per-query buffer keeps candidates above a threshold (the k-th best
 //      after the last compaction by nth_element), then the k best are sorted out.
 //
-// Built twice by kernels/build_ext.py: with -mavx2 (int8 -> int16 widening and _mm256_madd_epi16:
-// exact for every int8 value, -128 included) and without (portable loops); the loader picks the
-// AVX2 library when the CPU has AVX2. Each build is its own shared library, so no inline function
-// compiled for AVX2 can be shared with the portable one.
+// Built three times by kernels/build_ext.py: with -mavx2 -mavxvnni (vpdpbusd: 32 byte products
+// per instruction), with -mavx2 (int8 -> int16 widening and _mm256_madd_epi16), both exact for
+// every int8 value, -128 included; and without (portable loops); the loader picks the fastest
+// build the CPU runs. Each build is its own shared library, so no inline function compiled for
+// AVX2 can be shared with the portable one.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -91,10 +92,24 @@ inline int32_t hsum_epi32(__m256i v) {
 
 // Exact integer dot product of one int8 row with a query widened to int16 (zero-padded to a
 // multiple of 16 lanes).
-inline int32_t dot_row(const int8_t* row, const int16_t* q, int64_t d) {
+inline int32_t dot_row(const int8_t* row, const int16_t* q, const int8_t* q8, int32_t q8_bias,
+                       int64_t d) {
+  (void)q8, (void)q8_bias;  // the AVX-VNNI build's
   int64_t i = 0;
   int32_t out = 0;
-#ifdef __AVX2__
+#if defined(__AVXVNNI__)
+  // vpdpbusd multiplies unsigned by signed bytes: (row + 128) . q - 128 * sum(q) = row . q,
+  // exact for every int8 value (no saturation: vpdpbusd, not vpdpbusds)
+  const __m256i flip = _mm256_set1_epi8(char(0x80));
+  __m256i acc = _mm256_setzero_si256();
+  for (; i + 32 <= d; i += 32) {
+    __m256i x = _mm256_xor_si256(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + i)), flip);
+    acc = _mm256_dpbusd_avx_epi32(acc, x, _mm256_loadu_si256(
+        reinterpret_cast<const __m256i*>(q8 + i)));
+  }
+  out = hsum_epi32(acc) - q8_bias;
+#elif defined(__AVX2__)
   __m256i acc = _mm256_setzero_si256();
   for (; i + 16 <= d; i += 16) {
     __m256i x = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + i)));
@@ -108,12 +123,28 @@ inline int32_t dot_row(const int8_t* row, const int16_t* q, int64_t d) {
 }
 
 // Exact dot products of 8 consecutive rows with one query: out[r] = rows[r] . q.
-inline void dot_block8(const int8_t* rows, const int16_t* q, int64_t d, int32_t* out) {
+inline void dot_block8(const int8_t* rows, const int16_t* q, const int8_t* q8, int32_t q8_bias,
+                       int64_t d, int32_t* out) {
+  (void)q8, (void)q8_bias;  // the AVX-VNNI build's
   int64_t i = 0;
 #ifdef __AVX2__
   // one accumulator per row; the query chunk is loaded once for the 8 rows
   __m256i acc[8];
   for (int r = 0; r < 8; ++r) acc[r] = _mm256_setzero_si256();
+#if defined(__AVXVNNI__)
+  const __m256i flip = _mm256_set1_epi8(char(0x80));  // as in dot_row
+  for (; i + 32 <= d; i += 32) {
+    __m256i qv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8 + i));
+    for (int r = 0; r < 8; ++r) {
+      __m256i x = _mm256_xor_si256(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows + r * d + i)), flip);
+      acc[r] = _mm256_dpbusd_avx_epi32(acc[r], x, qv);
+    }
+  }
+  const __m256i bias = _mm256_set1_epi32(q8_bias);
+#else
+  const __m256i bias = _mm256_setzero_si256();
+#endif
   for (; i + 16 <= d; i += 16) {
     __m256i qv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + i));
     for (int r = 0; r < 8; ++r) {
@@ -128,6 +159,7 @@ inline void dot_block8(const int8_t* rows, const int16_t* q, int64_t d, int32_t*
   __m256i s0123 = _mm256_hadd_epi32(s01, s23), s4567 = _mm256_hadd_epi32(s45, s67);
   __m256i sums = _mm256_add_epi32(_mm256_permute2x128_si256(s0123, s4567, 0x20),
                                   _mm256_permute2x128_si256(s0123, s4567, 0x31));
+  sums = _mm256_sub_epi32(sums, bias);
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), sums);
 #else
   for (int r = 0; r < 8; ++r) out[r] = 0;
@@ -147,7 +179,9 @@ inline uint64_t range_mask(int64_t word, int64_t start, int64_t end) {
 }
 
 struct Batch {
-  const int16_t* qwide;  // [B, d_pad]
+  const int16_t* qwide;  // [B, d_pad]: int16, zero-padded
+  const int8_t* qbytes;  // [B, d_pad]: int8, zero-padded (the AVX-VNNI build)
+  const int32_t* qbias;  // [B]: 128 * sum of the query's codes over whole 32-byte chunks
   int64_t d_pad;
   const float* qscales;
   const uint64_t* bits;  // [B, W]
@@ -165,6 +199,8 @@ struct Batch {
 // the dot), a sparser one row by row. Zero bytes cost one bit scan.
 void scan_list(const Batch& bt, int64_t query, int64_t start, int64_t end) {
   const int16_t* q = bt.qwide + query * bt.d_pad;
+  const int8_t* q8 = bt.qbytes + query * bt.d_pad;
+  const int32_t q8_bias = bt.qbias[query];
   const uint64_t* bits = bt.bits + query * bt.W;
   const float qs = bt.qscales[query];
   TopK& t = bt.topk[query];
@@ -178,7 +214,7 @@ void scan_list(const Batch& bt, int64_t query, int64_t start, int64_t end) {
       m &= ~(uint64_t(0xff) << shift);
       const int64_t first = (word << 6) + shift;
       if (__builtin_popcount(byte) >= bt.block_min_bits && first + 8 <= bt.N) {
-        dot_block8(bt.codes + first * bt.D, q, bt.D, dot);
+        dot_block8(bt.codes + first * bt.D, q, q8, q8_bias, bt.D, dot);
 #ifdef __AVX2__
         __m256 s = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_load_si256(
             reinterpret_cast<const __m256i*>(dot))), _mm256_set1_ps(qs));
@@ -202,7 +238,7 @@ void scan_list(const Batch& bt, int64_t query, int64_t start, int64_t end) {
         while (byte) {
           int r = __builtin_ctz(byte);
           byte &= byte - 1;
-          float sc = float(dot_row(bt.codes + (first + r) * bt.D, q, bt.D)) * qs;
+          float sc = float(dot_row(bt.codes + (first + r) * bt.D, q, q8, q8_bias, bt.D)) * qs;
           sc = sc * bt.scales[first + r];
           if (t.wants(sc)) t.push(sc, first + r);
         }
@@ -236,11 +272,16 @@ extern "C" int64_t IAM_JOIN(iam_ivf_int8_search_, IAM_ISA)(
   for (int64_t i = 0; i < B * P; ++i)
     if (probes[i] < -1 || probes[i] >= nlist) return 1;
   try {
-    // queries widened once to int16, zero-padded to whole 16-lane vectors
-    int64_t d_pad = (D + 15) / 16 * 16;
+    // queries widened once to int16 and copied as int8, zero-padded to whole 32-byte vectors
+    int64_t d_pad = (D + 31) / 32 * 32;
     std::vector<int16_t> qwide(B * d_pad, 0);
+    std::vector<int8_t> qbytes(B * d_pad, 0);
+    std::vector<int32_t> qbias(B, 0);
     for (int64_t b = 0; b < B; ++b)
-      for (int64_t i = 0; i < D; ++i) qwide[b * d_pad + i] = query_codes[b * D + i];
+      for (int64_t i = 0; i < D; ++i) {
+        qwide[b * d_pad + i] = qbytes[b * d_pad + i] = query_codes[b * D + i];
+        if (i < D / 32 * 32) qbias[b] += 128 * int32_t(query_codes[b * D + i]);
+      }
 
     // probe pairs grouped by list (counting sort; queries ascending within a list)
     std::vector<int64_t> first(nlist + 1, 0);
@@ -275,7 +316,7 @@ extern "C" int64_t IAM_JOIN(iam_ivf_int8_search_, IAM_ISA)(
       topk[b].k = k;
     }
 
-    Batch bt{qwide.data(), d_pad, query_scales, bits, W, codes, scales, N, D,
+    Batch bt{qwide.data(), qbytes.data(), qbias.data(), d_pad, query_scales, bits, W, codes, scales, N, D,
              int(block_min_bits), topk.data()};
     for (int64_t l = 0; l < nlist; ++l)  // list-major: a list stays in cache for its queries
       for (int64_t i = first[l]; i < first[l + 1]; ++i)
@@ -288,10 +329,12 @@ extern "C" int64_t IAM_JOIN(iam_ivf_int8_search_, IAM_ISA)(
   return 0;
 }
 
-// 1 when this CPU can run the AVX2 build (asked of the portable build before loading the other)
-extern "C" int64_t IAM_JOIN(iam_cpu_supports_avx2_, IAM_ISA)() {
+// Which builds this CPU runs (asked of the portable build before loading another): bit 0 AVX2,
+// bit 1 AVX-VNNI (with AVX2).
+extern "C" int64_t IAM_JOIN(iam_cpu_features_, IAM_ISA)() {
 #if defined(__x86_64__) || defined(__i386__)
-  return __builtin_cpu_supports("avx2") ? 1 : 0;
+  int64_t avx2 = __builtin_cpu_supports("avx2") ? 1 : 0;
+  return avx2 | (avx2 && __builtin_cpu_supports("avxvnni") ? 2 : 0);
 #else
   return 0;
 #endif
