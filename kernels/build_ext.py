@@ -6,11 +6,12 @@
 
 The sources are compiled with the system g++ into one shared library per variant under
 build/ext/: a portable one (-O3, the compiler's default target) and, on x86-64, an AVX2 one and
-an AVX2 + AVX-VNNI one. `load()` opens the portable one, asks it which the CPU runs, and opens the
-fastest of those. Each file name carries a hash of the sources and the flags, so an edited source is never
-served by a stale library: `load()` finds no file and the op fails, naming this command. Paths
-are relative to the repository root (not the working directory), so the Triton stub processes
-that import `kernels` find the same files.
+an AVX2 + AVX-VNNI one. `load()` opens the portable one, asks it which the CPU runs, and opens
+the fastest of those. Each file name carries a hash of the sources and the flags, so an edited
+source is never served by a stale library: `load()` finds no file and the op fails, naming this
+command. Paths are relative to the repository root (not the working directory), so the Triton
+stub processes that import `kernels` find the same files. -march=native is not used: the
+variants are chosen at run time, so a library built on one x86-64 host runs on any other.
 
 -ffp-contract=off: no fused multiply-add, so `float(dot) * query_scale * item_scale` rounds twice
 exactly as the torch path does and the scores are bit-identical to it.

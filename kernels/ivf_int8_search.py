@@ -14,9 +14,13 @@ descending; slots past the query's number of passing rows hold score -inf and ro
 probe more lists or fall back to an exact scan (`ann.search`). Probing every list is exact
 filtered search. Rows are index rows (cluster-contiguous order, see `ann.ivf`).
 
-Filtered-out rows cost no embedding traffic on either path: the CUDA kernel masks the embedding
-load with the filter bit; the CPU path turns the probed filter words into the list of passing
-rows first (skipping zero bytes) and gathers only their codes.
+Filtered-out rows cost no embedding traffic on the CUDA path: the kernel masks the embedding
+load with the filter bit. The CPU implementation is compiled C++ (kernels/csrc/
+ivf_int8_search.cpp, built by `make setup` / `python -m kernels.build_ext`, one thread): the
+batch's probes are grouped by list so each probed list is read once for all its queries, zero
+filter bytes are skipped, every other 8 rows are scored together (int8 dots in AVX2 / AVX-VNNI)
+and kept above a per-query top-k threshold. `ivf_int8_search_torch` (plain torch ops: filter
+words -> passing rows, gather, GEMV, top-k) is the reference it is tested against.
 """
 
 import sys
