@@ -22,8 +22,11 @@ from filtering.bits import popcount
 
 # the planner estimates a filter's pass rate from every SAMPLE_STRIDE-th filter word: a full
 # popcount of a [64, 15625] bitmap costs more than the whole search on the 2-core benchmark
-# machine, 1/8 of the words (125k items) estimates a 0.5 % filter within ~4 %.
-SAMPLE_STRIDE = 8
+# machine. 1/32 of the words (31k items) estimates a 0.5 % filter within ~8 % (one standard
+# deviation), a 10 % one within ~2 %, which moves the planned probe by as much; 1/8 cost ~1.4 ms
+# per batch of 64 (torch's int64 shifts are not vectorized), 15 % of an unfiltered search with
+# the compiled scan (docs/performance.md, "Fused int8 ANN").
+SAMPLE_STRIDE = 32
 
 
 def estimate_pass_rate(filter_bits: torch.Tensor, num_items: int, stride: int) -> torch.Tensor:
