@@ -100,7 +100,7 @@ class CpuLibrary:
         self.ivf_int8_search = getattr(handle, f"iam_ivf_int8_search_{variant}")
         self.ivf_int8_search.restype = i64
         self.ivf_int8_search.argtypes = [ptr, ptr, ptr, i64, ptr, i64, i64, ptr, i64, ptr, ptr,
-                                         i64, i64, i64, i64, ptr, ptr, ptr]
+                                         i64, i64, i64, i64, i64, ptr, ptr, ptr]
 
 
 def load(variant: str = "best") -> Optional[CpuLibrary]:

@@ -168,6 +168,59 @@ inline void dot_block8(const int8_t* rows, const int16_t* q, const int8_t* q8, i
     for (int r = 0; r < 8; ++r) out[r] += int32_t(rows[r * d + i]) * int32_t(q[i]);
 }
 
+// Exact dot products of 4 consecutive rows with two queries a and b: out = [rows . a | rows . b].
+// Each row is loaded (and, for AVX-VNNI, offset) once for both queries.
+inline void dot_block4x2(const int8_t* rows, const int16_t* qa, const int8_t* qa8,
+                         int32_t qa8_bias, const int16_t* qb, const int8_t* qb8, int32_t qb8_bias,
+                         int64_t d, int32_t* out) {
+  (void)qa8, (void)qa8_bias, (void)qb8, (void)qb8_bias;  // the AVX-VNNI build's
+  int64_t i = 0;
+#ifdef __AVX2__
+  __m256i a[4], b[4];
+  for (int r = 0; r < 4; ++r) a[r] = b[r] = _mm256_setzero_si256();
+#if defined(__AVXVNNI__)
+  const __m256i flip = _mm256_set1_epi8(char(0x80));  // as in dot_row
+  for (; i + 32 <= d; i += 32) {
+    __m256i va = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qa8 + i));
+    __m256i vb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb8 + i));
+    for (int r = 0; r < 4; ++r) {
+      __m256i x = _mm256_xor_si256(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows + r * d + i)), flip);
+      a[r] = _mm256_dpbusd_avx_epi32(a[r], x, va);
+      b[r] = _mm256_dpbusd_avx_epi32(b[r], x, vb);
+    }
+  }
+  const __m256i bias = _mm256_setr_epi32(qa8_bias, qa8_bias, qa8_bias, qa8_bias,
+                                         qb8_bias, qb8_bias, qb8_bias, qb8_bias);
+#else
+  const __m256i bias = _mm256_setzero_si256();
+#endif
+  for (; i + 16 <= d; i += 16) {
+    __m256i va = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qa + i));
+    __m256i vb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + i));
+    for (int r = 0; r < 4; ++r) {
+      __m256i x = _mm256_cvtepi8_epi16(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows + r * d + i)));
+      a[r] = _mm256_add_epi32(a[r], _mm256_madd_epi16(x, va));
+      b[r] = _mm256_add_epi32(b[r], _mm256_madd_epi16(x, vb));
+    }
+  }
+  // as in dot_block8: hadd pairs, then add the 128-bit halves -> [a r0..r3 | b r0..r3]
+  __m256i sa = _mm256_hadd_epi32(_mm256_hadd_epi32(a[0], a[1]), _mm256_hadd_epi32(a[2], a[3]));
+  __m256i sb = _mm256_hadd_epi32(_mm256_hadd_epi32(b[0], b[1]), _mm256_hadd_epi32(b[2], b[3]));
+  __m256i sums = _mm256_add_epi32(_mm256_permute2x128_si256(sa, sb, 0x20),
+                                  _mm256_permute2x128_si256(sa, sb, 0x31));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_sub_epi32(sums, bias));
+#else
+  for (int r = 0; r < 8; ++r) out[r] = 0;
+#endif
+  for (; i < d; ++i)
+    for (int r = 0; r < 4; ++r) {
+      out[r] += int32_t(rows[r * d + i]) * int32_t(qa[i]);
+      out[4 + r] += int32_t(rows[r * d + i]) * int32_t(qb[i]);
+    }
+}
+
 // bits of word `word` that belong to rows [start, end)
 inline uint64_t range_mask(int64_t word, int64_t start, int64_t end) {
   int64_t lo = std::max<int64_t>(start - (word << 6), 0);
@@ -247,6 +300,79 @@ void scan_list(const Batch& bt, int64_t query, int64_t start, int64_t end) {
   }
 }
 
+// The passing rows of [start, end) for two queries that probe the same list, 4 rows at a time:
+// a group of 4 rows where either query has a passing row is scored for both (one load of each
+// row), and each keeps the rows its own filter passes.
+void scan_list_pair(const Batch& bt, int64_t qa, int64_t qb, int64_t start, int64_t end) {
+  const int16_t* a16 = bt.qwide + qa * bt.d_pad;
+  const int16_t* b16 = bt.qwide + qb * bt.d_pad;
+  const int8_t* a8 = bt.qbytes + qa * bt.d_pad;
+  const int8_t* b8 = bt.qbytes + qb * bt.d_pad;
+  const uint64_t* bits_a = bt.bits + qa * bt.W;
+  const uint64_t* bits_b = bt.bits + qb * bt.W;
+  const float qs_a = bt.qscales[qa], qs_b = bt.qscales[qb];
+  TopK& ta = bt.topk[qa];
+  TopK& tb = bt.topk[qb];
+  alignas(32) int32_t dot[8];
+  alignas(32) float score[8];
+  for (int64_t word = start >> 6; (word << 6) < end; ++word) {
+    const uint64_t keep = range_mask(word, start, end);
+    const uint64_t ma = bits_a[word] & keep, mb = bits_b[word] & keep;
+    uint64_t any = ma | mb;
+    while (any) {
+      const int shift = __builtin_ctzll(any) & ~3;  // the lowest nonzero group of 4 rows
+      any &= ~(uint64_t(0xf) << shift);
+      // lanes 0..3: query a's rows, 4..7: query b's
+      unsigned lanes = (unsigned(ma >> shift) & 0xfu) | ((unsigned(mb >> shift) & 0xfu) << 4);
+      const int64_t first = (word << 6) + shift;
+      if (first + 4 <= bt.N) {
+        dot_block4x2(bt.codes + first * bt.D, a16, a8, bt.qbias[qa], b16, b8, bt.qbias[qb],
+                     bt.D, dot);
+#ifdef __AVX2__
+        __m256 s = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_load_si256(
+            reinterpret_cast<const __m256i*>(dot))), _mm256_setr_ps(
+                qs_a, qs_a, qs_a, qs_a, qs_b, qs_b, qs_b, qs_b));
+        s = _mm256_mul_ps(s, _mm256_broadcast_ps(
+            reinterpret_cast<const __m128*>(bt.scales + first)));
+        _mm256_store_ps(score, s);
+        if (ta.full || tb.full) {  // only lanes above their query's threshold
+          const float inf = __builtin_inff();
+          unsigned above = unsigned(_mm256_movemask_ps(_mm256_cmp_ps(s, _mm256_setr_ps(
+              ta.full ? ta.threshold : -inf, ta.full ? ta.threshold : -inf,
+              ta.full ? ta.threshold : -inf, ta.full ? ta.threshold : -inf,
+              tb.full ? tb.threshold : -inf, tb.full ? tb.threshold : -inf,
+              tb.full ? tb.threshold : -inf, tb.full ? tb.threshold : -inf), _CMP_GT_OQ)));
+          lanes &= above | (ta.full ? 0u : 0x0fu) | (tb.full ? 0u : 0xf0u);
+        }
+#else
+        for (int r = 0; r < 8; ++r) {
+          score[r] = float(dot[r]) * (r < 4 ? qs_a : qs_b);
+          score[r] = score[r] * bt.scales[first + (r & 3)];
+        }
+#endif
+        while (lanes) {
+          int lane = __builtin_ctz(lanes);
+          lanes &= lanes - 1;
+          TopK& t = lane < 4 ? ta : tb;
+          if (t.wants(score[lane])) t.push(score[lane], first + (lane & 3));
+        }
+      } else {  // the index's last rows: no 4 rows to read
+        while (lanes) {
+          int lane = __builtin_ctz(lanes);
+          lanes &= lanes - 1;
+          const bool is_a = lane < 4;
+          const int64_t row = first + (lane & 3);
+          float sc = float(dot_row(bt.codes + row * bt.D, is_a ? a16 : b16, is_a ? a8 : b8,
+                                   bt.qbias[is_a ? qa : qb], bt.D)) * (is_a ? qs_a : qs_b);
+          sc = sc * bt.scales[row];
+          TopK& t = is_a ? ta : tb;
+          if (t.wants(sc)) t.push(sc, row);
+        }
+      }
+    }
+  }
+}
+
 int64_t count_passing(const uint64_t* bits, int64_t start, int64_t end) {
   int64_t n = 0;
   for (int64_t word = start >> 6; (word << 6) < end; ++word)
@@ -265,7 +391,7 @@ extern "C" int64_t IAM_JOIN(iam_ivf_int8_search_, IAM_ISA)(
     const int8_t* query_codes, const float* query_scales, const int64_t* filter_bits, int64_t W,
     const int64_t* probes, int64_t B, int64_t P, const int64_t* list_offsets, int64_t nlist,
     const int8_t* codes, const float* scales, int64_t N, int64_t D, int64_t k,
-    int64_t block_min_bits, float* out_scores, int64_t* out_rows, int64_t* out_num_passing) {
+    int64_t block_min_bits, int64_t pair_queries, float* out_scores, int64_t* out_rows, int64_t* out_num_passing) {
   for (int64_t l = 0; l < nlist; ++l)
     if (list_offsets[l] < 0 || list_offsets[l] > list_offsets[l + 1] || list_offsets[l + 1] > N)
       return 2;
@@ -318,9 +444,18 @@ extern "C" int64_t IAM_JOIN(iam_ivf_int8_search_, IAM_ISA)(
 
     Batch bt{qwide.data(), qbytes.data(), qbias.data(), d_pad, query_scales, bits, W, codes, scales, N, D,
              int(block_min_bits), topk.data()};
-    for (int64_t l = 0; l < nlist; ++l)  // list-major: a list stays in cache for its queries
+    std::vector<int64_t> queries;
+    for (int64_t l = 0; l < nlist; ++l) {  // list-major: a list stays in cache for its queries
+      queries.clear();
       for (int64_t i = first[l]; i < first[l + 1]; ++i)
-        if (pair_passing[i] > 0) scan_list(bt, pair_query[i], list_offsets[l], list_offsets[l + 1]);
+        if (pair_passing[i] > 0) queries.push_back(pair_query[i]);
+      size_t j = 0;
+      if (pair_queries)
+        for (; j + 2 <= queries.size(); j += 2)
+          scan_list_pair(bt, queries[j], queries[j + 1], list_offsets[l], list_offsets[l + 1]);
+      for (; j < queries.size(); ++j)
+        scan_list(bt, queries[j], list_offsets[l], list_offsets[l + 1]);
+    }
 
     for (int64_t b = 0; b < B; ++b) topk[b].write(out_scores + b * k, out_rows + b * k);
   } catch (const std::bad_alloc&) {
