@@ -40,8 +40,8 @@ def estimate_pass_rate(filter_bits: torch.Tensor, num_items: int, stride: int) -
 class IVFSearchConfig:
     # Defaults from benchmarks/ann_benchmark.py on the 1M-item world catalog (nlist 1000,
     # k=100, docs/performance.md): recall@100 against exact fp32 filtered search with
-    # nprobe = min_candidates = 48 / 64 / 96 was 0.960 / 0.971 / 0.979 unfiltered and
-    # 0.945 / 0.964 / 0.979 with a 10 % filter; a 0.5 % filter plans an exact scan (0.992).
+    # nprobe = min_candidates = 40 / 48 / 64 was 0.959 / 0.968 / 0.976 unfiltered and
+    # 0.931 / 0.950 / 0.968 with a 10 % filter; a 0.5 % filter plans an exact scan (0.992).
     # lists probed per query at least (what an unfiltered query gets)
     nprobe: int = 64
     # probe until the probed lists are expected to hold this many passing items per result
