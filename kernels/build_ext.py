@@ -1,6 +1,9 @@
 """Build and load the compiled CPU library of the ops (kernels/csrc/), without torch.
 
-    python -m kernels.build_ext            # build if missing (what `make setup` runs)
+Run it as a script (below): `python -m kernels.build_ext` works too, but imports the `kernels`
+package (and torch) first.
+
+    python kernels/build_ext.py            # build if missing (what `make setup` runs)
     python kernels/build_ext.py --force    # rebuild
     python kernels/build_ext.py --print    # the library paths
 
@@ -41,7 +44,7 @@ if platform.machine() in ("x86_64", "AMD64"):
 # bit of iam_cpu_features() each non-portable variant needs, fastest first
 FEATURE_BITS = {"avxvnni": 2, "avx2": 1}
 COMPILER = os.environ.get("CXX", "g++")
-BUILD_COMMAND = "make setup  (or: .venv/bin/python -m kernels.build_ext)"
+BUILD_COMMAND = "make setup  (or: .venv/bin/python kernels/build_ext.py)"
 
 
 def _flags(variant: str) -> List[str]:

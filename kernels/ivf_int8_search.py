@@ -16,7 +16,7 @@ filtered search. Rows are index rows (cluster-contiguous order, see `ann.ivf`).
 
 Filtered-out rows cost no embedding traffic on the CUDA path: the kernel masks the embedding
 load with the filter bit. The CPU implementation is compiled C++ (kernels/csrc/
-ivf_int8_search.cpp, built by `make setup` / `python -m kernels.build_ext`, one thread): the
+ivf_int8_search.cpp, built by `make setup` / `python kernels/build_ext.py`, one thread): the
 batch's probes are grouped by list so each probed list is read once for all its queries, zero
 filter bytes are skipped, every other 8 rows are scored together (int8 dots in AVX2 / AVX-VNNI)
 and kept above a per-query top-k threshold. `ivf_int8_search_torch` (plain torch ops: filter
