@@ -16,7 +16,9 @@ RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorc
  && grep -v '^torch==' requirements.txt | grep -v '^nvidia-pytriton' > /tmp/req.txt \
  && pip install --no-cache-dir -r /tmp/req.txt
 COPY . .
-RUN pip install --no-cache-dir --no-deps -e . && python kernels/build_ext.py && python -m builder
+# --force: a build/ext/ copied from the host may not match the image's libstdc++
+RUN pip install --no-cache-dir --no-deps -e . && python kernels/build_ext.py --force \
+ && python -m builder
 
 # every TorchScript stage on the GPU when one is visible (serving/runners.py resolve_device);
 # the baseline's FAISS search stays on the CPU, as the service it stands for
