@@ -9,7 +9,9 @@
 //      consecutive rows) with >= block_min_bits passing rows is scored as a block (8 dot
 //      products, horizontally summed together, rescaled and compared with the threshold in one
 //      vector; filtered-out lanes dropped), a sparser byte row by row. Dense lists (no filter)
-//      are thus read 8 rows at a time, selective ones touch only their passing rows;
+//      are thus read 8 rows at a time, selective ones touch only their passing rows. Two
+//      queries of the same list are scored as a pair instead (pair_queries): 4 rows at a time,
+//      each row loaded once for both, [4 dots of a | 4 dots of b] in one vector;
 //   4. score = float(dot) * query_scale * item_scale with the dot an exact integer, in the torch
 //      path's float order (built with -ffp-contract=off: no fused multiply-add), so scores are
 //      bit-identical to it; a per-query buffer keeps candidates above a threshold (the k-th best
