@@ -18,7 +18,7 @@ Filtered-out rows cost no embedding traffic on the CUDA path: the kernel masks t
 load with the filter bit. The CPU implementation is compiled C++ (kernels/csrc/
 ivf_int8_search.cpp, built by `make setup` / `python kernels/build_ext.py`, one thread): the
 batch's probes are grouped by list so each probed list is read once for all its queries, zero
-filter bytes are skipped, every other 8 rows are scored together (int8 dots in AVX2 / AVX-VNNI)
+filter bytes are skipped, the other rows are scored 8 at a time (int8 dots in AVX2 / AVX-VNNI)
 and kept above a per-query top-k threshold. `ivf_int8_search_torch` (plain torch ops: filter
 words -> passing rows, gather, GEMV, top-k) is the reference it is tested against.
 """
@@ -203,7 +203,7 @@ def ivf_int8_search_triton(query_codes: torch.Tensor, query_scales: torch.Tensor
     return scores, rows, num_passing
 
 
-# ---- torch path (CPU implementation and reference) -------------------------------------------
+# ---- torch path (the reference the compiled CPU path is tested against) --------------------------
 def _low_bits(n: torch.Tensor) -> torch.Tensor:
     """int64 mask with the low n bits set, n in [0, 64]."""
     ones = (torch.ones_like(n) << n.clamp(max=63)) - 1  # 1 << 63 - 1 wraps to 0x7FFF...
