@@ -13,7 +13,10 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
+# the compiled CPU ops (kernels/csrc/ -> build/ext/, keyed by a hash of sources and flags):
+# a no-op when up to date, rebuilt when a source changed
 setup: $(STAMP)
+	$(PY) kernels/build_ext.py --quiet
 
 train: setup  ## train the two-tower model, OverArch and task heads -> build/weights/
 	$(PY) -m training

@@ -22,8 +22,11 @@ from filtering.bits import popcount
 
 # the planner estimates a filter's pass rate from every SAMPLE_STRIDE-th filter word: a full
 # popcount of a [64, 15625] bitmap costs more than the whole search on the 2-core benchmark
-# machine, 1/8 of the words (125k items) estimates a 0.5 % filter within ~4 %.
-SAMPLE_STRIDE = 8
+# machine. 1/32 of the words (31k items) estimates a 0.5 % filter within ~8 % (one standard
+# deviation), a 10 % one within ~2 %, which moves the planned probe by as much; 1/8 cost ~1.4 ms
+# per batch of 64 (torch's int64 shifts are not vectorized), 15 % of an unfiltered search with
+# the compiled scan (docs/performance.md, "Fused int8 ANN").
+SAMPLE_STRIDE = 32
 
 
 def estimate_pass_rate(filter_bits: torch.Tensor, num_items: int, stride: int) -> torch.Tensor:
@@ -37,8 +40,8 @@ def estimate_pass_rate(filter_bits: torch.Tensor, num_items: int, stride: int) -
 class IVFSearchConfig:
     # Defaults from benchmarks/ann_benchmark.py on the 1M-item world catalog (nlist 1000,
     # k=100, docs/performance.md): recall@100 against exact fp32 filtered search with
-    # nprobe = min_candidates = 48 / 64 / 96 was 0.960 / 0.971 / 0.979 unfiltered and
-    # 0.945 / 0.964 / 0.979 with a 10 % filter; a 0.5 % filter plans an exact scan (0.992).
+    # nprobe = min_candidates = 40 / 48 / 64 was 0.959 / 0.968 / 0.976 unfiltered and
+    # 0.931 / 0.950 / 0.968 with a 10 % filter; a 0.5 % filter plans an exact scan (0.992).
     # lists probed per query at least (what an unfiltered query gets)
     nprobe: int = 64
     # probe until the probed lists are expected to hold this many passing items per result
@@ -87,6 +90,17 @@ class IVFInt8Search(nn.Module):
             go_exact = torch.ones_like(go_exact)
         return torch.where(go_exact, torch.full_like(planned, nlist), planned)
 
+    def list_affinity(self, queries: torch.Tensor) -> torch.Tensor:
+        """How promising each list is for each query (float32 [B, nlist], higher first): minus
+        half the squared L2 distance from the unit query to the centroid, up to a per-query
+        constant, i.e. q^ . c - |c|^2 / 2. `ann.ivf` assigns items to lists by L2, so this ranks
+        lists as the query's own assignment would; ranking by q . c alone favours long
+        centroids and needed 48 lists for the recall@100 that this reaches with 40
+        (docs/performance.md, "Fused int8 ANN")."""
+        unit = torch.nn.functional.normalize(queries, dim=1)
+        half_sq_norm = 0.5 * (self.centroids * self.centroids).sum(1)
+        return unit @ self.centroids.T - half_sq_norm[None, :]
+
     def forward(self, queries: torch.Tensor, filter_bits: torch.Tensor, num_candidates: int,
                 nprobe: int = -1, min_candidates: float = -1.0
                 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -113,15 +127,25 @@ class IVFInt8Search(nn.Module):
 
         probing = (~exact).nonzero().squeeze(1)
         if probing.numel() > 0:
-            p_max = int(planned[probing].max())
-            probes = torch.topk(queries[probing] @ self.centroids.T, p_max, dim=1).indices
+            # the usual case, every query probing: no copies of the [B, W] bitmap (8 MB for
+            # 64 queries over 1M items, ~5 % of an unfiltered search's time)
+            everyone = probing.numel() == b
+            p_queries = queries if everyone else queries[probing]
+            p_planned = planned if everyone else planned[probing]
+            p_codes = query_codes if everyone else query_codes[probing]
+            p_scales = query_scales if everyone else query_scales[probing]
+            p_bits = filter_bits if everyone else filter_bits[probing]
+            p_max = int(p_planned.max())
+            probes = torch.topk(self.list_affinity(p_queries), p_max, dim=1).indices
             slot = torch.arange(p_max, device=queries.device)
-            probes = torch.where(slot[None, :] < planned[probing][:, None], probes, -1)
+            probes = torch.where(slot[None, :] < p_planned[:, None], probes, -1)
             s, r, found = torch.ops.iam.ivf_int8_search(
-                query_codes[probing], query_scales[probing], filter_bits[probing], probes,
-                self.list_offsets, self.codes, self.scales, k)
-            scores[probing] = s
-            rows[probing] = r
+                p_codes, p_scales, p_bits, probes, self.list_offsets, self.codes, self.scales, k)
+            if everyone:
+                scores, rows = s, r
+            else:
+                scores[probing] = s
+                rows[probing] = r
             # fewer than k passing rows in the probed lists: scan everything (cheap, since
             # then the filter is selective; a query with < k matches in all gets them all)
             exact[probing[found < k]] = True

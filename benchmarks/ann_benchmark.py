@@ -162,12 +162,12 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=100)
     ap.add_argument("--nlist", type=int, default=0, help="0 = IVFConfig default (sqrt N)")
     ap.add_argument("--target", type=float, default=0.95, help="recall@k to compare at")
-    ap.add_argument("--ours", type=str, default="8,16,24,32,48,64,96",
+    ap.add_argument("--ours", type=str, default="8,16,24,32,40,48,64,96",
                     help="our sweep: nprobe = min_candidates = x")
-    ap.add_argument("--sq8-nprobe", type=str, default="16,32,64,128,256,512,1000")
+    ap.add_argument("--sq8-nprobe", type=str, default="16,24,32,40,48,64,96,128,256,512,1000")
     ap.add_argument("--distinct-filters", type=int, default=8,
                     help="distinct filters per pass rate, assigned to queries at random")
-    ap.add_argument("--pass-rates", type=str, default="0.1,0.005",
+    ap.add_argument("--pass-rates", type=str, default="1,0.5,0.1,0.005",
                     help="filters to measure (1 = no filter)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--plot", type=Path, default=ROOT / "docs/img/ann_recall_vs_qps.png")

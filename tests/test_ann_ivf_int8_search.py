@@ -268,7 +268,9 @@ def test_selective_filter_falls_back_to_an_exact_scan(catalog):
     k = 20
     queries = sample_queries(embeddings, 4, seed=9)
     n = embeddings.shape[0]
-    far_lists = torch.topk(queries @ index.centroids.T, 30, dim=1, largest=False).indices
+    search = IVFInt8Search(index, IVFSearchConfig(nprobe=2, min_candidates=0.0,
+                                                  exact_fraction=2.0))
+    far_lists = torch.topk(search.list_affinity(queries), 30, dim=1, largest=False).indices
     mask = torch.zeros(4, n, dtype=torch.bool)
     gen = torch.Generator().manual_seed(10)
     for i in range(4):
@@ -279,11 +281,9 @@ def test_selective_filter_falls_back_to_an_exact_scan(catalog):
     mask[3] = False
     mask[3, :5] = True  # fewer than k pass: all of them, then padding
     bits = pack_bits(mask)
-    # plan only a few lists and never an exact scan up front: the rescan must kick in
-    search = IVFInt8Search(index, IVFSearchConfig(nprobe=2, min_candidates=0.0,
-                                                  exact_fraction=2.0))
+    # `search` plans only a few lists and never an exact scan up front: the rescan must kick in
     q_codes, q_scales = quantize_int8(queries)
-    probes = torch.topk(queries @ index.centroids.T, 2, dim=1).indices
+    probes = torch.topk(search.list_affinity(queries), 2, dim=1).indices
     _, _, in_probed = torch.ops.iam.ivf_int8_search(
         q_codes, q_scales, bits, probes, index.list_offsets, index.codes, index.scales, k)
     assert bool((in_probed[:3] < k).all())  # the probed lists alone would come up short
