@@ -40,6 +40,14 @@ class AnnConfig:
     # MovieLens (b) by -0.0014 / -0.0009 / -0.0006, within noise, while a 10M-item catalog
     # saves 2.5 GB)
     item_vectors: str = "auto"
+    # Exact re-scoring (FAISS's IndexRefine idea): the int8 search returns refine times the
+    # candidates, their fp32 inner products pick the oversample * k that go on. Candidates
+    # near the cut otherwise swap on the int8 scores' rounding, and the scorer can promote any
+    # of them into the final k: at nprobe 32..192 of 447 lists, unfiltered recall@10 stayed at
+    # 0.924 without it (benchmarks/serving.py, docs/performance.md). Needs fp32 item vectors
+    # (int8 ones would re-score with the same rounding): 1 = none, and always 1 with int8
+    # vectors or exact search.
+    refine: int = 2
 
     def __post_init__(self) -> None:
         if self.search not in ("ivf_int8", "exact"):
@@ -50,6 +58,8 @@ class AnnConfig:
                              f"{self.item_vectors!r}")
         if self.oversample < 1:
             raise ValueError(f"AnnConfig.oversample must be >= 1, got {self.oversample}")
+        if self.refine < 1:
+            raise ValueError(f"AnnConfig.refine must be >= 1, got {self.refine}")
 
 
 class IndexLayout(NamedTuple):
@@ -96,6 +106,12 @@ def item_vectors_of(search: nn.Module, indexed: Catalog, config: AnnConfig) -> n
     return Int8Vectors(search.codes, search.scales)
 
 
+def refinable(search: nn.Module, vectors: nn.Module) -> bool:
+    """Whether re-scoring the search's candidates with `vectors` can change their order:
+    int8 search with fp32 item vectors (AnnConfig.refine)."""
+    return isinstance(search, IVFInt8Search) and isinstance(vectors, Fp32Vectors)
+
+
 class AnnResult(NamedTuple):
     """What the ANN stage hands the scorer, per query of the batch."""
 
@@ -140,15 +156,25 @@ class AnnStage(nn.Module):
             with raw history ids run it first (FreshAnn does, with the fresh items).
         oversample: the stage returns `oversample * k` candidates so that the scorer can
             reorder more than the final k (a larger factor = better final quality, more work).
+        refine: the search returns `refine` times the candidates, re-scored with
+            `item_vectors` (AnnConfig.refine; 1 = none).
+        item_vectors: the indexed items' exact vectors (stages/item_vectors.py), index row
+            order; needed when refine > 1.
     """
 
     def __init__(self, users: nn.Module, search: nn.Module, pooling: nn.Module,
-                 oversample: int = 4):
+                 oversample: int = 4, refine: int = 1,
+                 item_vectors: Optional[nn.Module] = None):
         super().__init__()
+        if refine > 1 and item_vectors is None:
+            raise ValueError("AnnStage: refine > 1 re-scores with item_vectors; none given")
         self.users = users
         self.search = search
         self.pooling = pooling
         self.oversample = oversample
+        self.refine = refine
+        # never called when refine is 1 (TorchScript wants a module here either way)
+        self.item_vectors = item_vectors if item_vectors is not None else nn.Identity()
 
     def forward(self, user_ids: torch.Tensor, filter_bits: torch.Tensor, k: torch.Tensor,
                 history: Optional[PooledHistory] = None) -> AnnResult:
@@ -162,8 +188,21 @@ class AnnStage(nn.Module):
         """
         user_embedding = self.users(user_ids, history)
         wanted = k * self.oversample
-        scores, rows = self.search(user_embedding, filter_bits, int(wanted.max()))
+        c = int(wanted.max())
+        scores, rows = self.search(user_embedding, filter_bits, c * self.refine)
+        if self.refine > 1:
+            scores, rows = self.rescore(user_embedding, rows, c)
         # a search returns min(C, matches) rows per query, so this is min(wanted, matches, C)
         # without a popcount of the whole bitmap
         counts = torch.minimum(wanted, (rows >= 0).sum(1))
         return AnnResult(rows, scores, counts, user_embedding)
+
+    def rescore(self, user_embedding: torch.Tensor, rows: torch.Tensor, c: int
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The best c of the search's candidates `rows` [B, R] (-1 = none) by their exact
+        inner product with the item vectors -> (scores [B, min(c, R)] descending, rows)."""
+        vectors = self.item_vectors(rows.clamp(min=0))  # [B, R, D]
+        exact = torch.bmm(vectors, user_embedding.unsqueeze(2)).squeeze(2)
+        exact = exact.masked_fill(rows < 0, float("-inf"))
+        top, order = torch.topk(exact, min(c, exact.shape[1]), dim=1)
+        return top, torch.where(torch.isinf(top), -1, rows.gather(1, order))

@@ -16,7 +16,14 @@ from torch import nn
 
 from idmap.zero_collision import ZeroCollisionConfig, ZeroCollisionMap
 from stages.aggregator import ValueModel
-from stages.ann import AnnConfig, AnnStage, build_search, index_layout, item_vectors_of
+from stages.ann import (
+    AnnConfig,
+    AnnStage,
+    build_search,
+    index_layout,
+    item_vectors_of,
+    refinable,
+)
 from stages.history import HistoryPooling
 from stages.item_vectors import Fp32Vectors
 from stages.scorer import DotProductScorer, OverArch, OverArchConfig, OverArchScorer
@@ -156,7 +163,8 @@ def retrieval_stages(catalog: Catalog, model: RetrievalModel, ann: AnnConfig,
     pooling = HistoryPooling(torch.from_numpy(indexed.item_ids),
                              model.history_table(order, vectors), model.fresh_in_history)
     stages = {
-        "ann": AnnStage(model.users, search, pooling, ann.oversample),
+        "ann": AnnStage(model.users, search, pooling, ann.oversample,
+                        ann.refine if refinable(search, vectors) else 1, vectors),
         "scorer": model.scorer(order, vectors),
         "aggregator": ValueModel(torch.from_numpy(indexed.item_ids),
                                  torch.tensor(task_weights, dtype=torch.float32)),
