@@ -14,7 +14,7 @@ MODULES = ["builder", "training", "training.evaluate", "client", "serving.serve"
            "benchmarks.ann_benchmark", "benchmarks.filter_benchmark", "benchmarks.fresh_items",
            "benchmarks.soak", "benchmarks.zch_benchmark", "benchmarks.gpu_ann",
            "benchmarks.gpu_bloom", "benchmarks.gpu_zch", "benchmarks.gpu_serving",
-           "benchmarks.gpu_vs_chain",
+           "benchmarks.gpu_vs_chain", "kernels.build_ext",
            "benchmarks.catalog_build", "benchmarks.serving_memory"]
 
 
