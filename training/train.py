@@ -35,6 +35,7 @@ from training.over_arch import (
     retrieved_negatives,
     task_losses,
     train_over_arch,
+    user_histories,
 )
 from training.towers import (
     ClickHistory,
@@ -243,11 +244,16 @@ def train(data: LoggedData, train_mask: np.ndarray, config: TrainConfig = TrainC
     # training part, cut as the holdout; it trains on the rest
     validation = None
     if config.validation_fraction > 0:
-        inner, held = (torch.from_numpy(m) for m in split_interactions(
-            log, data.split, config.validation_fraction))
+        inner, held = split_interactions(log, data.split, config.validation_fraction)
         if held.any() and inner.any():
-            validation = OverArchValidation(user_index[held], item_index[held], labels[held])
-            user_index, item_index, labels = user_index[inner], item_index[inner], labels[inner]
+            cut, rest = torch.from_numpy(held), torch.from_numpy(inner)
+            validation = OverArchValidation(user_index[cut], item_index[cut], labels[cut])
+            user_index, item_index, labels = user_index[rest], item_index[rest], labels[rest]
+    # what the target-aware OverArch attends over: each user's training positives, newest
+    # first (the built history the `ann` stage serves); every training click, as the queries
+    histories = user_histories(log.user_index[log.labels[:, 0] > 0],
+                               log.item_index[log.labels[:, 0] > 0],
+                               log.timestamp[log.labels[:, 0] > 0], len(data.user_ids))
     added_negatives = 0
     if oa.retrieved_negatives > 0:
         with torch.no_grad():
@@ -259,9 +265,22 @@ def train(data: LoggedData, train_mask: np.ndarray, config: TrainConfig = TrainC
         user_index = torch.cat([user_index, neg_users])
         item_index = torch.cat([item_index, neg_items])
         labels = torch.cat([labels, torch.zeros(added_negatives, labels.shape[1])])
+        if oa.validate_on_retrieved and validation is not None:
+            # the epoch is chosen on the choice the OverArch serves, reordering what the
+            # retrieval found: the validation positives against retrieved negatives too
+            # (unseen in the whole training part)
+            all_users = torch.from_numpy(log.user_index)
+            held_positive = torch.from_numpy(held) & torch.from_numpy(log.labels[:, 0] > 0)
+            val_users, val_items = retrieved_negatives(
+                query, item_vectors, all_users, torch.from_numpy(log.item_index),
+                held_positive, oa.retrieved_negatives, oa.negative_pool, generator)
+            validation = OverArchValidation(
+                torch.cat([validation.user_index, val_users]),
+                torch.cat([validation.item_index, val_items]),
+                torch.cat([validation.labels, torch.zeros(len(val_users), labels.shape[1])]))
     bce_history, overarch_aucs = train_over_arch(model, queries, item_vectors, user_index,
                                                  item_index, labels, oa, generator, progress,
-                                                 validation)
+                                                 validation, histories)
 
     metrics: Dict = {"tower_loss": [round(x, 4) for x in tower_losses],
                      "validation_recall@50": [round(x, 4) for x in validation_recalls],
@@ -283,7 +302,8 @@ def train(data: LoggedData, train_mask: np.ndarray, config: TrainConfig = TrainC
         with torch.no_grad():
             u = serving_queries(torch.from_numpy(held.user_index))
             rows = torch.from_numpy(held.item_index)
-            logits = model(u, item_vectors[rows], rows)
+            logits = model(u, item_vectors[rows], rows,
+                           histories.padded(torch.from_numpy(held.user_index)), item_vectors)
             dot = (u * item_vectors[rows]).sum(1)
         y = torch.from_numpy(held.labels)
         metrics["holdout_bce"] = [round(x, 4) for x in task_losses(logits, y).tolist()]
@@ -300,7 +320,19 @@ def train(data: LoggedData, train_mask: np.ndarray, config: TrainConfig = TrainC
         over_arch={"config": asdict(config.over_arch.model),
                    "state": model.over_arch.state_dict()},
         item_extra=model.item_extra.weight.detach().clone(),
+        histories=served_histories(data, histories),
         metrics=metrics, fingerprint=data.fingerprint)
+
+
+def served_histories(data: LoggedData, histories) -> Dict:
+    """The built histories the `ann` stage serves (stages/history.py BuiltHistory): the users
+    with at least one, by raw id, their items as catalog rows."""
+    lengths = histories.offsets[1:] - histories.offsets[:-1]
+    users = torch.nonzero(lengths > 0).squeeze(1)
+    offsets = torch.zeros(users.numel() + 1, dtype=torch.int64)
+    torch.cumsum(lengths[users], 0, out=offsets[1:])
+    return {"user_ids": torch.from_numpy(data.user_ids)[users].to(torch.int64),
+            "offsets": offsets, "items": histories.items.clone()}
 
 
 def metrics_line(data: LoggedData, weights: TrainedWeights) -> str:
