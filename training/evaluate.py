@@ -397,6 +397,15 @@ def main() -> None:
                         "negatives: the validation cut with retrieved negatives too, or its "
                         "logged interactions alone (OverArchTrainConfig.validate_on_retrieved; "
                         "default: %(default)s)")
+    p.add_argument("--overarch-examples", choices=("past", "leave-one-out"),
+                   default="past" if OverArchTrainConfig.past_only else "leave-one-out",
+                   help="the OverArch's examples (linear history model): each sees only the "
+                        "history before it, or every training positive but its own item "
+                        "(OverArchTrainConfig.past_only; default: %(default)s)")
+    p.add_argument("--overarch-learning-rate", type=float,
+                   default=OverArchTrainConfig.learning_rate,
+                   help="the OverArch's learning rate (OverArchTrainConfig; default: "
+                        "%(default)s)")
     p.add_argument("--oversample", type=int, default=AnnConfig.oversample,
                    help="ANN candidates per requested result handed to the scorer "
                         "(stages/ann.py AnnConfig; default: %(default)s)")
@@ -411,7 +420,8 @@ def main() -> None:
                         ann=AnnConfig(item_vectors=a.item_vectors, oversample=a.oversample))
     train_config = TrainConfig(retrieval=a.retrieval, over_arch=OverArchTrainConfig(
         model=OverArchConfig(attention_dim=a.attention_dim),
-        validate_on_retrieved=a.overarch_validation == "retrieved"))
+        validate_on_retrieved=a.overarch_validation == "retrieved",
+        past_only=a.overarch_examples == "past", learning_rate=a.overarch_learning_rate))
     sources = [] if a.no_synthetic else [lambda: from_world(generate_world(WorldConfig(
         seed=a.seed, num_items=a.num_items, num_users=a.num_users)))]
     if not a.no_movielens:

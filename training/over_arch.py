@@ -60,6 +60,14 @@ class OverArchTrainConfig:
     # candidates, not on telling positives from random items (which the dot product does
     # best: ml-latest-small's validation AUC 0.966 for the fit against 0.923 after an epoch)
     validate_on_retrieved: bool = True
+    # Sources with retrieved negatives, linear history model: every example sees only the
+    # history before it, as served (a request's history never holds what it is asked to
+    # predict). The OverArch then trains on the latest share of the training part before its
+    # validation cut (cut as the holdout), its user vectors and histories made of what comes
+    # earlier, and is validated on the cut with the user vectors of everything before the
+    # cut. False: leave-one-out over all training positives (a positive's user vector then
+    # holds the items rated in the same session, after it, which no served request has)
+    past_only: bool = True
 
 
 class OverArchModel(nn.Module):
@@ -168,11 +176,14 @@ def init_from_dot(model: OverArchModel, dot: torch.Tensor, labels: torch.Tensor,
 
 
 class OverArchValidation(NamedTuple):
-    """Impressions kept out of the OverArch's training to choose its epoch on."""
+    """Impressions kept out of the OverArch's training to choose its epoch on, and (None: the
+    training's) the user side and histories their examples read."""
 
     user_index: torch.Tensor  # int64 [V]
     item_index: torch.Tensor  # int64 [V]
     labels: torch.Tensor  # float32 [V, T]
+    queries: Optional[object] = None
+    histories: Optional[UserHistories] = None
 
 
 @torch.no_grad()
@@ -181,6 +192,8 @@ def validation_auc(model: OverArchModel, queries, item_vectors: torch.Tensor,
                    histories: Optional[UserHistories] = None) -> float:
     """Mean over tasks (with both labels present) of the OverArch's AUC on `validation`."""
     rows = validation.item_index
+    queries = queries if validation.queries is None else validation.queries
+    histories = histories if validation.histories is None else validation.histories
     user = queries(validation.user_index, rows, validation.labels[:, 0] > 0,
                    torch.zeros(rows.shape, dtype=torch.bool))
     history = None if histories is None else histories.padded(validation.user_index)

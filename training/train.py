@@ -255,7 +255,13 @@ def train(data: LoggedData, train_mask: np.ndarray, config: TrainConfig = TrainC
                                log.item_index[log.labels[:, 0] > 0],
                                log.timestamp[log.labels[:, 0] > 0], len(data.user_ids))
     added_negatives = 0
-    if oa.retrieved_negatives > 0:
+    train_queries, train_histories = queries, histories
+    past_only = oa.past_only and kind == "linear" and validation is not None
+    if past_only:
+        (train_queries, train_histories, validation, user_index, item_index, labels,
+         added_negatives) = _past_only_examples(data, log, inner, fit, validation, config,
+                                                item_vectors, generator)
+    elif oa.retrieved_negatives > 0:
         with torch.no_grad():
             query = serving_queries(torch.arange(len(data.user_ids)))
         neg_users, neg_items = retrieved_negatives(
@@ -265,22 +271,26 @@ def train(data: LoggedData, train_mask: np.ndarray, config: TrainConfig = TrainC
         user_index = torch.cat([user_index, neg_users])
         item_index = torch.cat([item_index, neg_items])
         labels = torch.cat([labels, torch.zeros(added_negatives, labels.shape[1])])
-        if oa.validate_on_retrieved and validation is not None:
-            # the epoch is chosen on the choice the OverArch serves, reordering what the
-            # retrieval found: the validation positives against retrieved negatives too
-            # (unseen in the whole training part)
-            all_users = torch.from_numpy(log.user_index)
-            held_positive = torch.from_numpy(held) & torch.from_numpy(log.labels[:, 0] > 0)
-            val_users, val_items = retrieved_negatives(
-                query, item_vectors, all_users, torch.from_numpy(log.item_index),
-                held_positive, oa.retrieved_negatives, oa.negative_pool, generator)
-            validation = OverArchValidation(
-                torch.cat([validation.user_index, val_users]),
-                torch.cat([validation.item_index, val_items]),
-                torch.cat([validation.labels, torch.zeros(len(val_users), labels.shape[1])]))
-    bce_history, overarch_aucs = train_over_arch(model, queries, item_vectors, user_index,
-                                                 item_index, labels, oa, generator, progress,
-                                                 validation, histories)
+    if oa.retrieved_negatives > 0 and oa.validate_on_retrieved and validation is not None:
+        # the epoch is chosen on the choice the OverArch serves, reordering what the
+        # retrieval found: the validation positives against retrieved negatives too (unseen
+        # in the whole training part)
+        with torch.no_grad():
+            query = serving_queries(torch.arange(len(data.user_ids))) \
+                if validation.queries is None else validation.queries.all_users()
+        held_positive = torch.from_numpy(held) & torch.from_numpy(log.labels[:, 0] > 0)
+        val_users, val_items = retrieved_negatives(
+            query, item_vectors, torch.from_numpy(log.user_index),
+            torch.from_numpy(log.item_index), held_positive, oa.retrieved_negatives,
+            oa.negative_pool, generator)
+        validation = validation._replace(
+            user_index=torch.cat([validation.user_index, val_users]),
+            item_index=torch.cat([validation.item_index, val_items]),
+            labels=torch.cat([validation.labels, torch.zeros(len(val_users),
+                                                             labels.shape[1])]))
+    bce_history, overarch_aucs = train_over_arch(model, train_queries, item_vectors,
+                                                 user_index, item_index, labels, oa, generator,
+                                                 progress, validation, train_histories)
 
     metrics: Dict = {"tower_loss": [round(x, 4) for x in tower_losses],
                      "validation_recall@50": [round(x, 4) for x in validation_recalls],
@@ -322,6 +332,61 @@ def train(data: LoggedData, train_mask: np.ndarray, config: TrainConfig = TrainC
         item_extra=model.item_extra.weight.detach().clone(),
         histories=served_histories(data, histories),
         metrics=metrics, fingerprint=data.fingerprint)
+
+
+def _positives(part, fit) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Distinct positive (user, item) pairs of an interaction log on the items `fit` kept."""
+    num_items = fit.item_vectors.shape[0]
+    clicks = part.labels[:, 0] > 0
+    pairs = torch.unique(torch.from_numpy(part.user_index[clicks]) * num_items
+                         + torch.from_numpy(part.item_index[clicks]))
+    pairs = pairs[torch.isin(pairs % num_items, fit.kept)]
+    return pairs // num_items, pairs % num_items
+
+
+def _histories_of(part, num_users: int):
+    clicks = part.labels[:, 0] > 0
+    return user_histories(part.user_index[clicks], part.item_index[clicks],
+                          part.timestamp[clicks], num_users)
+
+
+def _past_only_examples(data: LoggedData, log, inner: np.ndarray, fit, validation, config,
+                        item_vectors: torch.Tensor, generator: torch.Generator):
+    """The OverArch's examples when each sees only its past (OverArchTrainConfig.past_only):
+    the latest share of the part before the validation cut, with retrieved negatives, their
+    user vectors and histories made of the earlier part; the validation cut's made of
+    everything before it. Returns (queries, histories, validation, user_index, item_index,
+    labels, retrieved negatives added)."""
+    oa = config.over_arch
+    num_users = len(data.user_ids)
+    before_cut = subset(log, inner)
+    earlier, recent = split_interactions(before_cut, data.split, config.validation_fraction)
+    past = subset(before_cut, earlier)
+    queries = LinearQueries(fit, *_positives(past, fit), leave_one_out=False)
+    histories = _histories_of(past, num_users)
+    validation = validation._replace(
+        queries=LinearQueries(fit, *_positives(before_cut, fit), leave_one_out=False),
+        histories=_histories_of(before_cut, num_users))
+    examples = subset(before_cut, recent)
+    user_index = torch.from_numpy(examples.user_index)
+    item_index = torch.from_numpy(examples.item_index)
+    labels = torch.from_numpy(examples.labels)
+    added = 0
+    if oa.retrieved_negatives > 0:
+        # negatives unseen in the whole training part (an earlier rating is no negative)
+        everyone = torch.from_numpy(log.user_index)
+        positives = torch.cat([labels[:, 0] > 0, torch.zeros(len(everyone), dtype=torch.bool)])
+        # drawn as the retrieval would have shown them then: from the examples' own queries
+        query = queries.all_users()
+        neg_users, neg_items = retrieved_negatives(
+            query, item_vectors, torch.cat([user_index, everyone]),
+            torch.cat([item_index, torch.from_numpy(log.item_index)]), positives,
+            oa.retrieved_negatives, oa.negative_pool, generator)
+        added = int(neg_users.numel())
+        user_index = torch.cat([user_index, neg_users])
+        item_index = torch.cat([item_index, neg_items])
+        labels = torch.cat([labels, torch.zeros(added, labels.shape[1])])
+    return queries, histories, validation, user_index, item_index, labels, added
 
 
 def served_histories(data: LoggedData, histories) -> Dict:
