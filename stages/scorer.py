@@ -21,10 +21,8 @@ candidate,
 
 and [a_c, max_j s_cj, mean_j s_cj] enter the first layer (W_h), the two similarities also a
 per-task linear term. W_h and that term start at zero, so an untrained OverArch is the
-history-free one (and training starts from the logistic fit on the dot product). The keys and
-values are a linear map of the item vectors, so training projects the whole item table once
-per step and gathers (`project_history`): the same numbers as projecting the gathered rows.
-An empty history (a new user, a request whose history holds no known item) gives zeros.
+history-free one (and training starts from the logistic fit on the dot product). An empty
+history (a new user, a request whose history holds no known item) gives zeros.
 """
 
 from dataclasses import dataclass

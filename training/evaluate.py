@@ -402,10 +402,10 @@ def main() -> None:
                    help="the OverArch's examples (linear history model): each sees only the "
                         "history before it, or every training positive but its own item "
                         "(OverArchTrainConfig.past_only; default: %(default)s)")
-    p.add_argument("--overarch-learning-rate", type=float,
-                   default=OverArchTrainConfig.learning_rate,
-                   help="the OverArch's learning rate (OverArchTrainConfig; default: "
-                        "%(default)s)")
+    p.add_argument("--overarch-learning-rate", type=float, default=None,
+                   help="the OverArch's learning rate (default: OverArchTrainConfig's, "
+                        "training/train.py OVERARCH_LEARNING_RATE_WITHOUT_IMPRESSIONS for "
+                        "sources without logged impressions)")
     p.add_argument("--oversample", type=int, default=AnnConfig.oversample,
                    help="ANN candidates per requested result handed to the scorer "
                         "(stages/ann.py AnnConfig; default: %(default)s)")
@@ -421,7 +421,7 @@ def main() -> None:
     train_config = TrainConfig(retrieval=a.retrieval, over_arch=OverArchTrainConfig(
         model=OverArchConfig(attention_dim=a.attention_dim),
         validate_on_retrieved=a.overarch_validation == "retrieved",
-        past_only=a.overarch_examples == "past", learning_rate=a.overarch_learning_rate))
+        past_only=a.overarch_examples == "past"))
     sources = [] if a.no_synthetic else [lambda: from_world(generate_world(WorldConfig(
         seed=a.seed, num_items=a.num_items, num_users=a.num_users)))]
     if not a.no_movielens:
@@ -439,6 +439,9 @@ def main() -> None:
         if a.retrieved_negatives is not None:
             chosen = dataclasses.replace(chosen, over_arch=dataclasses.replace(
                 chosen.over_arch, retrieved_negatives=a.retrieved_negatives))
+        if a.overarch_learning_rate is not None:
+            chosen = dataclasses.replace(chosen, over_arch=dataclasses.replace(
+                chosen.over_arch, learning_rate=a.overarch_learning_rate))
         if not a.overarch_early_stopping:
             chosen = dataclasses.replace(chosen, over_arch=dataclasses.replace(
                 chosen.over_arch, early_stopping=False))

@@ -89,8 +89,9 @@ class OverArchModel(nn.Module):
         extra = self.item_extra(item_rows)
         keys, mask = None, None
         if history is not None and item_table is not None and self.over_arch.attends:
-            # keys and values are linear in the item vectors: project the table, then gather
-            keys = self.over_arch.project_history(item_table)[history.clamp(min=0)]
+            # gather, then project (as served): the backward of a gather from a projected
+            # table accumulates in a thread-dependent order, and training must be repeatable
+            keys = self.over_arch.project_history(item_table[history.clamp(min=0)])
             mask = (history >= 0) & (history != item_rows.unsqueeze(1))
         return self.over_arch(user, items.unsqueeze(1), extra.unsqueeze(1), keys,
                               mask).squeeze(1)

@@ -54,6 +54,10 @@ HOLDOUT_FRACTION = 0.1
 # OverArch negatives from the retrieval per positive, for sources whose logged negatives are
 # random items (docs/quality.md: MovieLens recall@10 gain +0.0065 without, +0.0125 with 4)
 RETRIEVED_NEGATIVES_WITHOUT_IMPRESSIONS = 4
+# the OverArch's learning rate there: its examples (training/over_arch.py `past_only`) are a
+# tenth of the training part, and at the default 2e-3 the trained heads lost ml-latest-small's
+# validation recall@50 (0.2426 against the dot-product fit's 0.2695); docs/quality.md
+OVERARCH_LEARNING_RATE_WITHOUT_IMPRESSIONS = 2e-4
 
 
 @dataclass
@@ -431,12 +435,18 @@ def metrics_line(data: LoggedData, weights: TrainedWeights) -> str:
 
 
 def training_config_for(data: LoggedData, config: TrainConfig = TrainConfig()) -> TrainConfig:
-    """`config`, with retrieved negatives for the OverArch when the source's negatives are
-    random items rather than logged impressions (OverArchTrainConfig.retrieved_negatives)."""
-    if data.logged_impressions or config.over_arch.retrieved_negatives > 0:
+    """`config`, for a source whose negatives are random items rather than logged impressions:
+    with retrieved negatives for the OverArch (OverArchTrainConfig.retrieved_negatives) and its
+    learning rate for such sources, unless the config sets others."""
+    if data.logged_impressions:
         return config
-    over_arch = dataclasses.replace(config.over_arch,
-                                    retrieved_negatives=RETRIEVED_NEGATIVES_WITHOUT_IMPRESSIONS)
+    over_arch = config.over_arch
+    if over_arch.retrieved_negatives == 0:
+        over_arch = dataclasses.replace(
+            over_arch, retrieved_negatives=RETRIEVED_NEGATIVES_WITHOUT_IMPRESSIONS)
+    if over_arch.learning_rate == OverArchTrainConfig.learning_rate:
+        over_arch = dataclasses.replace(
+            over_arch, learning_rate=OVERARCH_LEARNING_RATE_WITHOUT_IMPRESSIONS)
     return dataclasses.replace(config, over_arch=over_arch)
 
 
