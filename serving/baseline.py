@@ -60,10 +60,14 @@ class FaissAnnRunner(AnnRunner):
     Parameters (config.pbtxt, else faiss.json): `nprobe`, `oversample` (candidates per
     requested result, as the `ann` stage), `faiss_threads`, and `search`: "index" (default) or
     "exact" (every query scores all matching items: the ground truth for recall).
-    The service chain predates request histories: no `history` input.
+    The service chain predates request histories: no `history` input, no `history_rows`
+    output.
     """
 
     INPUTS = tuple(s for s in AnnRunner.INPUTS if s.name != "history")
+    # nor the history rows the target-aware scorer attends over: the scorer it shares with the
+    # `retrieval` ensemble scores its candidates without history (stages/scorer.py)
+    OUTPUTS = tuple(s for s in AnnRunner.OUTPUTS if s.name != "history_rows")
 
     def __init__(self, version_dir, params=None):
         import faiss  # the ANN service's library; only this model needs it

@@ -401,6 +401,7 @@ class AnnRequest(NamedTuple):
 class ScorerRequest(NamedTuple):
     user_embedding: np.ndarray  # float32 [D]
     rows: np.ndarray  # int64 [C]
+    history_rows: Optional[np.ndarray] = None  # int64 [L] rows the user vector was made of
 
 
 class AggregatorRequest(NamedTuple):
@@ -433,7 +434,8 @@ class AnnRunner(StageRunner):
     INPUTS = (TensorSpec("user_id", "INT64", (1,)), TensorSpec("filter_bits", "INT64", (-1,)),
               TensorSpec("k", "INT32", (1,)), HISTORY)
     OUTPUTS = (TensorSpec("candidate_rows", "INT64", (-1,)),
-               TensorSpec("user_embedding", "FP32", (-1,)))
+               TensorSpec("user_embedding", "FP32", (-1,)),
+               TensorSpec("history_rows", "INT64", (-1,)))
 
     def prepare(self, row):
         return AnnRequest(int(row["user_id"][0]), row["filter_bits"], check_k(row["k"]),
@@ -445,26 +447,38 @@ class AnnRunner(StageRunner):
         ks = torch.tensor([p.k for p in prepared], dtype=torch.int64)
         history = batch_history([p.history for p in prepared])
         found = self.forward(users, bits, ks, history)
-        rows, counts, user_emb = (t.numpy() for t in (found.rows, found.counts,
-                                                      found.user_embedding))
+        rows, counts, user_emb, history = (t.numpy() for t in (
+            found.rows, found.counts, found.user_embedding, found.history_rows))
+        # a request history's uncounted ids leave -1 holes: only the counted rows are sent
         return [{"candidate_rows": rows[i: i + 1, : counts[i]],
-                 "user_embedding": user_emb[i: i + 1]} for i in range(len(prepared))]
+                 "user_embedding": user_emb[i: i + 1],
+                 "history_rows": history[i: i + 1][:, history[i] >= 0]}
+                for i in range(len(prepared))]
 
 
 class ScorerRunner(StageRunner):
     STAGE = "scorer"
+    # history_rows: the rows of the history the `ann` stage made the user vector of, which the
+    # target-aware OverArch attends over (stages/scorer.py); absent: no history
     INPUTS = (TensorSpec("user_embedding", "FP32", (-1,)),
-              TensorSpec("candidate_rows", "INT64", (-1,)))
+              TensorSpec("candidate_rows", "INT64", (-1,)),
+              TensorSpec("history_rows", "INT64", (-1,), optional=True))
     OUTPUTS = (TensorSpec("candidate_task_scores", "FP32", (-1, TASKS_DIM)),)
 
     def prepare(self, row):
+        history = row.get("history_rows")
         return ScorerRequest(check_finite("user_embedding", row["user_embedding"]),
-                             check_rows("candidate_rows", row["candidate_rows"]))
+                             check_rows("candidate_rows", row["candidate_rows"]),
+                             None if history is None else check_rows("history_rows", history))
 
     def compute(self, prepared: List[ScorerRequest]):
         user = torch.from_numpy(np.stack([p.user_embedding for p in prepared]))
         rows = pad_rows([p.rows for p in prepared])
-        scores = self.forward(user, rows).numpy()
+        history = None
+        if any(p.history_rows is not None for p in prepared):
+            history = pad_rows([np.zeros(0, np.int64) if p.history_rows is None
+                                else p.history_rows for p in prepared])
+        scores = self.forward(user, rows, history).numpy()
         return [{"candidate_task_scores": scores[i: i + 1, : len(p.rows)]}
                 for i, p in enumerate(prepared)]
 

@@ -19,7 +19,7 @@ from torch import nn
 from ann.ivf import IVFConfig, IVFIndex, build_ivf_index
 from ann.search import IVFInt8Search, IVFSearchConfig
 from filtering.bits import unpack_bits
-from stages.history import PooledHistory
+from stages.history import BuiltHistory, PooledHistory, history_rows
 from stages.item_vectors import Fp32Vectors, Int8Vectors
 from world.synthetic import Catalog
 
@@ -119,6 +119,9 @@ class AnnResult(NamedTuple):
     scores: torch.Tensor  # float32 [B, C] inner products, descending
     counts: torch.Tensor  # int64 [B] valid candidates: min(oversample * k, matches)
     user_embedding: torch.Tensor  # float32 [B, D] the query vectors
+    # int64 [B, L] the rows of the history the query was made of (the request's counted
+    # `history` items, else the built history; -1 padded): what the scorer attends over
+    history_rows: torch.Tensor
 
 
 class ExactSearch(nn.Module):
@@ -160,11 +163,14 @@ class AnnStage(nn.Module):
             `item_vectors` (AnnConfig.refine; 1 = none).
         item_vectors: the indexed items' exact vectors (stages/item_vectors.py), index row
             order; needed when refine > 1.
+        built_history: each user's history rows built from the logs (stages/history.py
+            BuiltHistory; None: none, every request without `history` attends over nothing).
     """
 
     def __init__(self, users: nn.Module, search: nn.Module, pooling: nn.Module,
                  oversample: int = 4, refine: int = 1,
-                 item_vectors: Optional[nn.Module] = None):
+                 item_vectors: Optional[nn.Module] = None,
+                 built_history: Optional[BuiltHistory] = None):
         super().__init__()
         if refine > 1 and item_vectors is None:
             raise ValueError("AnnStage: refine > 1 re-scores with item_vectors; none given")
@@ -175,6 +181,7 @@ class AnnStage(nn.Module):
         self.refine = refine
         # never called when refine is 1 (TorchScript wants a module here either way)
         self.item_vectors = item_vectors if item_vectors is not None else nn.Identity()
+        self.built_history = BuiltHistory.empty() if built_history is None else built_history
 
     def forward(self, user_ids: torch.Tensor, filter_bits: torch.Tensor, k: torch.Tensor,
                 history: Optional[PooledHistory] = None) -> AnnResult:
@@ -184,7 +191,7 @@ class AnnStage(nn.Module):
             history: the requests' pooled histories (None: every user's built history).
         Returns:
             rows int64 [B, C] (-1 past counts), scores float32 [B, C], counts int64 [B],
-            user_embedding float32 [B, D].
+            user_embedding float32 [B, D], history_rows int64 [B, L].
         """
         user_embedding = self.users(user_ids, history)
         wanted = k * self.oversample
@@ -195,7 +202,8 @@ class AnnStage(nn.Module):
         # a search returns min(C, matches) rows per query, so this is min(wanted, matches, C)
         # without a popcount of the whole bitmap
         counts = torch.minimum(wanted, (rows >= 0).sum(1))
-        return AnnResult(rows, scores, counts, user_embedding)
+        return AnnResult(rows, scores, counts, user_embedding,
+                         history_rows(self.built_history(user_ids), history))
 
     def rescore(self, user_embedding: torch.Tensor, rows: torch.Tensor, c: int
                 ) -> Tuple[torch.Tensor, torch.Tensor]:

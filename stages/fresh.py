@@ -168,4 +168,4 @@ class FreshAnn(nn.Module):
         rows, scores, counts = merge_fresh(
             found.user_embedding, filter_bits[:, self.main_words:], fresh, found.rows,
             found.scores, found.counts, k * self.oversample, self.offset)
-        return AnnResult(rows, scores, counts, found.user_embedding)
+        return AnnResult(rows, scores, counts, found.user_embedding, found.history_rows)

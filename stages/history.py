@@ -15,6 +15,12 @@ history built from the logs (request-only computation: nothing per user is preco
   user tower's zero history vector, not the history built from the logs (what the request
   says replaces what the logs said); a user table (the linear model, pretrained vectors,
   stages/user.py `UserTable`) has no history-free answer and keeps the user's row.
+
+The scorer's target-aware OverArch (stages/scorer.py) reads the history items themselves, not
+only their mean: `PooledHistory.rows` are the row-space rows (stages/rows.py) of the items the
+pooling counted, and `BuiltHistory` holds each known user's history built from the logs (the
+rows a request without `history` attends over). The `ann` stage hands whichever applies to the
+scorer as `history_rows`.
 """
 
 from typing import NamedTuple, Optional, Sequence, Tuple
@@ -22,6 +28,8 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from torch import nn
+
+from stages.rows import fresh_row_offset
 
 MAX_HISTORY = 100  # most item ids one request's history may hold
 
@@ -53,10 +61,13 @@ def batch_history(histories: Sequence[Optional[np.ndarray]]) -> Optional[Request
 
 class PooledHistory(NamedTuple):
     """What the user side reads: the mean vector of each request's known history items and
-    their number; `count` is -1 for a request without `history` (use the built history)."""
+    their number; `count` is -1 for a request without `history` (use the built history).
+    `rows` are the counted items' rows in the row space (main rows, fresh rows from
+    fresh_row_offset(N)), -1 where an id was not counted: what the scorer attends over."""
 
     vectors: torch.Tensor  # float32 [B, D] (zeros where count <= 0)
     count: torch.Tensor  # int64 [B]
+    rows: torch.Tensor  # int64 [B, L]
 
 
 class HistoryPooling(nn.Module):
@@ -82,6 +93,7 @@ class HistoryPooling(nn.Module):
         self.register_buffer("sorted_rows", order.to(torch.int64).contiguous())
         self.item_vectors = item_vectors
         self.fresh_counts = fresh_counts
+        self.fresh_offset = fresh_row_offset(int(item_ids.shape[0]))
 
     def forward(self, history: RequestHistory, fresh_ids: Optional[torch.Tensor] = None,
                 fresh_vectors: Optional[torch.Tensor] = None,
@@ -93,6 +105,7 @@ class HistoryPooling(nn.Module):
         found, rows = self._lookup(ids, self.sorted_ids, self.sorted_rows)
         found = found & valid
         vectors = self.item_vectors(rows)
+        space_rows = rows
         if self.fresh_counts and fresh_ids is not None and fresh_vectors is not None \
                 and fresh_live is not None and fresh_ids.shape[0] > 0:
             live = torch.nonzero(fresh_live & (fresh_ids >= 0)).squeeze(1)
@@ -102,12 +115,13 @@ class HistoryPooling(nn.Module):
                 in_fresh = in_fresh & valid
                 vectors = torch.where(in_fresh.unsqueeze(-1),
                                       fresh_vectors[fresh_rows].to(vectors.dtype), vectors)
+                space_rows = torch.where(in_fresh, fresh_rows + self.fresh_offset, rows)
                 found = found | in_fresh
         weight = found.to(vectors.dtype).unsqueeze(-1)
         count = found.sum(1)
         mean = (vectors * weight).sum(1) / count.clamp(min=1).unsqueeze(1).to(vectors.dtype)
         count = torch.where(history.given, count, torch.full_like(count, -1))
-        return PooledHistory(mean, count)
+        return PooledHistory(mean, count, torch.where(found, space_rows, -1))
 
     @staticmethod
     def _lookup(ids: torch.Tensor, sorted_ids: torch.Tensor, rows: torch.Tensor
@@ -121,3 +135,63 @@ class HistoryPooling(nn.Module):
                     torch.zeros(ids.shape, dtype=torch.int64, device=ids.device))
         pos = torch.searchsorted(sorted_ids, ids).clamp(max=n - 1)
         return sorted_ids[pos] == ids, rows[pos]
+
+
+class BuiltHistory(nn.Module):
+    """Each known user's history built from the logs, as index rows (newest first, at most
+    MAX_HISTORY): what the scorer attends over for a request without `history`. Unknown users
+    (and a model without built histories) get an empty history.
+
+    Args:
+        user_ids: int64 [U] raw ids of the users with a history (distinct, any order).
+        offsets: int64 [U + 1] user u's rows are rows[offsets[u]:offsets[u + 1]].
+        rows: int64 [M] index rows.
+    """
+
+    def __init__(self, user_ids: torch.Tensor, offsets: torch.Tensor, rows: torch.Tensor):
+        super().__init__()
+        if offsets.shape[0] != user_ids.shape[0] + 1 or int(offsets[-1]) != rows.shape[0]:
+            raise ValueError(f"{user_ids.shape[0]} users, {offsets.shape[0]} offsets ending at "
+                             f"{int(offsets[-1])} for {rows.shape[0]} rows")
+        order = torch.argsort(user_ids)
+        starts, lengths = offsets[:-1][order], (offsets[1:] - offsets[:-1])[order]
+        self.register_buffer("sorted_ids", user_ids[order].to(torch.int64).contiguous())
+        self.register_buffer("starts", starts.to(torch.int64).contiguous())
+        self.register_buffer("lengths", lengths.to(torch.int64).contiguous())
+        # one -1 past the end: a gather never reads out of range, also with no rows at all
+        self.register_buffer("rows", torch.cat([rows.to(torch.int64),
+                                                torch.full((1,), -1, dtype=torch.int64)]))
+
+    @staticmethod
+    def empty() -> "BuiltHistory":
+        none = torch.zeros(0, dtype=torch.int64)
+        return BuiltHistory(none, torch.zeros(1, dtype=torch.int64), none)
+
+    def forward(self, user_ids: torch.Tensor) -> torch.Tensor:
+        """user_ids int64 [B] -> history rows int64 [B, L] (-1 past each user's length; L >= 1
+        is the batch's longest)."""
+        n = self.sorted_ids.shape[0]
+        if n == 0:
+            return torch.full((user_ids.shape[0], 1), -1, dtype=torch.int64,
+                              device=user_ids.device)
+        pos = torch.searchsorted(self.sorted_ids, user_ids).clamp(max=n - 1)
+        found = self.sorted_ids[pos] == user_ids
+        lengths = torch.where(found, self.lengths[pos], torch.zeros_like(pos))
+        width = max(1, int(lengths.max()))
+        steps = torch.arange(width, device=user_ids.device).unsqueeze(0)
+        valid = steps < lengths.unsqueeze(1)
+        at = torch.where(valid, self.starts[pos].unsqueeze(1) + steps,
+                         torch.full_like(steps, self.rows.shape[0] - 1))
+        return self.rows[at]
+
+
+def history_rows(built: torch.Tensor, pooled: Optional[PooledHistory]) -> torch.Tensor:
+    """The rows the scorer attends over: a request's own history (its counted items) where it
+    carried one, else its built history; int64 [B, L] (-1 padded)."""
+    if pooled is None:
+        return built
+    given = pooled.rows
+    width = max(built.shape[1], given.shape[1])
+    built = torch.nn.functional.pad(built, [0, width - built.shape[1]], value=-1.0)
+    given = torch.nn.functional.pad(given, [0, width - given.shape[1]], value=-1.0)
+    return torch.where((pooled.count >= 0).unsqueeze(1), given, built)

@@ -49,5 +49,5 @@ class UnifiedRetrieval(nn.Module):
         """
         bits = self.filter(plans, fresh)
         found = self.ann(user_ids, bits, k, history, fresh)
-        task_scores = self.scorer(found.user_embedding, found.rows, fresh)
+        task_scores = self.scorer(found.user_embedding, found.rows, found.history_rows, fresh)
         return self.aggregator(found.rows, task_scores, found.counts, k, task_weights, fresh)

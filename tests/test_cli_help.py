@@ -15,7 +15,8 @@ MODULES = ["builder", "training", "training.evaluate", "client", "serving.serve"
            "benchmarks.soak", "benchmarks.zch_benchmark", "benchmarks.gpu_ann",
            "benchmarks.gpu_bloom", "benchmarks.gpu_zch", "benchmarks.gpu_serving",
            "benchmarks.gpu_vs_chain", "kernels.build_ext",
-           "benchmarks.catalog_build", "benchmarks.serving_memory"]
+           "benchmarks.catalog_build", "benchmarks.serving_memory",
+           "benchmarks.scorer_history"]
 
 
 def test_every_entry_point_is_listed():

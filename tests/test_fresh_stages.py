@@ -139,7 +139,7 @@ def test_main_plus_fresh_merge_equals_exact_search(built, exported, store, text)
     users = torch.from_numpy(WORLD.user_ids[:3].copy())
     k = torch.tensor([5, 10, 3])
     bits = exported["filter"](batch_plans([parse_plan(text, SCHEMA)] * 3), fresh)
-    rows, scores, counts, q = exported["ann"](users, bits, k, fresh=fresh)
+    rows, scores, counts, q, _ = exported["ann"](users, bits, k, fresh=fresh)
     oversample = exported["ann"].oversample
     for b in range(3):
         want_rows, want_scores = reference_candidates(
@@ -191,8 +191,8 @@ def test_ensemble_stages_equal_unified_with_fresh_and_retired_items_never_appear
         k = torch.tensor([10, 25])
         weights = torch.tensor([[1.0, 2.0, 4.0], [0.0, 1.0, 0.0]])
         bits = exported["filter"](plans, fresh["filter"])
-        rows, _, counts, q = exported["ann"](users, bits, k, fresh=fresh["ann"])
-        tasks = exported["scorer"](q, rows, fresh["scorer"])
+        rows, _, counts, q, history = exported["ann"](users, bits, k, fresh=fresh["ann"])
+        tasks = exported["scorer"](q, rows, history, fresh["scorer"])
         ens = exported["aggregator"](rows, tasks, counts, k, weights, fresh["aggregator"])
         uni = exported["unified"](plans, users, k, weights, fresh=fresh["unified"])
         for a, b in zip(ens, uni):

@@ -77,7 +77,7 @@ def test_ann_exact_filtered_search_and_fewer_than_k(built):
     text = f"creator:{creator}"
     bits = modules["filter"](batch_plans([parse_plan(text, schema)]))
     users = torch.from_numpy(WORLD.user_ids[:1].copy())
-    rows, scores, counts, q = modules["ann"](users, bits, torch.tensor([50]))
+    rows, scores, counts, q, _ = modules["ann"](users, bits, torch.tensor([50]))
     matches = np.flatnonzero(catalog.features[2][:, 0] == creator)
     assert int(counts[0]) == min(len(matches), 200)
     got = set(rows[0, : counts[0]].tolist())

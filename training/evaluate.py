@@ -37,8 +37,10 @@ from tqdm import tqdm
 from filtering.bits import pack_bits
 from stages.ann import AnnConfig
 from stages.history import MAX_HISTORY, batch_history
+from stages.scorer import OverArchConfig
 from training.anchors import EASE, EASE_MAX_ITEMS, ItemKNN, Popularity, interaction_matrix, top_k
 from training.data import LoggedData, from_world, holdout_split, subset
+from training.over_arch import OverArchTrainConfig
 from training.retrieval import RetrievalModel, retrieval_stages
 from training.train import (
     HOLDOUT_FRACTION,
@@ -112,8 +114,9 @@ class Pipelines:
         bits = torch.from_numpy(bits.view(np.int64))
         ks = torch.full((b,), k, dtype=torch.int64)
         pooled = None if history is None else self.ann.pooling(batch_history(history))
-        rows, _, counts, user_embedding = self.ann(torch.from_numpy(user_ids), bits, ks, pooled)
-        task_scores = self.scorer(user_embedding, rows)
+        found = self.ann(torch.from_numpy(user_ids), bits, ks, pooled)
+        rows, counts = found.rows, found.counts
+        task_scores = self.scorer(found.user_embedding, rows, found.history_rows)
         ids, _, _, n = self.aggregator(rows, task_scores, counts, ks,
                                        self.weights.expand(b, -1))
         dot = [self.catalog_row[rows[i, : min(k, int(counts[i]))].numpy()] for i in range(b)]
@@ -384,6 +387,28 @@ def main() -> None:
                    help="what the scorer and the history pooling read: the index's int8 "
                         "vectors, an fp32 copy, or auto: fp32 up to about 1M items "
                         "(stages/ann.py AnnConfig; default: %(default)s)")
+    p.add_argument("--attention-dim", type=int, default=OverArchConfig.attention_dim,
+                   help="width of the target-aware OverArch's attention over the history items "
+                        "(stages/scorer.py OverArchConfig; 0: off; default: %(default)s)")
+    p.add_argument("--overarch-validation", choices=("retrieved", "logged"),
+                   default="retrieved" if OverArchTrainConfig.validate_on_retrieved
+                   else "logged",
+                   help="what the OverArch's epoch is chosen on, for sources with retrieved "
+                        "negatives: the validation cut with retrieved negatives too, or its "
+                        "logged interactions alone (OverArchTrainConfig.validate_on_retrieved; "
+                        "default: %(default)s)")
+    p.add_argument("--overarch-examples", choices=("past", "leave-one-out"),
+                   default="past" if OverArchTrainConfig.past_only else "leave-one-out",
+                   help="the OverArch's examples (linear history model): each sees only the "
+                        "history before it, or every training positive but its own item "
+                        "(OverArchTrainConfig.past_only; default: %(default)s)")
+    p.add_argument("--overarch-learning-rate", type=float, default=None,
+                   help="the OverArch's learning rate (default: OverArchTrainConfig's, "
+                        "training/train.py OVERARCH_LEARNING_RATE_WITHOUT_IMPRESSIONS for "
+                        "sources without logged impressions)")
+    p.add_argument("--oversample", type=int, default=AnnConfig.oversample,
+                   help="ANN candidates per requested result handed to the scorer "
+                        "(stages/ann.py AnnConfig; default: %(default)s)")
     p.add_argument("--validation", action="store_true",
                    help="evaluate on the validation cut instead of the held-out part: train on "
                         "the training part minus its latest share (cut as the holdout) and "
@@ -392,8 +417,11 @@ def main() -> None:
                    help="write the table and the command into this markdown file")
     a = p.parse_args()
     config = EvalConfig(max_users=a.max_users, truth_users=a.truth_users,
-                        ann=AnnConfig(item_vectors=a.item_vectors))
-    train_config = TrainConfig(retrieval=a.retrieval)
+                        ann=AnnConfig(item_vectors=a.item_vectors, oversample=a.oversample))
+    train_config = TrainConfig(retrieval=a.retrieval, over_arch=OverArchTrainConfig(
+        model=OverArchConfig(attention_dim=a.attention_dim),
+        validate_on_retrieved=a.overarch_validation == "retrieved",
+        past_only=a.overarch_examples == "past"))
     sources = [] if a.no_synthetic else [lambda: from_world(generate_world(WorldConfig(
         seed=a.seed, num_items=a.num_items, num_users=a.num_users)))]
     if not a.no_movielens:
@@ -411,6 +439,9 @@ def main() -> None:
         if a.retrieved_negatives is not None:
             chosen = dataclasses.replace(chosen, over_arch=dataclasses.replace(
                 chosen.over_arch, retrieved_negatives=a.retrieved_negatives))
+        if a.overarch_learning_rate is not None:
+            chosen = dataclasses.replace(chosen, over_arch=dataclasses.replace(
+                chosen.over_arch, learning_rate=a.overarch_learning_rate))
         if not a.overarch_early_stopping:
             chosen = dataclasses.replace(chosen, over_arch=dataclasses.replace(
                 chosen.over_arch, early_stopping=False))

@@ -140,19 +140,27 @@ class LinearQueries:
 
     Args:
         fit: the fitted model; user_index, item_index: int64 [P] the positives it was fitted
-            on.
+            on (or the part of them the examples' users had before the examples).
+        leave_one_out: subtract a clicked example's own item (False: the positives above do
+            not hold the examples).
     """
 
-    def __init__(self, fit: LinearFit, user_index: torch.Tensor, item_index: torch.Tensor):
+    def __init__(self, fit: LinearFit, user_index: torch.Tensor, item_index: torch.Tensor,
+                 leave_one_out: bool = True):
         self.fit = fit
+        self.leave_one_out = leave_one_out
         num_users = fit.user_vectors.shape[0]
         self.counts = torch.bincount(user_index, minlength=num_users).float()
         self.sums = torch.zeros(num_users, fit.history_vectors.shape[1]).index_add_(
             0, user_index, fit.history_vectors[item_index])
 
+    def all_users(self) -> torch.Tensor:
+        """[U, k] every user's query without leaving anything out (zeros: no positives)."""
+        return F.normalize(self.sums, dim=1)
+
     def __call__(self, user_index: torch.Tensor, item_rows: torch.Tensor,
                  clicked: torch.Tensor, cold: torch.Tensor) -> torch.Tensor:
-        out = clicked.float().unsqueeze(1)
+        out = (clicked & self.leave_one_out).float().unsqueeze(1)
         sums = self.sums[user_index] - out * self.fit.history_vectors[item_rows]
         return torch.where(cold.unsqueeze(1), self.fit.cold_start.expand_as(sums),
                            F.normalize(sums, dim=1))

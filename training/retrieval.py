@@ -24,7 +24,7 @@ from stages.ann import (
     item_vectors_of,
     refinable,
 )
-from stages.history import HistoryPooling
+from stages.history import BuiltHistory, HistoryPooling
 from stages.item_vectors import Fp32Vectors
 from stages.scorer import DotProductScorer, OverArch, OverArchConfig, OverArchScorer
 from stages.user import UserTable, UserTower, UserTowerConfig
@@ -66,6 +66,8 @@ class RetrievalModel:
     history_vectors: float32 [N, D] what each item adds to a request history's pooled vector
         (stages/history.py), catalog order; None: the item vectors (the two towers share
         them; the linear model has its own history side).
+    histories: each user's built history (TrainedWeights.histories: raw user ids, offsets,
+        catalog rows; None: none), what the target-aware scorer attends over.
     """
 
     tasks: Tuple[str, ...]
@@ -74,6 +76,7 @@ class RetrievalModel:
     item_extra: Optional[np.ndarray] = None
     over_arch: Optional[nn.Module] = None
     history_vectors: Optional[np.ndarray] = None
+    histories: Optional[Dict[str, torch.Tensor]] = None
 
     @staticmethod
     def trained(weights: TrainedWeights) -> RetrievalModel:
@@ -81,7 +84,8 @@ class RetrievalModel:
         return RetrievalModel(tuple(weights.tasks), build_user_tower(weights),
                               weights.item_vectors.numpy(), weights.item_extra.numpy(),
                               build_over_arch(weights),
-                              None if history is None else history.numpy())
+                              None if history is None else history.numpy(),
+                              weights.histories or None)
 
     @staticmethod
     def pretrained(user_ids: np.ndarray, user_vectors: np.ndarray, item_vectors: np.ndarray
@@ -119,7 +123,23 @@ class RetrievalModel:
         if self.history_vectors is not None:
             history = np.concatenate([self.history_vectors[rows], np.zeros(
                 (len(new_vectors), self.history_vectors.shape[1]), np.float32)])
-        return replace(self, item_vectors=vectors, item_extra=extra, history_vectors=history)
+        histories = None
+        if self.histories is not None:  # catalog rows move; items no longer served drop out
+            position = torch.full((len(self.item_vectors),), -1, dtype=torch.int64)
+            position[torch.from_numpy(np.asarray(rows, dtype=np.int64))] = torch.arange(
+                len(rows))
+            histories = remap_histories(self.histories, position)
+        return replace(self, item_vectors=vectors, item_extra=extra, history_vectors=history,
+                       histories=histories)
+
+    def built_history(self, order: np.ndarray) -> Optional[BuiltHistory]:
+        """The built histories as index rows (`order[r]` = the catalog row at index row r)."""
+        if self.histories is None:
+            return None
+        index_row = torch.empty(len(order), dtype=torch.int64)
+        index_row[torch.from_numpy(np.asarray(order, dtype=np.int64))] = torch.arange(len(order))
+        h = remap_histories(self.histories, index_row)
+        return BuiltHistory(h["user_ids"], h["offsets"], h["items"])
 
     @property
     def fresh_in_history(self) -> bool:
@@ -134,6 +154,19 @@ class RetrievalModel:
             return item_vectors
         rows = torch.from_numpy(np.asarray(order, dtype=np.int64))
         return Fp32Vectors(torch.from_numpy(np.ascontiguousarray(self.history_vectors))[rows])
+
+
+def remap_histories(histories: Dict[str, torch.Tensor], position: torch.Tensor
+                    ) -> Dict[str, torch.Tensor]:
+    """`histories` with item row r moved to position[r] (-1: dropped, order kept)."""
+    items = position[histories["items"]]
+    kept = items >= 0
+    owner = torch.repeat_interleave(torch.arange(len(histories["user_ids"])),
+                                    histories["offsets"][1:] - histories["offsets"][:-1])
+    lengths = torch.bincount(owner[kept], minlength=len(histories["user_ids"]))
+    offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
+    torch.cumsum(lengths, 0, out=offsets[1:])
+    return {"user_ids": histories["user_ids"], "offsets": offsets, "items": items[kept]}
 
 
 class IndexedStages(NamedTuple):
@@ -164,7 +197,8 @@ def retrieval_stages(catalog: Catalog, model: RetrievalModel, ann: AnnConfig,
                              model.history_table(order, vectors), model.fresh_in_history)
     stages = {
         "ann": AnnStage(model.users, search, pooling, ann.oversample,
-                        ann.refine if refinable(search, vectors) else 1, vectors),
+                        ann.refine if refinable(search, vectors) else 1, vectors,
+                        model.built_history(order)),
         "scorer": model.scorer(order, vectors),
         "aggregator": ValueModel(torch.from_numpy(indexed.item_ids),
                                  torch.tensor(task_weights, dtype=torch.float32)),

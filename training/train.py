@@ -35,6 +35,7 @@ from training.over_arch import (
     retrieved_negatives,
     task_losses,
     train_over_arch,
+    user_histories,
 )
 from training.towers import (
     ClickHistory,
@@ -53,6 +54,10 @@ HOLDOUT_FRACTION = 0.1
 # OverArch negatives from the retrieval per positive, for sources whose logged negatives are
 # random items (docs/quality.md: MovieLens recall@10 gain +0.0065 without, +0.0125 with 4)
 RETRIEVED_NEGATIVES_WITHOUT_IMPRESSIONS = 4
+# the OverArch's learning rate there: its examples (training/over_arch.py `past_only`) are a
+# tenth of the training part, and at the default 2e-3 the trained heads lost ml-latest-small's
+# validation recall@50 (0.2426 against the dot-product fit's 0.2695); docs/quality.md
+OVERARCH_LEARNING_RATE_WITHOUT_IMPRESSIONS = 2e-4
 
 
 @dataclass
@@ -243,13 +248,24 @@ def train(data: LoggedData, train_mask: np.ndarray, config: TrainConfig = TrainC
     # training part, cut as the holdout; it trains on the rest
     validation = None
     if config.validation_fraction > 0:
-        inner, held = (torch.from_numpy(m) for m in split_interactions(
-            log, data.split, config.validation_fraction))
+        inner, held = split_interactions(log, data.split, config.validation_fraction)
         if held.any() and inner.any():
-            validation = OverArchValidation(user_index[held], item_index[held], labels[held])
-            user_index, item_index, labels = user_index[inner], item_index[inner], labels[inner]
+            cut, rest = torch.from_numpy(held), torch.from_numpy(inner)
+            validation = OverArchValidation(user_index[cut], item_index[cut], labels[cut])
+            user_index, item_index, labels = user_index[rest], item_index[rest], labels[rest]
+    # what the target-aware OverArch attends over: each user's training positives, newest
+    # first (the built history the `ann` stage serves); every training click, as the queries
+    histories = user_histories(log.user_index[log.labels[:, 0] > 0],
+                               log.item_index[log.labels[:, 0] > 0],
+                               log.timestamp[log.labels[:, 0] > 0], len(data.user_ids))
     added_negatives = 0
-    if oa.retrieved_negatives > 0:
+    train_queries, train_histories = queries, histories
+    past_only = oa.past_only and kind == "linear" and validation is not None
+    if past_only:
+        (train_queries, train_histories, validation, user_index, item_index, labels,
+         added_negatives) = _past_only_examples(data, log, inner, fit, validation, config,
+                                                item_vectors, generator)
+    elif oa.retrieved_negatives > 0:
         with torch.no_grad():
             query = serving_queries(torch.arange(len(data.user_ids)))
         neg_users, neg_items = retrieved_negatives(
@@ -259,9 +275,26 @@ def train(data: LoggedData, train_mask: np.ndarray, config: TrainConfig = TrainC
         user_index = torch.cat([user_index, neg_users])
         item_index = torch.cat([item_index, neg_items])
         labels = torch.cat([labels, torch.zeros(added_negatives, labels.shape[1])])
-    bce_history, overarch_aucs = train_over_arch(model, queries, item_vectors, user_index,
-                                                 item_index, labels, oa, generator, progress,
-                                                 validation)
+    if oa.retrieved_negatives > 0 and oa.validate_on_retrieved and validation is not None:
+        # the epoch is chosen on the choice the OverArch serves, reordering what the
+        # retrieval found: the validation positives against retrieved negatives too (unseen
+        # in the whole training part)
+        with torch.no_grad():
+            query = serving_queries(torch.arange(len(data.user_ids))) \
+                if validation.queries is None else validation.queries.all_users()
+        held_positive = torch.from_numpy(held) & torch.from_numpy(log.labels[:, 0] > 0)
+        val_users, val_items = retrieved_negatives(
+            query, item_vectors, torch.from_numpy(log.user_index),
+            torch.from_numpy(log.item_index), held_positive, oa.retrieved_negatives,
+            oa.negative_pool, generator)
+        validation = validation._replace(
+            user_index=torch.cat([validation.user_index, val_users]),
+            item_index=torch.cat([validation.item_index, val_items]),
+            labels=torch.cat([validation.labels, torch.zeros(len(val_users),
+                                                             labels.shape[1])]))
+    bce_history, overarch_aucs = train_over_arch(model, train_queries, item_vectors,
+                                                 user_index, item_index, labels, oa, generator,
+                                                 progress, validation, train_histories)
 
     metrics: Dict = {"tower_loss": [round(x, 4) for x in tower_losses],
                      "validation_recall@50": [round(x, 4) for x in validation_recalls],
@@ -283,7 +316,8 @@ def train(data: LoggedData, train_mask: np.ndarray, config: TrainConfig = TrainC
         with torch.no_grad():
             u = serving_queries(torch.from_numpy(held.user_index))
             rows = torch.from_numpy(held.item_index)
-            logits = model(u, item_vectors[rows], rows)
+            logits = model(u, item_vectors[rows], rows,
+                           histories.padded(torch.from_numpy(held.user_index)), item_vectors)
             dot = (u * item_vectors[rows]).sum(1)
         y = torch.from_numpy(held.labels)
         metrics["holdout_bce"] = [round(x, 4) for x in task_losses(logits, y).tolist()]
@@ -300,7 +334,74 @@ def train(data: LoggedData, train_mask: np.ndarray, config: TrainConfig = TrainC
         over_arch={"config": asdict(config.over_arch.model),
                    "state": model.over_arch.state_dict()},
         item_extra=model.item_extra.weight.detach().clone(),
+        histories=served_histories(data, histories),
         metrics=metrics, fingerprint=data.fingerprint)
+
+
+def _positives(part, fit) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Distinct positive (user, item) pairs of an interaction log on the items `fit` kept."""
+    num_items = fit.item_vectors.shape[0]
+    clicks = part.labels[:, 0] > 0
+    pairs = torch.unique(torch.from_numpy(part.user_index[clicks]) * num_items
+                         + torch.from_numpy(part.item_index[clicks]))
+    pairs = pairs[torch.isin(pairs % num_items, fit.kept)]
+    return pairs // num_items, pairs % num_items
+
+
+def _histories_of(part, num_users: int):
+    clicks = part.labels[:, 0] > 0
+    return user_histories(part.user_index[clicks], part.item_index[clicks],
+                          part.timestamp[clicks], num_users)
+
+
+def _past_only_examples(data: LoggedData, log, inner: np.ndarray, fit, validation, config,
+                        item_vectors: torch.Tensor, generator: torch.Generator):
+    """The OverArch's examples when each sees only its past (OverArchTrainConfig.past_only):
+    the latest share of the part before the validation cut, with retrieved negatives, their
+    user vectors and histories made of the earlier part; the validation cut's made of
+    everything before it. Returns (queries, histories, validation, user_index, item_index,
+    labels, retrieved negatives added)."""
+    oa = config.over_arch
+    num_users = len(data.user_ids)
+    before_cut = subset(log, inner)
+    earlier, recent = split_interactions(before_cut, data.split, config.validation_fraction)
+    past = subset(before_cut, earlier)
+    queries = LinearQueries(fit, *_positives(past, fit), leave_one_out=False)
+    histories = _histories_of(past, num_users)
+    validation = validation._replace(
+        queries=LinearQueries(fit, *_positives(before_cut, fit), leave_one_out=False),
+        histories=_histories_of(before_cut, num_users))
+    examples = subset(before_cut, recent)
+    user_index = torch.from_numpy(examples.user_index)
+    item_index = torch.from_numpy(examples.item_index)
+    labels = torch.from_numpy(examples.labels)
+    added = 0
+    if oa.retrieved_negatives > 0:
+        # negatives unseen in the whole training part (an earlier rating is no negative)
+        everyone = torch.from_numpy(log.user_index)
+        positives = torch.cat([labels[:, 0] > 0, torch.zeros(len(everyone), dtype=torch.bool)])
+        # drawn as the retrieval would have shown them then: from the examples' own queries
+        query = queries.all_users()
+        neg_users, neg_items = retrieved_negatives(
+            query, item_vectors, torch.cat([user_index, everyone]),
+            torch.cat([item_index, torch.from_numpy(log.item_index)]), positives,
+            oa.retrieved_negatives, oa.negative_pool, generator)
+        added = int(neg_users.numel())
+        user_index = torch.cat([user_index, neg_users])
+        item_index = torch.cat([item_index, neg_items])
+        labels = torch.cat([labels, torch.zeros(added, labels.shape[1])])
+    return queries, histories, validation, user_index, item_index, labels, added
+
+
+def served_histories(data: LoggedData, histories) -> Dict:
+    """The built histories the `ann` stage serves (stages/history.py BuiltHistory): the users
+    with at least one, by raw id, their items as catalog rows."""
+    lengths = histories.offsets[1:] - histories.offsets[:-1]
+    users = torch.nonzero(lengths > 0).squeeze(1)
+    offsets = torch.zeros(users.numel() + 1, dtype=torch.int64)
+    torch.cumsum(lengths[users], 0, out=offsets[1:])
+    return {"user_ids": torch.from_numpy(data.user_ids)[users].to(torch.int64),
+            "offsets": offsets, "items": histories.items.clone()}
 
 
 def metrics_line(data: LoggedData, weights: TrainedWeights) -> str:
@@ -334,12 +435,18 @@ def metrics_line(data: LoggedData, weights: TrainedWeights) -> str:
 
 
 def training_config_for(data: LoggedData, config: TrainConfig = TrainConfig()) -> TrainConfig:
-    """`config`, with retrieved negatives for the OverArch when the source's negatives are
-    random items rather than logged impressions (OverArchTrainConfig.retrieved_negatives)."""
-    if data.logged_impressions or config.over_arch.retrieved_negatives > 0:
+    """`config`, for a source whose negatives are random items rather than logged impressions:
+    with retrieved negatives for the OverArch (OverArchTrainConfig.retrieved_negatives) and its
+    learning rate for such sources, unless the config sets others."""
+    if data.logged_impressions:
         return config
-    over_arch = dataclasses.replace(config.over_arch,
-                                    retrieved_negatives=RETRIEVED_NEGATIVES_WITHOUT_IMPRESSIONS)
+    over_arch = config.over_arch
+    if over_arch.retrieved_negatives == 0:
+        over_arch = dataclasses.replace(
+            over_arch, retrieved_negatives=RETRIEVED_NEGATIVES_WITHOUT_IMPRESSIONS)
+    if over_arch.learning_rate == OverArchTrainConfig.learning_rate:
+        over_arch = dataclasses.replace(
+            over_arch, learning_rate=OVERARCH_LEARNING_RATE_WITHOUT_IMPRESSIONS)
     return dataclasses.replace(config, over_arch=over_arch)
 
 

@@ -13,7 +13,8 @@ from typing import Dict, Tuple
 import torch
 
 # bump when the meaning of a saved field changes: older files are then retrained, not reused
-FORMAT_VERSION = 2  # 2: the linear model's user vectors are unit length
+# 2: the linear model's user vectors are unit length; 3: built histories (target-aware OverArch)
+FORMAT_VERSION = 3
 
 
 @dataclass
@@ -26,6 +27,9 @@ class TrainedWeights:
     item_vectors: float32 [N, D] item tower outputs: what the ANN indexes.
     over_arch: {"config": OverArchConfig fields, "state": state_dict}.
     item_extra: float32 [N, E] the OverArch's free per-item vectors.
+    histories: {"user_ids": int64 [U] raw ids, "offsets": int64 [U + 1], "items": int64 [M]
+        catalog rows}: each user's built history, newest first (what the target-aware
+        OverArch attends over for a request without `history`); {}: none.
     """
 
     tasks: Tuple[str, ...]
@@ -33,6 +37,7 @@ class TrainedWeights:
     item_vectors: torch.Tensor
     over_arch: Dict
     item_extra: torch.Tensor
+    histories: Dict = field(default_factory=dict)
     metrics: Dict = field(default_factory=dict)
     fingerprint: Dict = field(default_factory=dict)
 
