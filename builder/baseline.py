@@ -4,6 +4,8 @@ the same index row order and the same user tower as the project's own models.
     baseline_filter/1/model.pt     the posting-list filter (stages/posting_filter.py), scripted
     baseline_filter/1/schema.json  what the parser needs
     baseline_ann/1/model.pt        the user tower of the `ann` stage, scripted
+    baseline_ann/1/history.pt      the users' built histories (stages/history.py BuiltHistory),
+                                   scripted: the history rows its scorer attends over
     baseline_ann/1/index.faiss     FAISS index of the item vectors (faiss.write_index), id = row
     baseline_ann/1/faiss.json      its build settings (nlist, nprobe, oversample)
 """
@@ -25,6 +27,7 @@ from world.schema import Schema
 from world.synthetic import Catalog
 
 MODELS = ("baseline_filter", "baseline_ann")
+HISTORY_FILE = "history.pt"  # the built histories of baseline_ann (read by serving/baseline.py)
 INDEX_FILE = "index.faiss"  # the FAISS index of baseline_ann (read by serving/baseline.py)
 SETTINGS_FILE = "faiss.json"  # its build settings
 
@@ -92,7 +95,7 @@ def _ivf_index(vectors: np.ndarray, config: BaselineConfig):
 
 def build_baseline(out_dirs: Dict[str, Path], catalog: Catalog, item_vectors: np.ndarray,
                    user_tower: torch.nn.Module, schema: Schema, oversample: int,
-                   config: BaselineConfig) -> None:
+                   config: BaselineConfig, built_history: torch.nn.Module) -> None:
     """Write the baseline models' artifacts into `out_dirs[model]` (the version folders the
     builder stages, builder/build.py).
 
@@ -101,6 +104,8 @@ def build_baseline(out_dirs: Dict[str, Path], catalog: Catalog, item_vectors: np
         item_vectors: float32 [N, D], the vectors the `ann` stage searches, index row order.
         user_tower: raw user id int64 [B] -> query vector float32 [B, D], as in the `ann` stage.
         oversample: ANN candidates per requested result, as the `ann` stage.
+        built_history: user id int64 [B] -> history rows int64 [B, L] (-1 padded), the `ann`
+            stage's (stages/history.py BuiltHistory).
     """
     import faiss
 
@@ -113,6 +118,7 @@ def build_baseline(out_dirs: Dict[str, Path], catalog: Catalog, item_vectors: np
 
     out = Path(out_dirs["baseline_ann"])
     torch.jit.script(user_tower.eval()).save(str(out / "model.pt"))
+    torch.jit.script(built_history.eval()).save(str(out / HISTORY_FILE))
     vectors = np.ascontiguousarray(item_vectors, dtype=np.float32)
     if config.index == "ivf":
         index = _ivf_index(vectors, config)

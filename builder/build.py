@@ -442,7 +442,7 @@ def _write(built: Built, source: Provenance, cfg: BuildConfig, staging: Staging,
     baseline_dirs = {m: staging.model_dir(m) for m in BASELINE_MODELS}
     build_baseline(baseline_dirs, built.catalog, indexed_item_vectors(built),
                    built.modules["ann"].users, built.catalog.schema, cfg.ann.oversample,
-                   cfg.baseline)
+                   cfg.baseline, built.modules["ann"].built_history)
     steps.update()
     # --- end of the baseline ----------------------------------------------------------------
     steps.set_postfix_str("items.csv")

@@ -30,7 +30,7 @@ from typing import Dict, List
 import numpy as np
 import torch
 
-from builder.baseline import INDEX_FILE, SETTINGS_FILE
+from builder.baseline import HISTORY_FILE, INDEX_FILE, SETTINGS_FILE
 from serving.runners import AnnRunner, FilterRunner
 
 
@@ -60,14 +60,14 @@ class FaissAnnRunner(AnnRunner):
     Parameters (config.pbtxt, else faiss.json): `nprobe`, `oversample` (candidates per
     requested result, as the `ann` stage), `faiss_threads`, and `search`: "index" (default) or
     "exact" (every query scores all matching items: the ground truth for recall).
-    The service chain predates request histories: no `history` input, no `history_rows`
-    output.
+    The service chain predates request histories: no `history` input. Its `history_rows`
+    output is each user's built history (history.pt, the `ann` stage's BuiltHistory), the
+    feature a service chain would fetch for its scorer, so the shared scorer attends over what
+    it attends over in `retrieval` and `unified` for a request without `history` (and the exact
+    reference, `search: exact`, scores as they do).
     """
 
     INPUTS = tuple(s for s in AnnRunner.INPUTS if s.name != "history")
-    # nor the history rows the target-aware scorer attends over: the scorer it shares with the
-    # `retrieval` ensemble scores its candidates without history (stages/scorer.py)
-    OUTPUTS = tuple(s for s in AnnRunner.OUTPUTS if s.name != "history_rows")
 
     def __init__(self, version_dir, params=None):
         import faiss  # the ANN service's library; only this model needs it
@@ -91,6 +91,8 @@ class FaissAnnRunner(AnnRunner):
         if ivf is not None:
             ivf.make_direct_map()  # lets reconstruct_n read the vectors back for exact scoring
         self.vectors = self.index.reconstruct_n(0, self.num_items)
+        self.built_history = torch.jit.load(str(self.version_dir / HISTORY_FILE),
+                                            map_location="cpu")
         # Scoring the matching items one by one is exact and costs one gather + dot product
         # per match; the IVF probe costs one per vector in the probed lists. Below this many
         # matches exact scoring is the cheaper plan (and the IVF would miss most of them).
@@ -125,8 +127,11 @@ class FaissAnnRunner(AnnRunner):
             for j, i in enumerate(members):
                 hit = found[j]
                 rows[i] = hit[hit >= 0][: wanted[i]]  # FAISS pads short lists with -1
+        history = self.built_history(users).numpy()
         return [{"candidate_rows": r.astype(np.int64).reshape(1, -1),
-                 "user_embedding": queries[i: i + 1]} for i, r in enumerate(rows)]
+                 "user_embedding": queries[i: i + 1],
+                 "history_rows": history[i: i + 1][:, history[i] >= 0]}
+                for i, r in enumerate(rows)]
 
 
 RUNNERS = {"baseline_filter": FilterRunner, "baseline_ann": FaissAnnRunner}

@@ -99,6 +99,30 @@ def test_faiss_candidates_pass_the_filter_and_match_exact_search(small_build):
     assert np.mean(overlap) >= 0.9, f"candidate recall {np.mean(overlap):.3f}"
 
 
+def test_exact_reference_ranks_as_unified_where_both_see_every_match(small_build):
+    """Filters of fewer matches than the candidates (oversample x k): both the exact reference
+    and `unified` hand the scorer every matching item, so the same scorer, attending over the
+    same built history (baseline_ann's history_rows), must give the same answer."""
+    from serving.runners import RUNNERS
+
+    repo = small_build.repository
+    exact = exact_reference(repo)
+    unified = RUNNERS["unified"](repo / "unified" / "1")
+    creators = np.bincount(small_build.world.catalog.features[2][:, 0])
+    few = [c for c in np.flatnonzero((creators >= 2) & (creators <= 30))[:6]]
+    assert few, "no creator with 2..30 items in the test catalog"
+    users = [int(u) for u in small_build.world.user_ids[:8]]
+    for creator in few:
+        f = f"creator:{creator}"
+        want = exact.run([(u, f, 10) for u in users])
+        got = unified.run([{"user_id": np.array([[u]], np.int64),
+                            "filter": np.array([[f.encode()]], object),
+                            "k": np.array([[10]], np.int32)} for u in users])
+        for w, g in zip(want, got):
+            np.testing.assert_array_equal(g["item_ids"][0], w["item_ids"])
+            np.testing.assert_allclose(g["scores"][0], w["scores"], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.server
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_served_baseline_equals_its_runners_in_process(server, small_build, protocol):
