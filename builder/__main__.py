@@ -19,6 +19,7 @@ from pathlib import Path
 from builder.build import ROOT, TEMPLATE, BuildConfig, build, catalog_build_dir, is_built
 from catalog import CatalogError
 from stages.ann import AnnConfig
+from training.over_arch import OverArchTrainConfig
 from training.train import TrainConfig
 from world.synthetic import WorldConfig
 
@@ -60,7 +61,14 @@ def config_from_args(argv=None) -> tuple:
                         "factorized, training/linear.py; catalogs up to 20,000 items with "
                         "positives) or auto: linear for logs without impressions (ratings, "
                         "purchases) when it fits (default: %(default)s)")
+    p.add_argument("--overarch-epochs", type=int, default=OverArchTrainConfig.epochs,
+                   help="training passes of the OverArch and its heads; 0 keeps their "
+                        "logistic fit on the dot product (a quick build: the retrieval and "
+                        "the filters are as trained, the reordering is not) "
+                        "(default: %(default)s)")
     a = p.parse_args(argv)
+    if a.overarch_epochs < 0:
+        p.error(f"--overarch-epochs must be >= 0, got {a.overarch_epochs}")
     if a.version < 1:
         p.error(f"--version must be >= 1, got {a.version}")
     if a.fresh_capacity < 1:
@@ -80,7 +88,8 @@ def config_from_args(argv=None) -> tuple:
                       repository=repository, items_csv=items_csv,
                       ann=AnnConfig(oversample=a.oversample), version=a.version,
                       fresh_capacity=a.fresh_capacity, fold_fresh=not a.discard_fresh,
-                      training=TrainConfig(retrieval=a.retrieval))
+                      training=TrainConfig(retrieval=a.retrieval, over_arch=OverArchTrainConfig(
+                          epochs=a.overarch_epochs)))
     return cfg, a.if_missing
 
 

@@ -123,19 +123,24 @@ def test_wrapper_rejects_bad_inputs_with_messages():
         op_module.ivf_int8_search_torch(*wide, 5)
 
 
+def _rerun_under_interpreter(test: str) -> None:
+    """TRITON_INTERPRET must be set before triton is imported: runs `test` of this file in a
+    child pytest that has it, and fails with the child's output unless it passed."""
+    child = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{__file__}::{test}"],
+        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
+        timeout=300)
+    assert child.returncode == 0, child.stdout[-4000:] + child.stderr[-4000:]
+    assert "1 passed" in child.stdout
+
+
 @pytest.mark.interpret
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 def test_triton_kernel_under_interpreter_equals_torch_path():
     """TRITON_INTERPRET must be set before triton is imported, so unless this process already
     runs under the interpreter the check re-runs itself in a child pytest that does."""
     if os.environ.get("TRITON_INTERPRET") != "1":
-        node = f"{__file__}::test_triton_kernel_under_interpreter_equals_torch_path"
-        child = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", node],
-            env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
-            timeout=300)
-        assert child.returncode == 0, child.stdout[-4000:] + child.stderr[-4000:]
-        assert "1 passed" in child.stdout
+        _rerun_under_interpreter("test_triton_kernel_under_interpreter_equals_torch_path")
         return
     for b, n, d, nlist, p, k in SHAPES:
         args = _inputs(b, n, d, nlist, p, seed=n + 2)
@@ -189,13 +194,7 @@ def test_fused_topk_kernel_under_interpreter_equals_torch_path():
     them on a GPU), then either selection of the k: scores and num_passing equal the torch
     path's, rows equal up to ties."""
     if os.environ.get("TRITON_INTERPRET") != "1":
-        node = f"{__file__}::test_fused_topk_kernel_under_interpreter_equals_torch_path"
-        child = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", node],
-            env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
-            timeout=300)
-        assert child.returncode == 0, child.stdout[-4000:] + child.stderr[-4000:]
-        assert "1 passed" in child.stdout
+        _rerun_under_interpreter("test_fused_topk_kernel_under_interpreter_equals_torch_path")
         return
     for name, args, k, setting in _fused_cases():
         cand_scores, cand_rows, num = op_module._launch_ivf_int8_topk(*args, k, **setting)

@@ -26,6 +26,7 @@ from builder.__main__ import main as builder_main
 from catalog import CatalogError, read_catalog
 from catalog.tables import MAX_DISTINCT_VALUES
 from client.catalog import load_items
+from training.train import TrainConfig
 
 
 def raw_values(source, name):
@@ -259,3 +260,17 @@ def test_rebuild_folds_the_fresh_store(tmp_path):
     fresh = FreshStore(tmp_path / "fresh_items")
     assert fresh.updates == 0 and fresh.header.capacity == 128
     assert not (repo / "unified" / "2").exists()  # a version-1 build is a new repository
+
+
+def test_builder_overarch_epochs_reach_the_training_config(capsys):
+    """--overarch-epochs sets OverArchTrainConfig.epochs (0: the logistic fit is kept); a
+    negative count is a usage error naming the option."""
+    from builder.__main__ import config_from_args
+
+    cfg, _ = config_from_args(["--overarch-epochs", "0"])
+    assert cfg.training.over_arch.epochs == 0
+    cfg, _ = config_from_args([])
+    assert cfg.training == TrainConfig(retrieval=cfg.training.retrieval)  # the cache key holds
+    with pytest.raises(SystemExit):
+        config_from_args(["--overarch-epochs", "-1"])
+    assert "--overarch-epochs must be >= 0" in capsys.readouterr().err
