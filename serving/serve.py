@@ -70,20 +70,36 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 class StopRequest:
     """SIGINT and SIGTERM ask for a stop by setting `event`; they never raise, so no signal can
     interrupt a stop half-way. Later ones (GNU make forwards to its child the SIGTERM that its
-    whole process group got) are reported as ignored."""
+    whole process group got) are reported as ignored.
+
+    The handler takes no lock: it runs in the main thread between two bytecodes, possibly in
+    the middle of `Event.set()` (the first signal's, or the main thread's own), whose lock is
+    not reentrant. It writes one byte to a pipe instead, and a relay thread sets the event.
+    (Calling `event.set()` in the handler deadlocked a launcher whose second SIGTERM arrived
+    while the first one's `set()` held that lock: `make serve` never stopped.)
+    """
 
     def __init__(self):
         self.event = threading.Event()
+        self._requested = False  # a plain flag: read and written by the handler only
+        self._read, self._write = os.pipe()
 
     def install(self) -> None:
+        threading.Thread(target=self._relay, name="stop-relay", daemon=True).start()
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, self._handle)
 
+    def _relay(self) -> None:
+        while os.read(self._read, 1):
+            self.event.set()
+
     def _handle(self, signum, frame) -> None:
-        said = "already stopping, ignored" if self.event.is_set() else "stopping"
+        stopping = self._requested or self.event.is_set()  # is_set() takes no lock
+        self._requested = True
+        said = "already stopping, ignored" if stopping else "stopping"
         # os.write, not print: a handler may run in the middle of a print to stdout
         os.write(sys.stdout.fileno(), f"{signal.Signals(signum).name}: {said}\n".encode())
-        self.event.set()
+        os.write(self._write, b"s")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

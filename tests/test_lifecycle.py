@@ -268,6 +268,27 @@ def test_signals_stop_everything_cleanly(launched, how, run):
     _report(how, launched, seconds)
 
 
+def test_a_signal_inside_the_stop_events_lock_does_not_deadlock():
+    """The handler runs between two bytecodes of the main thread, which may be inside
+    `Event.set()` (holding its lock) when the next SIGTERM comes: the handler must not take
+    that lock (it once did, and `make serve`, whose SIGTERM arrives twice, hung for ever).
+    Here the lock is held by this thread and the handler runs on another: it must return at
+    once, and the event is set once the lock is free."""
+    import threading
+
+    from serving.serve import StopRequest
+
+    stop = StopRequest()
+    threading.Thread(target=stop._relay, daemon=True).start()  # install() without handlers
+    with stop.event._cond:  # as if a first handler's set() were interrupted here
+        handler = threading.Thread(target=stop._handle, args=(signal.SIGTERM, None),
+                                   daemon=True)
+        handler.start()
+        handler.join(5)
+        assert not handler.is_alive(), "the signal handler waits for the event's lock"
+    assert stop.event.wait(5)
+
+
 def test_make_serve_stops_on_sigterm_to_its_process_group(small_build, tmp_path):
     """`setsid make serve` then `kill -TERM -- -PGID`: make and the launcher both get the
     signal, and make forwards it to the launcher once more."""
