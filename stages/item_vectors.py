@@ -26,10 +26,8 @@ from stages.rows import check_rows, main_rows, with_fresh
 
 class _ItemTable(nn.Module):
     """What both tables share: `gather` over the whole row space, from the table's own
-    `forward` (main rows) and `num_items`."""
-
-    def num_items(self) -> int:
-        raise NotImplementedError
+    `forward` (main rows) and `num_items()`, which every subclass defines (this base is never
+    instantiated; TorchScript compiles `gather` per subclass)."""
 
     @torch.jit.export
     def gather(self, rows: torch.Tensor, fresh: Optional[torch.Tensor]) -> torch.Tensor:
