@@ -13,6 +13,13 @@ group: RSS (counts a page shared by several processes once per process), PSS (sh
 among them: the sum is the memory the tree uses) and the part of RSS that maps files (the
 catalog tensors, stages/archive.py, and shared libraries). Also prints the files the models
 map, once per inode: the catalog's memory whatever the number of processes.
+
+Then, with the memory read, it checks the answers at this size (`--check N`: N queries per
+filter of FILTERS, random users, k = 10, on every served model): recall@10 against the exact
+reference (exact filter, exact fp32 search, the same scorer: serving/inprocess.py
+exact_reference, run in this process), items outside their filter by the catalog's own
+spelling (items.csv, client/catalog.py `satisfies`: independent of every index) and answers
+shorter than min(k, matching items). `--check 0` skips it.
 """
 
 from __future__ import annotations
@@ -24,8 +31,11 @@ import platform
 import sys
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -103,7 +113,78 @@ def read_users(repository: Path) -> List[int]:
     return [int(u) for u in lines] or [1]
 
 
-def measure(repository: Path, models: List[str], requests: int) -> str:
+@dataclass
+class AnswerCheck:
+    """One served model's answers to one filter's queries, against the exact reference."""
+    model: str
+    filter: str
+    queries: int
+    recall: float  # mean recall@k against the exact reference's answers
+    outside: int  # returned items that do not satisfy the filter (items.csv)
+    short: int  # answers with fewer items than the exact reference's min(k, matching)
+
+
+def check_answers(server: launcher.TritonServer, repository: Path, items_csv: Path,
+                  models: List[str], per_filter: int, k: int = 10) -> List[AnswerCheck]:
+    """Every FILTERS expression `per_filter` times (users from users.csv) on every served
+    model, against the exact reference and the items.csv reference filter."""
+    from benchmarks.recall import exact_results
+    from client import Retriever
+    from client.catalog import load_items
+    from loadtest.workload import Request
+    from world.schema import Schema
+
+    users = read_users(repository)
+    queries = [Request("check", users[(i * 7 + j) % len(users)], f, k)
+               for j, f in enumerate(FILTERS) for i in range(per_filter)]
+    exact = exact_results(repository, queries)
+    served = [m for m in ("unified", "retrieval") if m in models or models == ["all"]]
+    got: Dict[str, List] = {}
+    for model in served:
+        with Retriever(server.config.http_url, "http", model=model) as r:
+            got[model] = [r.query(q.user_id, q.filter, q.k).item_ids for q in queries]
+    ids = {int(i) for answers in got.values() for a in answers for i in a}
+    items = load_items(items_csv, ids)
+    schema = Schema.from_json((Path(repository) / "filter" / "1" / "schema.json").read_text())
+    return [c for model in served for c in grade(model, queries, got[model], exact, items,
+                                                 schema)]
+
+
+def grade(model: str, queries: List, got: List[np.ndarray], exact: List[np.ndarray],
+          items: Dict[int, Dict[str, List[str]]], schema) -> List[AnswerCheck]:
+    """One AnswerCheck per filter: `got` (a model's answers) against `exact` (the exact
+    reference's) and the filter's meaning over `items` (client/catalog.py load_items)."""
+    from benchmarks.recall import query_recall
+    from client.catalog import satisfies
+    from filtering.expression import parse
+
+    checks = []
+    for f in dict.fromkeys(q.filter for q in queries):
+        pairs = [(g, e) for q, g, e in zip(queries, got, exact) if q.filter == f]
+        node = parse(f, schema)
+        checks.append(AnswerCheck(
+            model, f, len(pairs),
+            float(np.mean([query_recall(g, e) if len(e) else 1.0 for g, e in pairs])),
+            sum(not satisfies(node, items[int(i)], schema) for g, _ in pairs for i in g),
+            sum(len(g) < len(e) for g, e in pairs)))
+    return checks
+
+
+def answer_table(checks: List[AnswerCheck]) -> str:
+    models = list(dict.fromkeys(c.model for c in checks))
+    lines = ["| filter | queries | " + " | ".join(f"{m} recall@10" for m in models)
+             + " | outside the filter | short answers |",
+             "| --- | ---: | " + " | ".join("---:" for _ in models) + " | ---: | ---: |"]
+    for f in dict.fromkeys(c.filter for c in checks):
+        row = [c for c in checks if c.filter == f]
+        lines.append(f"| `{f or '(none)'}` | {row[0].queries} | "
+                     + " | ".join(f"{c.recall:.3f}" for c in row)
+                     + f" | {sum(c.outside for c in row)} | {sum(c.short for c in row)} |")
+    return "\n".join(lines)
+
+
+def measure(repository: Path, models: List[str], requests: int, check: int = 0,
+            items_csv: Optional[Path] = None) -> str:
     http, grpc, metrics = launcher.free_ports(3)
     explicit = models != ["all"]
     config = launcher.ServerConfig(repository=repository, http_port=http, grpc_port=grpc,
@@ -126,15 +207,22 @@ def measure(repository: Path, models: List[str], requests: int) -> str:
             except FileNotFoundError:
                 continue
         files = mapped_catalog_files(pids, repository)
+        checks = check_answers(server, repository, items_csv, models, check) if check else []
     finally:
         server.stop()
-    return report(repository, models, rows, files, ready, requests, seconds)
+    text = report(repository, models, rows, files, ready, requests, seconds)
+    if checks:
+        text += (f"\n\nAnswers at this size ({check} queries per filter, k = 10, users from "
+                 "users.csv; recall against the exact reference, serving/inprocess.py "
+                 "exact_reference; *outside the filter*: returned items that do not satisfy it "
+                 "by items.csv; *short*: fewer items than the exact reference's min(k, matching "
+                 "items)):\n\n" + answer_table(checks))
+    return text
 
 
 def file_table(repository: Path, files: Dict[int, tuple]) -> str:
     """One row per mapped tensor file (inode): its size, bytes per item and the attributes
     of every model that read it."""
-    import numpy as np
 
     codes = Path(repository) / "ann" / "1" / "ann.search.codes.npy"
     items = int(np.load(codes, mmap_mode="r").shape[0]) if codes.exists() else 0
@@ -185,15 +273,27 @@ def main(argv=None) -> int:
                    help="models to load (comma-separated), or 'all' (default: %(default)s)")
     p.add_argument("--requests", type=int, default=200,
                    help="warm-up queries per served model (default: %(default)s)")
+    p.add_argument("--check", type=int, default=10, metavar="N",
+                   help="after the memory is read, check N queries per filter of every served "
+                        "model against the exact reference and items.csv (0: skip; default: "
+                        "%(default)s)")
+    p.add_argument("--items-csv", type=Path, default=None,
+                   help="the repository's items.csv (default: next to the repository)")
     p.add_argument("--write", type=Path, default=None,
                    help="write the table into this markdown file (its own section)")
     a = p.parse_args(argv)
     if a.requests < 0:
         p.error("--requests must be >= 0")
+    if a.check < 0:
+        p.error("--check must be >= 0")
+    items_csv = a.items_csv or a.repository.resolve().parent / "items.csv"
+    if a.check and not items_csv.exists():
+        p.error(f"{items_csv}: no items.csv to check answers against (--items-csv, or "
+                "--check 0)")
     if not (a.repository / "unified" / "config.pbtxt").exists():
         p.error(f"{a.repository}: not a built repository (python -m builder)")
     models = [m for m in a.models.split(",") if m]
-    text = measure(a.repository.resolve(), models, a.requests)
+    text = measure(a.repository.resolve(), models, a.requests, a.check, items_csv)
     print(text)
     if a.write is not None:
         command = " ".join([".venv/bin/python -m benchmarks.serving_memory"] + sys.argv[1:])

@@ -20,7 +20,7 @@ from ann.ivf import IVFConfig, IVFIndex, build_ivf_index
 from ann.search import IVFInt8Search, IVFSearchConfig
 from filtering.bits import unpack_bits
 from stages.history import BuiltHistory, PooledHistory, history_rows
-from stages.item_vectors import Fp32Vectors, Int8Vectors
+from stages.item_vectors import Fp32Vectors, Int8ResidualVectors, Int8Vectors
 from world.synthetic import Catalog
 
 
@@ -33,12 +33,15 @@ class AnnConfig:
     # index build knobs (nlist, k-means) and search defaults (nprobe, min_candidates, ...)
     ivf: IVFConfig = field(default_factory=IVFConfig)
     ivf_search: IVFSearchConfig = field(default_factory=IVFSearchConfig)
-    # what the scorer and the history pooling read (stages/item_vectors.py): "int8", the
-    # index's own codes (one copy of the vectors), "fp32", a float copy of their own (4x the
-    # bytes of the codes; exact search always shares its fp32 table), or "auto": fp32 while
-    # that copy takes at most FP32_COPY_MAX_BYTES, int8 beyond (docs/quality.md: int8 moved
-    # MovieLens (b) by -0.0014 / -0.0009 / -0.0006, within noise, while a 10M-item catalog
-    # saves 2.5 GB)
+    # what the scorer, the history pooling and the re-scoring read (stages/item_vectors.py):
+    # "int8", the index's own codes (one copy of the vectors; no re-scoring), "int8x2", those
+    # codes plus an int8 code of their residual (twice the codes' bytes, ~1/250 of their
+    # error), "fp32", a float copy of their own (4x the bytes of the codes; exact search
+    # always shares its fp32 table), or "auto": fp32 while that copy takes at most
+    # FP32_COPY_MAX_BYTES, int8x2 beyond. int8 alone moved MovieLens (b) by -0.0014 / -0.0009
+    # / -0.0006 (docs/quality.md), within noise, but at 10M items, where scores crowd near the
+    # candidate cut, served recall@10 against exact search was 0.89-0.95 without re-scoring
+    # (docs/performance.md, "Ten million items"); int8x2 saves 1.9 GB of fp32 there
     item_vectors: str = "auto"
     # Exact re-scoring (FAISS's IndexRefine idea): the int8 search returns refine times the
     # candidates, their fp32 inner products pick the oversample * k that go on. Candidates
@@ -48,16 +51,17 @@ class AnnConfig:
     # script, not kept) saw 0.924 at every nprobe from 32 to 192 of 447 lists without it, and
     # 0.960 / 0.986 / 0.996 / 1.000 at nprobe 8 / 16 / 24 / 64 with it. Needs fp32 item vectors
     # (int8 ones would re-score with the same rounding): 1 = none, and always 1 with int8
-    # vectors or exact search.
+    # vectors or exact search. "int8x2" vectors re-score too (their error is ~1/250 of the
+    # codes').
     refine: int = 2
 
     def __post_init__(self) -> None:
         if self.search not in ("ivf_int8", "exact"):
             raise ValueError(f"AnnConfig.search must be 'ivf_int8' or 'exact', got "
                              f"{self.search!r}")
-        if self.item_vectors not in ("auto", "int8", "fp32"):
-            raise ValueError(f"AnnConfig.item_vectors must be 'auto', 'int8' or 'fp32', got "
-                             f"{self.item_vectors!r}")
+        if self.item_vectors not in ("auto", "int8", "int8x2", "fp32"):
+            raise ValueError(f"AnnConfig.item_vectors must be 'auto', 'int8', 'int8x2' or "
+                             f"'fp32', got {self.item_vectors!r}")
         if self.oversample < 1:
             raise ValueError(f"AnnConfig.oversample must be >= 1, got {self.oversample}")
         if self.refine < 1:
@@ -97,21 +101,28 @@ FP32_COPY_MAX_BYTES = 256 * 2 ** 20  # "auto": ~1M items of 64 fp32 components
 
 def item_vectors_of(search: nn.Module, indexed: Catalog, config: AnnConfig) -> nn.Module:
     """The item vectors the scorer and the history pooling read (stages/item_vectors.py): the
-    search's own tensors (int8 codes, or exact search's fp32 table), or a float copy of the
-    indexed vectors (`item_vectors` "fp32", or "auto" on a catalog whose copy is small)."""
+    search's own tensors (int8 codes, or exact search's fp32 table), with a residual code
+    ("int8x2", or "auto" on a large catalog), or a float copy of the indexed vectors ("fp32",
+    or "auto" on a catalog whose copy is small)."""
     if isinstance(search, ExactSearch):
         return Fp32Vectors(search.item_embeddings)
-    dense = config.item_vectors == "fp32" or (
-        config.item_vectors == "auto" and indexed.embeddings.nbytes <= FP32_COPY_MAX_BYTES)
-    if dense:
+    kind = config.item_vectors
+    if kind == "auto":
+        kind = "fp32" if indexed.embeddings.nbytes <= FP32_COPY_MAX_BYTES else "int8x2"
+    if kind == "fp32":
         return Fp32Vectors(torch.from_numpy(indexed.embeddings))
+    if kind == "int8x2":
+        residual = Int8ResidualVectors.residuals(torch.from_numpy(indexed.embeddings),
+                                                 search.codes, search.scales)
+        return Int8ResidualVectors(search.codes, search.scales, *residual)
     return Int8Vectors(search.codes, search.scales)
 
 
 def refinable(search: nn.Module, vectors: nn.Module) -> bool:
     """Whether re-scoring the search's candidates with `vectors` can change their order:
-    int8 search with fp32 item vectors (AnnConfig.refine)."""
-    return isinstance(search, IVFInt8Search) and isinstance(vectors, Fp32Vectors)
+    int8 search with fp32 or two-level int8 item vectors (AnnConfig.refine)."""
+    return isinstance(search, IVFInt8Search) and isinstance(vectors, (Fp32Vectors,
+                                                                      Int8ResidualVectors))
 
 
 class AnnResult(NamedTuple):

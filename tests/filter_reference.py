@@ -1,10 +1,12 @@
 """Reference evaluation of parsed filter expressions for the tests: over items.csv strings
-(the spelling a user sees), independent of every index the project builds; and the anchor
+(the spelling a user sees), independent of every index the project builds (`satisfies`,
+client/catalog.py, which the benchmarks check served answers with too); and the anchor
 system's numeric spelling of an expression; and `iam::bloom_search` over the index's bit
 rows, item by item."""
 
 import torch
 
+from client.catalog import satisfies  # noqa: F401  (re-exported for the tests)
 from filtering.bits import pack_bits
 from filtering.bloom_index import TERM_BLOOM, TERM_EMPTY, TERM_EXACT
 from filtering.expression import (
@@ -17,24 +19,8 @@ from filtering.expression import (
     All,
     And,
     Not,
-    Or,
     Term,
 )
-
-
-def satisfies(node, item, schema) -> bool:
-    """Whether `item` (items.csv row: feature name -> list of spelled values) matches."""
-    if isinstance(node, All):
-        return True
-    if isinstance(node, Term):
-        spec = schema.features[node.feature_id]
-        return spec.spell(node.value_id) in item[spec.name]
-    if isinstance(node, Not):
-        return not satisfies(node.child, item, schema)
-    if isinstance(node, And):
-        return all(satisfies(c, item, schema) for c in node.children)
-    assert isinstance(node, Or)
-    return any(satisfies(c, item, schema) for c in node.children)
 
 
 def anchor_syntax(node) -> str:

@@ -179,6 +179,37 @@ def test_archived_models_answer_exactly_as_the_built_ones(built, tmp_path):
         assert len(paths) == links and len({p.stat().st_ino for p in paths}) == 1, paths
 
 
+def test_int8x2_item_vectors_share_the_codes_and_rescore_as_fp32(built):
+    """With item_vectors "int8x2" (what "auto" picks past ~1M items) the tables read the
+    index's own codes plus a residual code, and the re-scoring (AnnConfig.refine) runs with
+    them: the candidates equal the fp32 re-scoring's up to near-ties, where int8 alone (no
+    re-scoring) loses some."""
+    from stages.ann import AnnConfig
+    from stages.item_vectors import Int8ResidualVectors
+
+    two = build_modules(WORLD, BuildConfig(world=WORLD.config,
+                                           ann=AnnConfig(item_vectors="int8x2")))
+    ann, scorer = two.modules["ann"], two.modules["scorer"]
+    assert isinstance(scorer.item_vectors, Int8ResidualVectors)
+    assert scorer.item_vectors.codes.data_ptr() == ann.search.codes.data_ptr()
+    assert ann.item_vectors is scorer.item_vectors and ann.refine == 2
+    assert ann.pooling.item_vectors is scorer.item_vectors
+    plans, users, k, weights = _unified_inputs()
+    bits = built.modules["filter"](plans)
+    dense = built.modules["ann"]  # "auto" on the small world: fp32 vectors, refine 2
+    assert dense.refine == 2
+    got, want = ann(users, bits, k), dense(users, bits, k)
+    same = sum(len(set(a.tolist()) & set(b.tolist()) - {-1})
+               for a, b in zip(got.rows, want.rows))
+    total = int((want.rows >= 0).sum())
+    assert same >= 0.99 * total, (same, total)
+    # the re-scored inner products are the fp32 ones to within the residual's rounding
+    exact = torch.einsum("bd,bcd->bc", got.user_embedding,
+                         dense.item_vectors(got.rows.clamp(min=0)))
+    valid = got.rows >= 0
+    torch.testing.assert_close(got.scores[valid], exact[valid], rtol=0, atol=2e-3)
+
+
 def test_int8_item_vectors_are_the_index_codes_and_score_as_fp32_within_a_step(built):
     """With item_vectors "int8" (what "auto" picks past ~1M items) the scorer and the history
     pooling read the ANN index's own int8 tensors (the same storage); with the fp32 copy
