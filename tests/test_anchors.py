@@ -64,3 +64,40 @@ def test_top_k_drops_excluded_and_minus_infinity():
     scores = torch.tensor([[0.5, 0.9, 0.1, float("-inf")], [3.0, 2.0, 1.0, 0.0]])
     got = top_k(scores, [np.array([1]), np.zeros(0, np.int64)], 3)
     assert got[0].tolist() == [0, 2] and got[1].tolist() == [0, 1, 2]
+
+
+def test_map_user_latents_recovers_users_from_many_impressions_and_solves_the_map_problem():
+    """The synthetic bound's user estimate: with many impressions a user's vector is found
+    (cosine near 1), with few it is not, without any it is the prior mean; and the estimate
+    is the maximum a posteriori point: the gradient of the log posterior, computed here
+    independently in numpy, is zero there."""
+    from training.anchors import map_user_latents
+    from training.data import from_world
+    from world.synthetic import WorldConfig, generate_world
+
+    def estimate(impressions):
+        world = generate_world(WorldConfig(num_items=3000, num_users=60,
+                                           impressions_per_user=impressions, seed=3))
+        data = from_world(world)
+        it = data.interactions
+        keep = it.user_index != 0  # user 0: no impressions
+        clicks = it.labels[keep, 0] > 0
+        est = map_user_latents(world, it.user_index[keep], it.item_index[keep], clicks)
+        true = world.user_latent
+        cos = (est * true).sum(1) / np.linalg.norm(est, axis=1) / np.linalg.norm(true, axis=1)
+        return world, it, keep, clicks, est, float(cos[1:].mean())
+
+    world, it, keep, clicks, est, cos_many = estimate(1500)
+    *_, cos_few = estimate(10)
+    assert cos_many > 0.9 and cos_few < cos_many - 0.1, (cos_many, cos_few)
+    close(est[0], world.user_latent.mean(0), atol=1e-5)
+    # the log posterior's gradient at user 5's estimate
+    r = world.config.latent_dim
+    mine = keep & (it.user_index == 5)
+    x = world.item_latent[it.item_index[mine]].astype(np.float64) * 1.6 / math.sqrt(r)
+    same = world.user_language[5] == world.catalog.features[1][it.item_index[mine], 0]
+    z = x @ est[5] + 0.8 * same + world.item_quality[it.item_index[mine]] - 3.0
+    y = it.labels[mine, 0] > 0
+    prior = np.linalg.inv(np.cov(world.user_latent.astype(np.float64), rowvar=False))
+    grad = x.T @ (1 / (1 + np.exp(-z)) - y) + prior @ (est[5] - world.user_latent.mean(0))
+    assert np.abs(grad).max() < 1e-3 * (1 + np.abs(x.T @ y).max())

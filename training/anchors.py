@@ -22,6 +22,7 @@ from typing import List, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 # EASE inverts a dense (items x items) matrix: 20k items = 1.6 GB in float32 and minutes on a
 # few cores; larger catalogs (the synthetic world's 200k) are skipped
@@ -113,3 +114,65 @@ def top_k(scores: torch.Tensor, excluded: Sequence[np.ndarray], k: int) -> List[
     k = min(k, scores.shape[1])
     values, rows = torch.topk(scores, k, dim=1)
     return [r[torch.isfinite(v)].numpy() for v, r in zip(values, rows)]
+
+
+def map_user_latents(world, user_index: np.ndarray, item_index: np.ndarray,
+                     clicks: np.ndarray, iterations: int = 25) -> np.ndarray:
+    """Synthetic world only: each user's latent vector estimated from their logged impressions
+    by someone who knows everything else, float32 [U, r].
+
+    The world's click model is known (world/synthetic.py: p = sigmoid(1.6 u.v / sqrt(r) +
+    0.8 same_language + quality - 3)), and so are every item's true latent vector, quality
+    and language, and the population of user vectors (prior N(mean, covariance) of
+    `world.user_latent`). What is left is one logistic regression per user in u: its maximum a
+    posteriori estimate from the user's impressions (clicks and non-clicks), by Newton steps
+    on all users at once. A model that must learn the items too, from the same logs, can at
+    best do as well: this bounds what the logs allow, where the oracle (the true u) does not.
+    Users without impressions get the prior mean."""
+    r = world.config.latent_dim
+    num_users = len(world.user_ids)
+    mean = world.user_latent.mean(0).astype(np.float64)
+    precision = np.linalg.inv(np.cov(world.user_latent.astype(np.float64), rowvar=False))
+    order = np.argsort(user_index, kind="stable")
+    users, starts, counts = np.unique(user_index[order], return_index=True, return_counts=True)
+    width = int(counts.max()) if len(counts) else 1
+    # impressions padded per user: [users with impressions, width]
+    slot = np.arange(len(order)) - np.repeat(starts, counts)
+    row = np.repeat(np.arange(len(users)), counts)
+    items = np.zeros((len(users), width), np.int64)
+    label = np.zeros((len(users), width))
+    valid = np.zeros((len(users), width))
+    items[row, slot] = item_index[order]
+    label[row, slot] = clicks[order]
+    valid[row, slot] = 1.0
+    x = torch.from_numpy(world.item_latent[items].astype(np.float64) * (1.6 / np.sqrt(r)))
+    same = world.user_language[users][:, None] == world.catalog.features[1][items, 0]
+    offset = torch.from_numpy(0.8 * same + world.item_quality[items].astype(np.float64) - 3.0)
+    y, m = torch.from_numpy(label), torch.from_numpy(valid)
+    p_mat, mu = torch.from_numpy(precision), torch.from_numpy(mean)
+    def objective(u):  # the negative log posterior per user (up to a constant)
+        z = torch.einsum("bld,bd->bl", x, u) + offset
+        d = u - mu
+        return ((F.softplus(z) - y * z) * m).sum(1) + 0.5 * ((d @ p_mat) * d).sum(1), z
+
+    u = mu.repeat(len(users), 1)
+    value, z = objective(u)
+    for _ in range(iterations):  # Newton steps, halved per user until the objective drops
+        s = torch.sigmoid(z)
+        grad = torch.einsum("bld,bl->bd", x, (s - y) * m) + (u - mu) @ p_mat
+        hess = torch.bmm(x.transpose(1, 2) * (s * (1 - s) * m).unsqueeze(1), x) + p_mat
+        step = torch.linalg.solve(hess, grad.unsqueeze(-1)).squeeze(-1)
+        scale = torch.ones(len(users), 1, dtype=u.dtype)
+        for _ in range(30):
+            new_value, new_z = objective(u - scale * step)
+            worse = new_value > value
+            if not bool(worse.any()):
+                break
+            scale = torch.where(worse.unsqueeze(1), scale / 2, scale)
+        better = ~worse
+        u = torch.where(better.unsqueeze(1), u - scale * step, u)
+        value = torch.where(better, new_value, value)
+        z = torch.where(better.unsqueeze(1), new_z, z)
+    out = np.tile(mean.astype(np.float32), (num_users, 1))
+    out[users] = u.float().numpy()
+    return out

@@ -38,7 +38,15 @@ from filtering.bits import pack_bits
 from stages.ann import AnnConfig
 from stages.history import MAX_HISTORY, batch_history
 from stages.scorer import OverArchConfig
-from training.anchors import EASE, EASE_MAX_ITEMS, ItemKNN, Popularity, interaction_matrix, top_k
+from training.anchors import (
+    EASE,
+    EASE_MAX_ITEMS,
+    ItemKNN,
+    Popularity,
+    interaction_matrix,
+    map_user_latents,
+    top_k,
+)
 from training.data import LoggedData, from_world, holdout_split, subset
 from training.over_arch import OverArchTrainConfig
 from training.retrieval import RetrievalModel, retrieval_stages
@@ -60,6 +68,7 @@ PAIRED = {"b-a": ("b", "a"), "b-EASE": ("b", "EASE"), "bh-b": ("b+h", "b")}
 # table rows, in order: ranker or paired difference -> its name in the table
 ROW_NAMES = {"popularity": "popularity", "item-kNN (cosine)": "item-kNN (cosine)",
              "EASE": "EASE (closed form)", "oracle": "oracle: true latent vectors, same index",
+             "bound": "bound: true item vectors, users estimated from their log",
              "a": "(a) dot-product retrieval", "b": "(b) + OverArch + Value Model",
              "a+h": "(a) + request history", "b+h": "(b) + request history",
              "b-a": "(b) - (a), paired", "b-EASE": "(b) - EASE, paired",
@@ -169,13 +178,15 @@ def metric_names(config: EvalConfig) -> List[str]:
 
 class Rankers:
     """Everything that makes a list for a user in the table: the served pipelines (a) and (b),
-    optionally the oracle (the world's true latent vectors through the same stages) and the
-    anchors (training/anchors.py), which score catalog rows directly."""
+    optionally the oracles (name -> Pipelines: the world's true latent vectors through the
+    same stages, oracle_for) and the anchors (training/anchors.py), which score catalog rows
+    directly."""
 
     def __init__(self, data: LoggedData, pipes: Pipelines, anchors: Sequence = (),
-                 oracle: Optional[Pipelines] = None,
+                 oracles: Optional[Dict[str, Pipelines]] = None,
                  histories: Optional[Dict[int, np.ndarray]] = None):
-        self.data, self.pipes, self.anchors, self.oracle = data, pipes, list(anchors), oracle
+        self.data, self.pipes, self.anchors = data, pipes, list(anchors)
+        self.oracles = oracles or {}
         self.histories = histories  # data user index -> request history (raw item ids)
 
     def run(self, users: np.ndarray, excluded: List[np.ndarray], k: int) -> Dict[str, list]:
@@ -187,8 +198,8 @@ class Rankers:
             with_history = self.pipes.run(raw, excluded, k,
                                           [self.histories.get(int(u), empty) for u in users])
             lists.update({f"{p}+h": v for p, v in with_history.items()})
-        if self.oracle is not None:
-            lists["oracle"] = self.oracle.run(raw, excluded, k)["a"]
+        for name, oracle in self.oracles.items():
+            lists[name] = oracle.run(raw, excluded, k)["a"]
         for anchor in self.anchors:
             lists[anchor.name] = top_k(anchor.scores(users), excluded, k)
         return lists
@@ -309,14 +320,23 @@ def anchors_for(data: LoggedData, config: EvalConfig) -> Tuple[list, List[str]]:
     return anchors, notes
 
 
-def oracle_for(data: LoggedData, config: EvalConfig) -> Optional[Pipelines]:
+def oracle_for(data: LoggedData, config: EvalConfig) -> Dict[str, Pipelines]:
     """Synthetic world only: the world's true user and item latent vectors as a pretrained
-    two-tower model, served through the same ann stage (its first k = the oracle's list)."""
+    two-tower model, served through the same ann stage (its first k = the oracle's list):
+    "oracle"; and "bound", the true item vectors with each user's vector estimated from
+    their training-part impressions knowing everything else (training/anchors.py
+    map_user_latents): what the logs allow a model to reach."""
     if data.world is None:
-        return None
+        return {}
     world = data.world
-    model = RetrievalModel.pretrained(world.user_ids, world.user_latent, world.item_latent)
-    return Pipelines(data, model, dataclasses.replace(config, task_weights=(1.0,)))
+    single = dataclasses.replace(config, task_weights=(1.0,))
+    train_mask, _ = holdout_split(data, config.holdout_fraction)
+    train = subset(data.interactions, train_mask)
+    estimated = map_user_latents(world, train.user_index, train.item_index,
+                                 train.labels[:, 0] > 0)
+    return {name: Pipelines(data, RetrievalModel.pretrained(world.user_ids, users,
+                                                            world.item_latent), single)
+            for name, users in (("oracle", world.user_latent), ("bound", estimated))}
 
 
 def evaluate(data: LoggedData, config: EvalConfig, train_config: TrainConfig,
@@ -382,11 +402,12 @@ def main() -> None:
                    action="store_false",
                    help="serve the OverArch of its last epoch instead of the one that is best "
                         "on the validation cut (an ablation)")
-    p.add_argument("--item-vectors", choices=("auto", "int8", "fp32"),
+    p.add_argument("--item-vectors", choices=("auto", "int8", "int8x2", "fp32"),
                    default=AnnConfig.item_vectors,
-                   help="what the scorer and the history pooling read: the index's int8 "
-                        "vectors, an fp32 copy, or auto: fp32 up to about 1M items "
-                        "(stages/ann.py AnnConfig; default: %(default)s)")
+                   help="what the scorer, the history pooling and the re-scoring read: the "
+                        "index's int8 vectors, those plus an int8 residual (int8x2), an fp32 "
+                        "copy, or auto: fp32 up to about 1M items, int8x2 beyond (stages/ann.py "
+                        "AnnConfig; default: %(default)s)")
     p.add_argument("--attention-dim", type=int, default=OverArchConfig.attention_dim,
                    help="width of the target-aware OverArch's attention over the history items "
                         "(stages/scorer.py OverArchConfig; 0: off; default: %(default)s)")
