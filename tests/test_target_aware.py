@@ -217,3 +217,26 @@ def test_unified_equals_the_stage_chain_and_a_reference_from_the_same_weights(bu
     alone = m["unified"](plans[2:3], users[2:3], k[2:3], weights[2:3])
     assert not torch.equal(alone.item_ids[0], got.item_ids[2])
     assert history_rows(found.history_rows, None) is found.history_rows
+
+
+def test_chunked_logits_equal_one_batch():
+    """The validation AUC and held-out metrics score their examples in chunks (all of
+    MovieLens' at once held 9 GB): the same logits as one batch, chunk boundaries anywhere."""
+    from stages.scorer import OverArchConfig
+    from training.over_arch import OverArchModel, chunked_logits
+
+    g = torch.Generator().manual_seed(5)
+    model = OverArchModel(12, 40, 3, OverArchConfig()).eval()
+    with torch.no_grad():  # attention layers start at zero: make them count
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    table = torch.randn(40, 12, generator=g)
+    users = torch.randint(0, 6, (23,), generator=g)
+    histories = user_histories(np.array([0, 0, 1, 2, 2, 2, 3, 5]), np.array([1, 2, 3, 4, 5, 6,
+                               7, 8]), np.arange(8), num_users=6)
+    user, rows = torch.randn(23, 12, generator=g), torch.randint(0, 40, (23,), generator=g)
+    with torch.no_grad():
+        want = model(user, table[rows], rows, histories.padded(users), table)
+    for chunk in (1, 5, 23, 100):
+        torch.testing.assert_close(chunked_logits(model, user, rows, users, histories, table,
+                                                  chunk), want, rtol=1e-5, atol=1e-6)

@@ -32,6 +32,7 @@ from training.over_arch import (
     OverArchTrainConfig,
     OverArchValidation,
     auc,
+    chunked_logits,
     retrieved_negatives,
     task_losses,
     train_over_arch,
@@ -316,8 +317,8 @@ def train(data: LoggedData, train_mask: np.ndarray, config: TrainConfig = TrainC
         with torch.no_grad():
             u = serving_queries(torch.from_numpy(held.user_index))
             rows = torch.from_numpy(held.item_index)
-            logits = model(u, item_vectors[rows], rows,
-                           histories.padded(torch.from_numpy(held.user_index)), item_vectors)
+            logits = chunked_logits(model, u, rows, torch.from_numpy(held.user_index),
+                                    histories, item_vectors)
             dot = (u * item_vectors[rows]).sum(1)
         y = torch.from_numpy(held.labels)
         metrics["holdout_bce"] = [round(x, 4) for x in task_losses(logits, y).tolist()]
