@@ -310,3 +310,34 @@ def test_index_build_knobs_reach_the_module():
     index = build_ivf_index(x, IVFConfig(nlist=10, kmeans_iters=3))
     search = IVFInt8Search(index, IVFSearchConfig(nprobe=3))
     assert search.centroids.shape == (10, 16) and search.nprobe == 3
+
+
+def test_list_ranking_does_not_depend_on_the_items_length():
+    """Probes are ranked by L2 from the query's direction at the items' mean norm: a catalog
+    of the same vectors 4x as long (the synthetic world's latent vectors have norm ~4, a
+    user's own two-tower vectors need not be unit length) probes the same lists and keeps
+    its recall. Ranking from the unit query itself (norm_scale 1) favours short centroids
+    there and loses recall."""
+    gen = torch.Generator().manual_seed(21)
+    centres = torch.randn(40, 16, generator=gen) * 3
+    x = centres[torch.randint(0, 40, (6000,), generator=gen)] + torch.randn(6000, 16,
+                                                                          generator=gen)
+    queries = torch.nn.functional.normalize(torch.randn(32, 16, generator=gen), dim=1)
+    bits = pack_bits(torch.ones(32, 6000, dtype=torch.bool))
+    config = IVFConfig(nlist=60)
+    got = {}
+    for scale in (1.0, 4.0):
+        index = build_ivf_index(x * scale, config)
+        search = IVFInt8Search(index, IVFSearchConfig(nprobe=15, min_candidates=0.0))
+        assert abs(search.norm_scale - float((x * scale).norm(dim=1).mean())) < 0.05 * scale
+        probes = torch.topk(search.list_affinity(queries), 15, dim=1).indices
+        truth = exact_filtered_topk(queries, (x * scale)[index.permutation], bits, 20)
+        _, rows = search(queries, bits, 20)
+        got[scale] = (probes, recall(rows, truth))
+        if scale == 4.0:
+            search.norm_scale = 1.0  # the unit query's ranking
+            _, rows = search(queries, bits, 20)
+            unit_query = recall(rows, truth)
+    assert torch.equal(got[1.0][0], got[4.0][0])
+    assert got[4.0][1] >= 0.9 and abs(got[4.0][1] - got[1.0][1]) < 1e-6, got
+    assert unit_query < got[4.0][1] - 0.1, (unit_query, got[4.0][1])
