@@ -77,6 +77,12 @@ def quantize_int8(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return codes, scales
 
 
+def dequantize_int8(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """quantize_int8's inverse, to within half a step: int8 codes [..., D] and their scales
+    [...] -> float32 [..., D]."""
+    return codes.to(torch.float32) * scales.unsqueeze(-1)
+
+
 def _nearest_centroid(x: torch.Tensor, centroids: torch.Tensor, chunk: int) -> torch.Tensor:
     """argmin_c ||x - c||^2 = argmax_c (x . c - |c|^2 / 2), in row chunks."""
     half_norm = 0.5 * (centroids * centroids).sum(1)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import kernels  # noqa: F401  (registers torch.ops.iam.ivf_int8_search)
-from ann.ivf import IVFIndex, quantize_int8
+from ann.ivf import IVFIndex, dequantize_int8, quantize_int8
 from filtering.bits import popcount
 
 # the planner estimates a filter's pass rate from every SAMPLE_STRIDE-th filter word: a full
@@ -57,7 +57,7 @@ def mean_norm(codes: torch.Tensor, scales: torch.Tensor, chunk: int = 1 << 20) -
     index), `chunk` rows at a time."""
     total = 0.0
     for s in range(0, codes.shape[0], chunk):
-        rows = codes[s: s + chunk].to(torch.float32) * scales[s: s + chunk, None]
+        rows = dequantize_int8(codes[s: s + chunk], scales[s: s + chunk])
         total += float(rows.norm(dim=1).double().sum())
     mean = total / max(int(codes.shape[0]), 1)
     return mean if mean > 0 else 1.0

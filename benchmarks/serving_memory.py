@@ -105,8 +105,19 @@ def warm_up(server: launcher.TritonServer, models: List[str], requests: int,
     return time.perf_counter() - t0
 
 
-def read_users(repository: Path) -> List[int]:
-    users_csv = Path(repository).parent / "users.csv"
+def catalog_csv(repository: Path) -> Path:
+    """The items.csv of a built repository: the one next to it (`--repository R --items-csv
+    R/../items.csv`, as the builder's examples write them), else the builder's default
+    (build/items.csv, for model_repository/). users.csv is written beside it."""
+    from client.catalog import DEFAULT_ITEMS_CSV
+
+    beside = Path(repository).parent / "items.csv"
+    return beside if beside.exists() else DEFAULT_ITEMS_CSV
+
+
+def read_users(items_csv: Path) -> List[int]:
+    """Up to 100 user ids of the users.csv beside `items_csv` ([1] without one)."""
+    users_csv = Path(items_csv).with_name("users.csv")
     if not users_csv.exists():
         return [1]
     lines = users_csv.read_text().split()[1:101]
@@ -134,7 +145,7 @@ def check_answers(server: launcher.TritonServer, repository: Path, items_csv: Pa
     from loadtest.workload import Request
     from world.schema import Schema
 
-    users = read_users(repository)
+    users = read_users(items_csv)
     queries = [Request("check", users[(i * 7 + j) % len(users)], f, k)
                for j, f in enumerate(FILTERS) for i in range(per_filter)]
     exact = exact_results(repository, queries)
@@ -185,6 +196,7 @@ def answer_table(checks: List[AnswerCheck]) -> str:
 
 def measure(repository: Path, models: List[str], requests: int, check: int = 0,
             items_csv: Optional[Path] = None) -> str:
+    items_csv = items_csv or catalog_csv(repository)
     http, grpc, metrics = launcher.free_ports(3)
     explicit = models != ["all"]
     config = launcher.ServerConfig(repository=repository, http_port=http, grpc_port=grpc,
@@ -198,7 +210,7 @@ def measure(repository: Path, models: List[str], requests: int, check: int = 0,
     server.start(timeout=1800)
     try:
         ready = time.perf_counter() - t0
-        seconds = warm_up(server, models, requests, read_users(repository))
+        seconds = warm_up(server, models, requests, read_users(items_csv))
         pids = launcher.group_members(server.process.pid)
         rows = []
         for pid in pids:
@@ -278,7 +290,8 @@ def main(argv=None) -> int:
                         "model against the exact reference and items.csv (0: skip; default: "
                         "%(default)s)")
     p.add_argument("--items-csv", type=Path, default=None,
-                   help="the repository's items.csv (default: next to the repository)")
+                   help="the repository's items.csv (default: the one next to the "
+                        "repository, else build/items.csv); users.csv is read beside it")
     p.add_argument("--write", type=Path, default=None,
                    help="write the table into this markdown file (its own section)")
     a = p.parse_args(argv)
@@ -286,7 +299,7 @@ def main(argv=None) -> int:
         p.error("--requests must be >= 0")
     if a.check < 0:
         p.error("--check must be >= 0")
-    items_csv = a.items_csv or a.repository.resolve().parent / "items.csv"
+    items_csv = a.items_csv or catalog_csv(a.repository.resolve())
     if a.check and not items_csv.exists():
         p.error(f"{items_csv}: no items.csv to check answers against (--items-csv, or "
                 "--check 0)")

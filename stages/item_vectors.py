@@ -27,7 +27,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from ann.ivf import quantize_int8
+from ann.ivf import dequantize_int8, quantize_int8
 from stages.rows import check_rows, main_rows, with_fresh
 
 
@@ -44,15 +44,21 @@ class _ItemTable(nn.Module):
         return with_fresh(self.forward(main_rows(rows, n)), fresh, rows, n)
 
 
+def _check_int8(table: str, name: str, codes: torch.Tensor, scales: torch.Tensor,
+                shape: Tuple[int, ...]) -> None:
+    if codes.dtype != torch.int8 or codes.dim() != 2 or scales.shape != codes.shape[:1] or \
+            tuple(codes.shape) != shape:
+        raise ValueError(f"{table} wants int8 {name} [N, D] and scales [N] of one shape, got "
+                         f"{codes.dtype} {tuple(codes.shape)} and {tuple(scales.shape)}")
+
+
 class Int8Vectors(_ItemTable):
     """Args: codes int8 [N, D] and scales float32 [N], index row order (the IVF index's
     tensors, IVFInt8Search's buffers: pass those, not copies)."""
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor):
         super().__init__()
-        if codes.dtype != torch.int8 or codes.dim() != 2 or scales.shape != codes.shape[:1]:
-            raise ValueError(f"Int8Vectors wants int8 codes [N, D] and scales [N], got "
-                             f"{codes.dtype} {tuple(codes.shape)} and {tuple(scales.shape)}")
+        _check_int8("Int8Vectors", "codes", codes, scales, tuple(codes.shape))
         self.register_buffer("codes", codes)
         self.register_buffer("scales", scales)
 
@@ -61,7 +67,7 @@ class Int8Vectors(_ItemTable):
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
         """Main rows (any shape, each in 0..N-1) -> float32 [..., D]."""
-        return self.codes[rows].to(torch.float32) * self.scales[rows].unsqueeze(-1)
+        return dequantize_int8(self.codes[rows], self.scales[rows])
 
 
 class Int8ResidualVectors(_ItemTable):
@@ -73,13 +79,9 @@ class Int8ResidualVectors(_ItemTable):
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, residual_codes: torch.Tensor,
                  residual_scales: torch.Tensor):
         super().__init__()
-        for name, c, sc in (("codes", codes, scales),
-                            ("residual codes", residual_codes, residual_scales)):
-            if c.dtype != torch.int8 or c.dim() != 2 or sc.shape != c.shape[:1] or \
-                    c.shape != codes.shape:
-                raise ValueError(f"Int8ResidualVectors wants int8 {name} [N, D] and scales [N] "
-                                 f"of one shape, got {c.dtype} {tuple(c.shape)} and "
-                                 f"{tuple(sc.shape)}")
+        _check_int8("Int8ResidualVectors", "codes", codes, scales, tuple(codes.shape))
+        _check_int8("Int8ResidualVectors", "residual codes", residual_codes, residual_scales,
+                    tuple(codes.shape))
         self.register_buffer("codes", codes)
         self.register_buffer("scales", scales)
         self.register_buffer("residual_codes", residual_codes)
@@ -94,7 +96,7 @@ class Int8ResidualVectors(_ItemTable):
         out_scales = torch.empty_like(scales)
         for s in range(0, codes.shape[0], chunk):
             e = s + chunk
-            rest = vectors[s:e].float() - codes[s:e].to(torch.float32) * scales[s:e, None]
+            rest = vectors[s:e].float() - dequantize_int8(codes[s:e], scales[s:e])
             out[s:e], out_scales[s:e] = quantize_int8(rest)
         return out, out_scales
 
@@ -103,9 +105,8 @@ class Int8ResidualVectors(_ItemTable):
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
         """Main rows (any shape, each in 0..N-1) -> float32 [..., D]."""
-        return self.codes[rows].to(torch.float32) * self.scales[rows].unsqueeze(-1) + \
-            self.residual_codes[rows].to(torch.float32) * \
-            self.residual_scales[rows].unsqueeze(-1)
+        return dequantize_int8(self.codes[rows], self.scales[rows]) + \
+            dequantize_int8(self.residual_codes[rows], self.residual_scales[rows])
 
 
 class Fp32Vectors(_ItemTable):
