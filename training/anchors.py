@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from world.synthetic import AFFINITY_SCALE, CLICK_BIAS, LANGUAGE_BONUS
+
 # EASE inverts a dense (items x items) matrix: 20k items = 1.6 GB in float32 and minutes on a
 # few cores; larger catalogs (the synthetic world's 200k) are skipped
 EASE_MAX_ITEMS = 20_000
@@ -121,13 +123,15 @@ def map_user_latents(world, user_index: np.ndarray, item_index: np.ndarray,
     """Synthetic world only: each user's latent vector estimated from their logged impressions
     by someone who knows everything else, float32 [U, r].
 
-    The world's click model is known (world/synthetic.py: p = sigmoid(1.6 u.v / sqrt(r) +
-    0.8 same_language + quality - 3)), and so are every item's true latent vector, quality
-    and language, and the population of user vectors (prior N(mean, covariance) of
-    `world.user_latent`). What is left is one logistic regression per user in u: its maximum a
-    posteriori estimate from the user's impressions (clicks and non-clicks), by Newton steps
-    on all users at once. A model that must learn the items too, from the same logs, can at
-    best do as well: this bounds what the logs allow, where the oracle (the true u) does not.
+    The world's click model is known (world/synthetic.py: p = sigmoid(AFFINITY_SCALE u.v /
+    sqrt(r) + LANGUAGE_BONUS same_language + quality - CLICK_BIAS)), and so are every item's
+    true latent vector, quality and language, and the population of user vectors (a Gaussian
+    prior with the mean and covariance of `world.user_latent`). What is left is one logistic
+    regression per user in u: its maximum a posteriori estimate from the user's impressions
+    (clicks and non-clicks), by damped Newton steps on all users at once. This is what the
+    logs allow a model that also knows the items, where the oracle (the true u) is not
+    reachable from logs at all; it is not a strict upper bound (the generator draws users near
+    pairs of category centres, a sharper prior than the Gaussian).
     Users without impressions get the prior mean."""
     r = world.config.latent_dim
     num_users = len(world.user_ids)
@@ -145,9 +149,11 @@ def map_user_latents(world, user_index: np.ndarray, item_index: np.ndarray,
     items[row, slot] = item_index[order]
     label[row, slot] = clicks[order]
     valid[row, slot] = 1.0
-    x = torch.from_numpy(world.item_latent[items].astype(np.float64) * (1.6 / np.sqrt(r)))
+    x = torch.from_numpy(world.item_latent[items].astype(np.float64)
+                         * (AFFINITY_SCALE / np.sqrt(r)))
     same = world.user_language[users][:, None] == world.catalog.features[1][items, 0]
-    offset = torch.from_numpy(0.8 * same + world.item_quality[items].astype(np.float64) - 3.0)
+    offset = torch.from_numpy(LANGUAGE_BONUS * same + world.item_quality[items].astype(np.float64)
+                              - CLICK_BIAS)
     y, m = torch.from_numpy(label), torch.from_numpy(valid)
     p_mat, mu = torch.from_numpy(precision), torch.from_numpy(mean)
     def objective(u):  # the negative log posterior per user (up to a constant)

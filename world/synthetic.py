@@ -18,6 +18,12 @@ import numpy as np
 from world.schema import FeatureSpec, Schema
 
 TASKS = ("click", "like", "share")
+# the affinity logit: AFFINITY_SCALE * u.v / sqrt(r) + LANGUAGE_BONUS * same language + quality;
+# P(click) = sigmoid(affinity - CLICK_BIAS) (World.affinity, World.true_task_probs; the
+# quality table's bound, training/anchors.py map_user_latents, inverts the same model)
+AFFINITY_SCALE = 1.6
+LANGUAGE_BONUS = 0.8
+CLICK_BIAS = 3.0
 
 CATEGORIES = [
     "action", "adventure", "animation", "anime", "arts", "beauty", "biography", "business",
@@ -104,14 +110,14 @@ class World:
         v = self.item_latent[item_index]
         dot = (u * v).sum(-1) / np.sqrt(self.config.latent_dim)
         same_lang = self.user_language[user_index] == self.catalog.features[1][item_index, 0]
-        return 1.6 * dot + 0.8 * same_lang + self.item_quality[item_index]
+        return AFFINITY_SCALE * dot + LANGUAGE_BONUS * same_lang + self.item_quality[item_index]
 
     def true_task_probs(self, user_index: np.ndarray, item_index: np.ndarray) -> np.ndarray:
         """Ground-truth probabilities [..., T] of click, like and share (like and share are
         unconditional: P(click and like), P(click and share))."""
         a = self.affinity(user_index, item_index)
         q = self.item_quality[item_index]
-        p_click = _sigmoid(a - 3.0)
+        p_click = _sigmoid(a - CLICK_BIAS)
         p_like = p_click * _sigmoid(1.0 * a + 0.8 * q - 3.0)
         p_share = p_click * _sigmoid(0.6 * a + 0.15 * np.maximum(a, 0.0) ** 2 - 4.0)
         return np.stack([p_click, p_like, p_share], axis=-1).astype(np.float32)
