@@ -4,7 +4,7 @@
     with Retriever("127.0.0.1:8000") as r:
         result = r.query(user_id=42, filter="category:comedy AND NOT language:en", k=10)
         result.item_ids, result.scores, result.task_scores
-        # the user's latest items as this request knows them (newest first, at most 100),
+        # the user's latest items as this request knows them (newest first, at most 1000),
         # instead of the history the server built from its logs; [] = a user with none
         r.query(user_id=42, k=10, history=[1017, 33, 4096])
 
@@ -154,7 +154,7 @@ class Retriever:
               task_weights: Optional[Sequence[float]] = None,
               history: Optional[Sequence[int]] = None) -> Result:
         """Top-k items for `user_id` passing `filter`. `history`: the user's latest raw item
-        ids, newest first (at most 100; ids the server does not know are skipped), in place
+        ids, newest first (at most 1000; ids the server does not know are skipped), in place
         of the history the server built from its logs; None = the server's, [] = none."""
         inputs = build_inputs(self.module, user_id, filter, k, task_weights, history)
         kwargs = {}

@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "world's click,like,share e.g. 1,2,4; MovieLens rated,liked,loved)")
     q.add_argument("--history", type=parse_history, default=None, metavar="ID[,ID...]",
                    help="the user's latest raw item ids, newest first (commas or spaces; at "
-                        "most 100; ids the server does not know are skipped), in place of "
+                        "most 1000; ids the server does not know are skipped), in place of "
                         "the history the server built from its logs; --history '' sends an "
                         "empty one (a user with none)")
     q.add_argument("--items-csv", type=Path, default=DEFAULT_ITEMS_CSV,

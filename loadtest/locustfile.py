@@ -13,7 +13,7 @@ Locust's request event: name `<model> <kind>`, response time in ms from
 (loadtest/workload.py): filters of several selectivities built from the catalog, mixed by
 `--triton-mix`; with `--triton-history N` each request also sends the optional `history`
 input, N distinct item ids of the catalog drawn by the user's seeded generator (`retrieval`
-and `unified` take it, at most 100 ids; 0, the default, sends none). Each user is a closed
+and `unified` take it, at most 1000 ids; 0, the default, sends none). Each user is a closed
 loop (`wait_time = constant(0)`): N users keep N requests in flight. At the end one summary
 line gives requests/s, p50/p95/p99, failures and the average batch size Triton formed per
 model (loadtest/metrics.py). It never starts a server.
@@ -63,7 +63,7 @@ def _options(parser):
                        default=0, metavar="N",
                        help="send a history of N item ids with every request, drawn (seeded) "
                             "from the catalog's items.csv; retrieval and unified take it, at "
-                            "most 100 (0: no history input, the server's own)")
+                            "most 1000 (0: no history input, the server's own)")
     group.add_argument("--triton-items-csv", env_var="LOCUST_TRITON_ITEMS_CSV",
                        default=str(DEFAULT_ITEMS_CSV),
                        help="the served catalog (the builder's items.csv; users.csv beside it)")

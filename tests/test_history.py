@@ -9,7 +9,16 @@ import torch
 
 from builder.build import BuildConfig, build_modules
 from filtering.expression import batch_plans, parse_plan
-from stages.history import HistoryPooling, RequestHistory, batch_history
+from stages.history import (
+    ATTENTION_HISTORY,
+    MAX_HISTORY,
+    HistoryPooling,
+    PooledHistory,
+    RequestHistory,
+    batch_history,
+    history_rows,
+    newest_counted,
+)
 from stages.item_vectors import Fp32Vectors
 from world.synthetic import WorldConfig, generate_world
 
@@ -23,27 +32,34 @@ def built():
     return build_modules(WORLD, BuildConfig(world=WORLD.config))
 
 
-def reference_mean(ids, item_ids, vectors, fresh=None):
-    """Mean vector of the known ids, by a dict (fresh: {id: vector} that wins), and count."""
+def reference_mean(ids, item_ids, vectors, fresh=None, recency=0.0):
+    """Mean vector of the known ids, by a dict (fresh: {id: vector} that wins), and count;
+    with `recency` > 0 the j-th known id (newest first) weighs 1 / (1 + j / recency)."""
     table = {int(i): v for i, v in zip(item_ids, vectors)}
     table.update(fresh or {})
     known = [table[int(i)] for i in ids if int(i) in table]
     if not known:
         return np.zeros(vectors.shape[1], np.float32), 0
-    return np.mean(known, axis=0), len(known)
+    weights = [1.0 if recency == 0 else 1.0 / (1.0 + j / recency) for j in range(len(known))]
+    return np.average(known, axis=0, weights=weights), len(known)
 
 
-def test_pooling_equals_a_dictionary_reference_with_unknown_ids_and_fresh_items():
+@pytest.mark.parametrize("recency", [0.0, 2.5])
+def test_pooling_equals_a_dictionary_reference_with_unknown_ids_and_fresh_items(recency):
+    """A plain mean, and one weighted towards the newest (the linear model's): unknown ids
+    take no position, fresh ones do."""
     rng = np.random.default_rng(0)
     item_ids = rng.choice(10**12, size=300, replace=False).astype(np.int64)
     vectors = rng.normal(size=(300, 8)).astype(np.float32)
-    pooling = HistoryPooling(torch.from_numpy(item_ids), Fp32Vectors(torch.from_numpy(vectors)))
+    pooling = HistoryPooling(torch.from_numpy(item_ids), Fp32Vectors(torch.from_numpy(vectors)),
+                             recency=recency)
     # fresh rows: one replaces item_ids[5], one is new, one is not live, one never used
     fresh_ids = np.array([item_ids[5], 77, 88, -1], dtype=np.int64)
     fresh_vectors = rng.normal(size=(4, 8)).astype(np.float32)
     live = np.array([True, True, False, False])
     histories = [list(item_ids[[1, 2, 3]]), [], [123456789, 987654321],
-                 [int(item_ids[5]), 77, 88, int(item_ids[9]), int(item_ids[9])], None]
+                 [int(item_ids[5]), 77, 88, int(item_ids[9]), int(item_ids[9])], None,
+                 [123, int(item_ids[4]), 456, int(item_ids[7]), int(item_ids[8])]]
     history = batch_history([None if h is None else np.array(h, np.int64) for h in histories])
     for fresh in (False, True):
         args = (torch.from_numpy(fresh_ids), torch.from_numpy(fresh_vectors),
@@ -58,7 +74,7 @@ def test_pooling_equals_a_dictionary_reference_with_unknown_ids_and_fresh_items(
             if h is None:
                 assert int(pooled.count[b]) == -1
                 continue
-            want, n = reference_mean(h, item_ids, vectors, extra)
+            want, n = reference_mean(h, item_ids, vectors, extra, recency)
             assert int(pooled.count[b]) == n, (b, fresh)
             np.testing.assert_allclose(pooled.vectors[b].numpy(), want, rtol=1e-5, atol=1e-6)
 
@@ -120,6 +136,37 @@ def test_a_history_of_one_category_moves_results_toward_it(built):
                 for r in (before, after)]
         # of the 100 candidates, at most len(members) can be of the category
         assert hits[1] > hits[0] and hits[1] >= 0.5 * len(members), (b, hits, len(members))
+
+
+def test_pooling_refuses_a_negative_recency():
+    with pytest.raises(ValueError, match="recency must be >= 0"):
+        HistoryPooling(torch.arange(3), Fp32Vectors(torch.ones(3, 2)), recency=-1.0)
+
+
+def test_the_scorer_attends_over_the_newest_counted_items():
+    """A request may send MAX_HISTORY ids, all pooled; the scorer attends over the newest
+    ATTENTION_HISTORY of those counted (unknown ids skipped), in their order; a request
+    without `history` keeps its built history."""
+    assert MAX_HISTORY > ATTENTION_HISTORY
+    rows = torch.tensor([[-1, 4, -1, 7, 9, 2], [5, 6, -1, -1, -1, -1]])
+    assert newest_counted(rows, 3).tolist() == [[4, 7, 9], [5, 6, -1]]
+    assert newest_counted(rows, 10).tolist() == [[4, 7, 9, 2, -1, -1], [5, 6, -1, -1, -1, -1]]
+    n = MAX_HISTORY
+    ids = np.arange(n, dtype=np.int64)
+    item_ids = torch.arange(0, n, 2)  # every other id is known
+    vectors = torch.randn(len(item_ids), 4)
+    pooled = HistoryPooling(item_ids, Fp32Vectors(vectors))(batch_history([ids, None]))
+    assert int(pooled.count[0]) == n // 2 and int(pooled.count[1]) == -1
+    torch.testing.assert_close(pooled.vectors[0], vectors.mean(0))  # all of them pooled
+    built = torch.tensor([[11, 12, -1], [13, 14, 15]])
+    got = history_rows(built, pooled)
+    assert got.shape[1] == ATTENTION_HISTORY
+    assert got[0].tolist() == list(range(ATTENTION_HISTORY))  # rows of ids 0, 2, 4, ...
+    assert got[1, :3].tolist() == [13, 14, 15] and bool((got[1, 3:] == -1).all())
+    assert history_rows(built, None) is built
+    scripted = torch.jit.script(newest_counted)
+    assert torch.equal(scripted(rows, 3), newest_counted(rows, 3))
+    assert isinstance(pooled, PooledHistory)
 
 
 def test_request_history_type_is_what_the_runner_builds():

@@ -37,7 +37,8 @@ def test_parse_history_sizes():
     assert parse_history_sizes("20", MAX_HISTORY) == [20]
     assert parse_history_sizes(" 100 , 0 ", MAX_HISTORY) == [100, 0]
     assert parse_history_sizes(str(MAX_HISTORY), MAX_HISTORY) == [MAX_HISTORY]
-    for bad, says in (("-1", "0 to 100"), ("0,-5", "0 to 100"), (str(MAX_HISTORY + 1), "0 to 100"),
+    most = f"0 to {MAX_HISTORY}"
+    for bad, says in (("-1", most), ("0,-5", most), (str(MAX_HISTORY + 1), most),
                       ("x", "integers"), ("0,1.5", "integers"), ("", "integers"),
                       ("0,,3", "integers"), ("3,3", "twice")):
         with pytest.raises(ValueError, match=says):

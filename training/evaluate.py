@@ -48,6 +48,7 @@ from training.anchors import (
     top_k,
 )
 from training.data import LoggedData, from_world, holdout_split, subset
+from training.linear import LinearConfig
 from training.over_arch import OverArchTrainConfig
 from training.retrieval import RetrievalModel, retrieval_stages
 from training.train import (
@@ -274,13 +275,14 @@ def truth_metrics(data: LoggedData, pipes, config: EvalConfig,
 
 
 def request_histories(data: LoggedData, config: EvalConfig) -> Dict[int, np.ndarray]:
-    """Each user's training-part positives as a request would send them: raw item ids, most
-    recent first, at most MAX_HISTORY (data user index -> ids)."""
+    """Each user's training-part positives as a client replaying its log would send them: raw
+    item ids, most recent first (ties in time: the higher catalog row first, the order of the
+    built histories, training/over_arch.py user_histories; a repeated item each time), at
+    most MAX_HISTORY (data user index -> ids)."""
     train_mask, _ = holdout_split(data, config.holdout_fraction)
     train = subset(data.interactions, train_mask)
     positive = np.flatnonzero(train.labels[:, 0] > 0)
-    # by user, newest first (ties: the later logged first)
-    order = positive[np.lexsort((-positive, -train.timestamp[positive],
+    order = positive[np.lexsort((-train.item_index[positive], -train.timestamp[positive],
                                  train.user_index[positive]))]
     users, start = np.unique(train.user_index[order], return_index=True)
     ids = data.catalog.item_ids[train.item_index[order]]
@@ -398,6 +400,15 @@ def main() -> None:
                    default=TrainConfig.retrieval,
                    help="the retrieval model (training/train.py TrainConfig.retrieval; "
                         "default: %(default)s)")
+    p.add_argument("--linear-rank", type=int, default=LinearConfig.rank,
+                   help="the linear history model's width (training/linear.py LinearConfig; "
+                        "default: %(default)s)")
+    p.add_argument("--linear-l2", type=float, default=LinearConfig.l2,
+                   help="the linear history model's lambda (default: %(default)s)")
+    p.add_argument("--linear-recency", type=float, default=LinearConfig.recency,
+                   help="the linear history model's weighting of the newest history items, "
+                        "1 / (1 + j / recency) for the j-th newest (0: EASE's plain sum; "
+                        "default: %(default)s)")
     p.add_argument("--no-overarch-early-stopping", dest="overarch_early_stopping",
                    action="store_false",
                    help="serve the OverArch of its last epoch instead of the one that is best "
@@ -437,9 +448,13 @@ def main() -> None:
     p.add_argument("--write", type=Path, default=None,
                    help="write the table and the command into this markdown file")
     a = p.parse_args()
+    if a.linear_rank < 1 or not a.linear_l2 > 0 or not a.linear_recency >= 0:
+        p.error("--linear-rank must be >= 1, --linear-l2 > 0 and --linear-recency >= 0")
     config = EvalConfig(max_users=a.max_users, truth_users=a.truth_users,
                         ann=AnnConfig(item_vectors=a.item_vectors, oversample=a.oversample))
-    train_config = TrainConfig(retrieval=a.retrieval, over_arch=OverArchTrainConfig(
+    train_config = TrainConfig(retrieval=a.retrieval, linear=LinearConfig(
+        rank=a.linear_rank, l2=a.linear_l2, recency=a.linear_recency),
+        over_arch=OverArchTrainConfig(
         model=OverArchConfig(attention_dim=a.attention_dim),
         validate_on_retrieved=a.overarch_validation == "retrieved",
         past_only=a.overarch_examples == "past"))

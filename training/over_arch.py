@@ -8,7 +8,7 @@ item out of the user's history (training/towers.py `ExampleQueries`), as it is a
 history of a user the model is asked about at serving.
 
 The target-aware part of the OverArch (stages/scorer.py) attends over each example's history
-items: the user's training positives, newest first, at most MAX_HISTORY (what the builder
+items: the user's training positives, newest first, at most ATTENTION_HISTORY (what the builder
 serves as the built history, `user_histories`), without the example's own item.
 """
 
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from stages.history import MAX_HISTORY
+from stages.history import ATTENTION_HISTORY
 from stages.scorer import OverArch, OverArchConfig
 from training.towers import ExampleQueries, split_parameters
 
@@ -99,7 +99,8 @@ class OverArchModel(nn.Module):
 
 class UserHistories(NamedTuple):
     """Each user's history for the target-aware OverArch: their distinct positives, newest
-    first, at most MAX_HISTORY, as catalog rows. User u's are items[offsets[u]:offsets[u+1]]."""
+    first, at most ATTENTION_HISTORY, as catalog rows. User u's are
+    items[offsets[u]:offsets[u+1]]."""
 
     offsets: torch.Tensor  # int64 [U + 1]
     items: torch.Tensor  # int64 [M]
@@ -116,7 +117,7 @@ class UserHistories(NamedTuple):
 
 
 def user_histories(user_index: np.ndarray, item_index: np.ndarray, timestamp: np.ndarray,
-                   num_users: int, max_len: int = MAX_HISTORY) -> UserHistories:
+                   num_users: int, max_len: int = ATTENTION_HISTORY) -> UserHistories:
     """The histories of positive (user, item, time) interactions (a repeated item counts once,
     at its latest time; ties keep the higher catalog row first)."""
     order = np.lexsort((-item_index, -timestamp, user_index))  # by user, then newest first

@@ -68,6 +68,8 @@ class RetrievalModel:
         them; the linear model has its own history side).
     histories: each user's built history (TrainedWeights.histories: raw user ids, offsets,
         catalog rows; None: none), what the target-aware scorer attends over.
+    history_recency: how a request history's mean weighs its newest items (stages/history.py
+        recency_weight; 0: a plain mean): the linear model's own pooling (LinearConfig).
     """
 
     tasks: Tuple[str, ...]
@@ -77,15 +79,20 @@ class RetrievalModel:
     over_arch: Optional[nn.Module] = None
     history_vectors: Optional[np.ndarray] = None
     histories: Optional[Dict[str, torch.Tensor]] = None
+    history_recency: float = 0.0
 
     @staticmethod
     def trained(weights: TrainedWeights) -> RetrievalModel:
-        history = weights.user_tower.get("history_vectors")
+        spec = weights.user_tower
+        history = spec.get("history_vectors")
+        # a linear model saved before the weighting pooled plainly (recency 0)
+        recency = float(spec["config"].get("recency", 0.0)) if spec.get("kind") == "linear" \
+            else 0.0
         return RetrievalModel(tuple(weights.tasks), build_user_tower(weights),
                               weights.item_vectors.numpy(), weights.item_extra.numpy(),
                               build_over_arch(weights),
                               None if history is None else history.numpy(),
-                              weights.histories or None)
+                              weights.histories or None, recency)
 
     @staticmethod
     def pretrained(user_ids: np.ndarray, user_vectors: np.ndarray, item_vectors: np.ndarray
@@ -194,7 +201,8 @@ def retrieval_stages(catalog: Catalog, model: RetrievalModel, ann: AnnConfig,
     # one copy of the item vectors: the index's, read by the scorer and the history pooling
     vectors = item_vectors_of(search, indexed, ann)
     pooling = HistoryPooling(torch.from_numpy(indexed.item_ids),
-                             model.history_table(order, vectors), model.fresh_in_history)
+                             model.history_table(order, vectors), model.fresh_in_history,
+                             model.history_recency)
     stages = {
         "ann": AnnStage(model.users, search, pooling, ann.oversample,
                         ann.refine if refinable(search, vectors) else 1, vectors,

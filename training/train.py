@@ -26,7 +26,13 @@ import torch
 from idmap.zero_collision import ZeroCollisionConfig, ZeroCollisionMap
 from stages.user import UserTower
 from training.data import LoggedData, holdout_split, split_interactions, subset
-from training.linear import LinearConfig, LinearQueries, covered_share, fit_linear
+from training.linear import (
+    LinearConfig,
+    LinearQueries,
+    covered_share,
+    fit_linear,
+    positive_histories,
+)
 from training.over_arch import (
     OverArchModel,
     OverArchTrainConfig,
@@ -213,17 +219,14 @@ def train(data: LoggedData, train_mask: np.ndarray, config: TrainConfig = TrainC
     kind = retrieval_kind(data, config)
     if kind == "linear":
         t_fit = time.perf_counter()
-        fit = fit_linear(user_index[clicks], item_index[clicks], len(data.user_ids),
+        fit = fit_linear(user_index[clicks], item_index[clicks],
+                         torch.from_numpy(log.timestamp)[clicks], len(data.user_ids),
                          data.catalog.num_items, config.linear, config.seed)
         item_vectors = fit.item_vectors
-        pairs = torch.unique(user_index[clicks] * data.catalog.num_items + item_index[clicks])
-        pairs = pairs[torch.isin(pairs % data.catalog.num_items, fit.kept)]  # as the fit's
-        queries = LinearQueries(fit, pairs // data.catalog.num_items,
-                                pairs % data.catalog.num_items)
+        queries = LinearQueries(fit, fit.histories)
         tower_losses, validation_recalls = [], []
         # users with a positive on a kept item: the others get the cold start
-        has_clicks = torch.bincount(pairs // data.catalog.num_items,
-                                    minlength=len(data.user_ids)) > 0
+        has_clicks = fit.histories.offsets[1:] > fit.histories.offsets[:-1]
         user_side = {"kind": "linear", "config": asdict(config.linear),
                      "raw_ids": torch.from_numpy(data.user_ids)[has_clicks],
                      "user_vectors": fit.user_vectors[has_clicks],
@@ -339,14 +342,14 @@ def train(data: LoggedData, train_mask: np.ndarray, config: TrainConfig = TrainC
         metrics=metrics, fingerprint=data.fingerprint)
 
 
-def _positives(part, fit) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Distinct positive (user, item) pairs of an interaction log on the items `fit` kept."""
-    num_items = fit.item_vectors.shape[0]
+def _linear_histories(part, fit):
+    """The users' histories of an interaction log as the linear model pools them: distinct
+    positives on the items `fit` kept, newest first, at most MAX_HISTORY."""
     clicks = part.labels[:, 0] > 0
-    pairs = torch.unique(torch.from_numpy(part.user_index[clicks]) * num_items
-                         + torch.from_numpy(part.item_index[clicks]))
-    pairs = pairs[torch.isin(pairs % num_items, fit.kept)]
-    return pairs // num_items, pairs % num_items
+    return positive_histories(torch.from_numpy(part.user_index[clicks]),
+                              torch.from_numpy(part.item_index[clicks]),
+                              torch.from_numpy(part.timestamp[clicks]),
+                              len(fit.histories.offsets) - 1, fit.kept)
 
 
 def _histories_of(part, num_users: int):
@@ -367,10 +370,10 @@ def _past_only_examples(data: LoggedData, log, inner: np.ndarray, fit, validatio
     before_cut = subset(log, inner)
     earlier, recent = split_interactions(before_cut, data.split, config.validation_fraction)
     past = subset(before_cut, earlier)
-    queries = LinearQueries(fit, *_positives(past, fit), leave_one_out=False)
+    queries = LinearQueries(fit, _linear_histories(past, fit), leave_one_out=False)
     histories = _histories_of(past, num_users)
     validation = validation._replace(
-        queries=LinearQueries(fit, *_positives(before_cut, fit), leave_one_out=False),
+        queries=LinearQueries(fit, _linear_histories(before_cut, fit), leave_one_out=False),
         histories=_histories_of(before_cut, num_users))
     examples = subset(before_cut, recent)
     user_index = torch.from_numpy(examples.user_index)
