@@ -196,3 +196,28 @@ def test_locust_headless_against_the_server_has_no_failures(server, small_build,
     # 4 users with one request in flight each: a batch holds 1 to 4 requests
     assert all(1.0 <= summary["batch_sizes"][m] <= 4.0 for m in batched), summary
     assert "summary: " in run.stdout and "req/s" in run.stdout
+
+
+@pytest.mark.server
+def test_locust_exit_code_and_files_survive_the_fast_exit(server, small_build, tmp_path):
+    """The locustfile leaves without the interpreter's finalization (a gRPC channel closed a
+    second time there can block under gevent): a run with failed requests still exits with
+    Locust's error code, 1, having written its CSV and summary."""
+    c = server.config
+    out = tmp_path / "missing"
+    cmd = [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"),
+           "HttpTritonUser", "GrpcTritonUser", "--headless", "--only-summary",
+           "-u", "2", "-r", "2", "-t", "2s", "--stop-timeout", "5",
+           "--host", f"http://{c.http_url}", "--triton-grpc-url", c.grpc_url,
+           "--triton-metrics-url", f"http://{c.host}:{c.metrics_port}/metrics",
+           "--triton-model", "no_such_model",
+           "--triton-items-csv", str(small_build.config.items_csv),
+           "--csv", str(out), "--triton-summary-json", str(out) + "-summary.json"]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=90)
+    assert run.returncode == 1, run.stdout[-3000:] + run.stderr[-3000:]
+    with open(str(out) + "_stats.csv", newline="") as fh:
+        total = next(r for r in csv.DictReader(fh) if r["Name"] == "Aggregated")
+    assert int(total["Failure Count"]) == int(total["Request Count"]) > 0
+    summary = json.loads(Path(str(out) + "-summary.json").read_text())
+    assert summary["failures"] == summary["requests"] > 0
+    assert "Shutting down (exit code 1)" in run.stderr
