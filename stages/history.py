@@ -142,10 +142,14 @@ class HistoryPooling(nn.Module):
                                       fresh_vectors[fresh_rows].to(vectors.dtype), vectors)
                 space_rows = torch.where(in_fresh, fresh_rows + self.fresh_offset, rows)
                 found = found | in_fresh
-        # the counted items' positions, newest first: unknown ids do not take one
-        position = torch.cumsum(found.to(torch.int64), 1) - 1
-        weight = torch.where(found, recency_weight(position, self.recency),
-                             torch.zeros(found.shape, dtype=torch.float32, device=ids.device))
+        if self.recency > 0:
+            # the counted items' positions, newest first: unknown ids do not take one
+            position = torch.cumsum(found.to(torch.int64), 1) - 1
+            weight = torch.where(found, recency_weight(position, self.recency),
+                                 torch.zeros(found.shape, dtype=torch.float32,
+                                             device=ids.device))
+        else:  # a plain mean (the two towers): no positions to count
+            weight = found.to(torch.float32)
         count = found.sum(1)
         total = weight.sum(1).clamp(min=1e-12).unsqueeze(1)
         weighted = vectors * weight.to(vectors.dtype).unsqueeze(-1)

@@ -49,7 +49,7 @@ from training.anchors import (
 )
 from training.data import LoggedData, from_world, holdout_split, subset
 from training.linear import LinearConfig
-from training.over_arch import OverArchTrainConfig
+from training.over_arch import OverArchTrainConfig, newest_first
 from training.retrieval import RetrievalModel, retrieval_stages
 from training.train import (
     HOLDOUT_FRACTION,
@@ -276,14 +276,13 @@ def truth_metrics(data: LoggedData, pipes, config: EvalConfig,
 
 def request_histories(data: LoggedData, config: EvalConfig) -> Dict[int, np.ndarray]:
     """Each user's training-part positives as a client replaying its log would send them: raw
-    item ids, most recent first (ties in time: the higher catalog row first, the order of the
-    built histories, training/over_arch.py user_histories; a repeated item each time), at
-    most MAX_HISTORY (data user index -> ids)."""
+    item ids, most recent first (the order of the built histories, training/over_arch.py
+    newest_first; a repeated item each time), at most MAX_HISTORY (data user index -> ids)."""
     train_mask, _ = holdout_split(data, config.holdout_fraction)
     train = subset(data.interactions, train_mask)
     positive = np.flatnonzero(train.labels[:, 0] > 0)
-    order = positive[np.lexsort((-train.item_index[positive], -train.timestamp[positive],
-                                 train.user_index[positive]))]
+    order = positive[newest_first(train.user_index[positive], train.item_index[positive],
+                                  train.timestamp[positive])]
     users, start = np.unique(train.user_index[order], return_index=True)
     ids = data.catalog.item_ids[train.item_index[order]]
     return {int(u): part[:MAX_HISTORY] for u, part in zip(users, np.split(ids, start[1:]))}

@@ -104,7 +104,7 @@ class LinearFit(NamedTuple):
 
     history_vectors: torch.Tensor  # float32 [N, k] h: what a history item contributes
     item_vectors: torch.Tensor  # float32 [N, k] v: what the index holds
-    # float32 [U, k] each user's pooled history (`pool_histories`) at unit length (0: none)
+    # float32 [U, k] each user's pooled history (`history_sums`) at unit length (0: none)
     user_vectors: torch.Tensor
     cold_start: torch.Tensor  # float32 [k] unit mean user vector of the users with positives
     kept: torch.Tensor  # int64 [M] the catalog rows the fit kept (the others: zero vectors)
@@ -152,7 +152,7 @@ def fit_linear(user_index: torch.Tensor, item_index: torch.Tensor, timestamp: to
     history[active] = (u[:, :rank] * root).float()
     target[active] = (w[:, :rank] * root).float()
     histories = positive_histories(user_index, item_index, timestamp, num_users, active)
-    user_vectors = pool_histories(history, histories, config.recency)
+    user_vectors = F.normalize(history_sums(history, histories, config.recency), dim=1)
     has = histories.offsets[1:] > histories.offsets[:-1]
     cold = F.normalize(user_vectors[has].mean(0), dim=0) if bool(has.any()) \
         else torch.zeros(rank)
@@ -179,14 +179,13 @@ def history_weights(histories: UserHistories, recency: float
     return owner, recency_weight(position, recency)
 
 
-def pool_histories(history_vectors: torch.Tensor, histories: UserHistories,
-                   recency: float) -> torch.Tensor:
-    """[U, k] each user's weighted sum of h over their history at unit length (zeros: none);
-    the served pooling's (stages/history.py HistoryPooling) on the same history."""
+def history_sums(history_vectors: torch.Tensor, histories: UserHistories,
+                 recency: float) -> torch.Tensor:
+    """[U, k] each user's weighted sum of h over their history (zeros: none); at unit length,
+    what the served pooling (stages/history.py HistoryPooling) gives the same history."""
     owner, weight = history_weights(histories, recency)
-    sums = torch.zeros(len(histories.offsets) - 1, history_vectors.shape[1]).index_add_(
+    return torch.zeros(len(histories.offsets) - 1, history_vectors.shape[1]).index_add_(
         0, owner, history_vectors[histories.items] * weight.unsqueeze(1))
-    return F.normalize(sums, dim=1)
 
 
 def kept_items(items: torch.Tensor, num_items: int, max_items: int) -> torch.Tensor:
@@ -213,8 +212,8 @@ def covered_share(user_index: torch.Tensor, item_index: torch.Tensor, num_items:
 class LinearQueries:
     """Query vectors of training examples for the OverArch (training/over_arch.py takes any
     callable like training/towers.py `ExampleQueries`): the user's pooled history
-    (`pool_histories`), without the example's own item when it is in it (leave-one-out; the
-    others keep their weights); `cold` examples get the cold-start vector.
+    (`history_sums` at unit length), without the example's own item when it is in it
+    (leave-one-out; the others keep their weights); `cold` examples get the cold-start vector.
 
     Args:
         fit: the fitted model; histories: the users' histories (`positive_histories`: the
@@ -226,13 +225,11 @@ class LinearQueries:
     def __init__(self, fit: LinearFit, histories: UserHistories, leave_one_out: bool = True):
         self.fit = fit
         self.leave_one_out = leave_one_out
+        self.sums = history_sums(fit.history_vectors, histories, fit.recency)
         owner, weight = history_weights(histories, fit.recency)
-        num_items = fit.history_vectors.shape[0]
-        self.sums = torch.zeros(len(histories.offsets) - 1,
-                                fit.history_vectors.shape[1]).index_add_(
-            0, owner, fit.history_vectors[histories.items] * weight.unsqueeze(1))
-        keys = owner * num_items + histories.items  # one per (user, item): histories are
-        order = torch.argsort(keys)  # distinct
+        # one key per (user, item): a history holds an item once
+        keys = owner * fit.history_vectors.shape[0] + histories.items
+        order = torch.argsort(keys)
         self.keys, self.weights = keys[order], weight[order]
 
     def all_users(self) -> torch.Tensor:

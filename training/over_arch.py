@@ -116,11 +116,18 @@ class UserHistories(NamedTuple):
         return torch.where(valid, items, -1)
 
 
+def newest_first(user_index: np.ndarray, item_index: np.ndarray, timestamp: np.ndarray
+                 ) -> np.ndarray:
+    """The order of interactions by user, then newest first (ties in time: the higher catalog
+    row first): the order of every history, built or sent as a request's."""
+    return np.lexsort((-item_index, -timestamp, user_index))
+
+
 def user_histories(user_index: np.ndarray, item_index: np.ndarray, timestamp: np.ndarray,
                    num_users: int, max_len: int = ATTENTION_HISTORY) -> UserHistories:
     """The histories of positive (user, item, time) interactions (a repeated item counts once,
-    at its latest time; ties keep the higher catalog row first)."""
-    order = np.lexsort((-item_index, -timestamp, user_index))  # by user, then newest first
+    at its latest time; `newest_first` order)."""
+    order = newest_first(user_index, item_index, timestamp)
     users, items = user_index[order], item_index[order]
     _, first = np.unique(users.astype(np.int64) * (int(items.max(initial=0)) + 1) + items,
                          return_index=True)
