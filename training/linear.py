@@ -52,7 +52,10 @@ from training.over_arch import UserHistories, user_histories
 class LinearConfig:
     """Chosen on ml-latest-small's validation cut (exact scoring of h . v with the training
     ratings excluded, recall@10 / recall@50 / NDCG@10; EASE with lambda 300 there: 0.1037 /
-    0.2672 / 0.0858). The plain sum (recency 0), by lambda and rank:
+    0.2672 / 0.0858). A cell is rerun through the served stages, row (a), by `python -m
+    training.evaluate --no-synthetic --validation --linear-l2 L --linear-rank R
+    --linear-recency C` (the int8 index may move the fourth decimal; the chosen cell: equal).
+    The plain sum (recency 0), by lambda and rank:
 
     | lambda | rank 256 | rank 512 |
     |---|---|---|
