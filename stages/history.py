@@ -225,7 +225,9 @@ def history_rows(built: torch.Tensor, pooled: Optional[PooledHistory],
     counted items) where it carried one, else its built history; int64 [B, L] (-1 padded)."""
     if pooled is None:
         return built
-    given = newest_counted(pooled.rows, most)
+    given = pooled.rows
+    if given.shape[1] > most:  # shorter ones hold at most `most` counted items already
+        given = newest_counted(given, most)
     width = max(built.shape[1], given.shape[1])
     built = torch.nn.functional.pad(built, [0, width - built.shape[1]], value=-1.0)
     given = torch.nn.functional.pad(given, [0, width - given.shape[1]], value=-1.0)
