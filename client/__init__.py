@@ -125,6 +125,10 @@ def parse_outputs(response) -> Result:
                   response.as_numpy("task_scores")[0])
 
 
+def _closed() -> None:
+    """A closed client's close: nothing left to do."""
+
+
 class Retriever:
     """Queries one model of a running server.
 
@@ -225,7 +229,12 @@ class Retriever:
             return False
 
     def close(self) -> None:
-        self.client.close()
+        """Closes the connection, once: later calls, and the client's own close when it is
+        garbage-collected (tritonclient's `__del__`), do nothing. A gRPC channel closed a
+        second time at interpreter exit under gevent (Locust) blocked forever: the load
+        generator printed its results and never exited (docs/reliability.md)."""
+        close, self.client.close = self.client.close, _closed
+        close()
 
     def __enter__(self) -> Retriever:
         return self

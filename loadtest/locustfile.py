@@ -26,13 +26,9 @@ Options (command line or environment): --triton-model (LOCUST_TRITON_MODEL), --t
 
 from __future__ import annotations
 
-import atexit
 import itertools
 import json
-import logging
-import os
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -51,31 +47,6 @@ from loadtest.workload import Workload
 # gRPC's own threads would block gevent's loop: route its I/O through gevent. Locust has
 # already monkey-patched the standard library; this must run before any channel exists.
 grpc_gevent.init_gevent()
-
-# Locust's teardown prints and writes everything, then calls sys.exit(code). The interpreter's
-# finalization then garbage-collects the users' gRPC clients, whose __del__ (tritonclient)
-# closes each channel a second time, and under gevent that close can block on a lock forever:
-# about one headless run in ten to twenty-five printed its stats and never exited (a stack
-# dump showed `grpc/_channel.py _close`, `gevent_decrement_channel_count`, from
-# `InferenceServerClient.__del__`, "Garbage-collecting"). Once Locust has said how it ends
-# (its `quit` event) and everything is written, the process leaves without that finalization.
-_exit_code: list = []
-
-
-@events.quit.add_listener
-def _remember_exit_code(exit_code, **_):
-    _exit_code.append(exit_code)
-
-
-def _exit_without_finalization() -> None:
-    if _exit_code:
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(_exit_code[-1])
-
-
-atexit.register(_exit_without_finalization)
 
 
 @events.init_command_line_parser.add_listener

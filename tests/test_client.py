@@ -53,3 +53,20 @@ def test_http_request_carries_the_history_values():
     assert np.frombuffer(by_name["history"]._get_binary_data(), np.int64).tolist() == [5, 3, 9]
     empty = {t.name(): t for t in build_inputs(http_module, 1, history=[])}["history"]
     assert empty._get_binary_data() == b""
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_a_retriever_closes_its_connection_once(protocol):
+    """Retriever.close() closes the tritonclient client once; closing again, and the client's
+    own close when it is garbage-collected (its __del__), do nothing. (A gRPC channel closed
+    a second time at interpreter exit under gevent blocked the load generator forever.)"""
+    from client import Retriever
+
+    r = Retriever("127.0.0.1:1", protocol)  # nothing listens: closing needs no server
+    calls = []
+    real_close = r.client.close
+    r.client.close = lambda: (calls.append(1), real_close())[-1]
+    r.close()
+    r.close()
+    r.client.__del__()
+    assert calls == [1]
