@@ -16,7 +16,7 @@ MODULES = ["builder", "training", "training.evaluate", "client", "serving.serve"
            "benchmarks.gpu_bloom", "benchmarks.gpu_zch", "benchmarks.gpu_serving",
            "benchmarks.gpu_vs_chain", "kernels.build_ext",
            "benchmarks.catalog_build", "benchmarks.serving_memory",
-           "benchmarks.scorer_history"]
+           "benchmarks.scorer_history", "benchmarks.synthetic_bounds"]
 
 
 def test_every_entry_point_is_listed():
